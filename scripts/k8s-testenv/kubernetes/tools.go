@@ -1,0 +1,9 @@
+//go:build tools
+
+// Package tools pins the Kubernetes commands built by scripts/k8s-testenv/build.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+)
