@@ -1,0 +1,638 @@
+"""Typed values: devices, nodes, requirements, constraints and group records.
+
+Everything here is pure data with validation; nothing does I/O. Quantities are
+kept as integers internally (GPU shares in thousandths, CPUs in millicores) so
+that capacity arithmetic is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+from computegroups.errors import InvalidRequestError, one_of
+from computegroups.topology import Topology
+
+__all__ = [
+    "MILLI",
+    "AllocationState",
+    "ComputeGroup",
+    "ComputeNode",
+    "Constraints",
+    "DeviceShare",
+    "GpuSpec",
+    "GroupRecord",
+    "NodeSpec",
+    "Requirements",
+    "Strategy",
+]
+
+MILLI = 1000  # one whole GPU, one CPU core
+
+
+class AllocationState(StrEnum):
+    """Lifecycle of a compute group.
+
+    ``free``: pre-carved by ``create_compute_group``, holds its devices, no owner.
+    ``reserved``: held for a component's planned scale-up.
+    ``allocated``: owned by a component.
+    ``draining``: gets no new owner; an owner it has keeps it until release.
+    ``released``: gone; kept briefly as a tombstone so a second release is a no-op.
+    """
+
+    FREE = "free"
+    RESERVED = "reserved"
+    ALLOCATED = "allocated"
+    DRAINING = "draining"
+    RELEASED = "released"
+
+
+class Strategy(StrEnum):
+    """How to choose among nodes that fit: fill the fullest, or the emptiest."""
+
+    BINPACK = "binpack"
+    SPREAD = "spread"
+
+
+# -- inventory ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    """One GPU as discovered: its node-local index is how nvidia-smi numbers it."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_mib: int
+    pci_bus_id: str = ""
+    numa_node: int | None = None
+    compute_capability: str = ""
+    nvlink_domain: str = ""  # NVLink clique/partition id where known
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """A machine as discovered: GPUs, their topology, CPUs and memory, labels."""
+
+    id: str
+    gpus: tuple[GpuSpec, ...] = ()
+    topology: Topology | None = None
+    cpus_milli: int = 0
+    memory_mib: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.topology is not None and self.topology.gpu_count != len(self.gpus):
+            raise InvalidRequestError(
+                f"node {self.id}: topology has {self.topology.gpu_count} GPUs, inventory has {len(self.gpus)}",
+                key="topology",
+            )
+        if [g.index for g in self.gpus] != list(range(len(self.gpus))):
+            raise InvalidRequestError(f"node {self.id}: GPU indices must be 0..n-1 in order", key="gpus")
+
+    @property
+    def effective_topology(self) -> Topology:
+        """The topology, or a uniform one where none was discovered."""
+        if self.topology is not None:
+            return self.topology
+        return _uniform_topology(len(self.gpus))
+
+
+_UNIFORM: dict[int, Topology] = {}
+
+
+def _uniform_topology(n: int) -> Topology:
+    if n not in _UNIFORM:
+        _UNIFORM[n] = Topology.uniform(n, "SYS")
+    return _UNIFORM[n]
+
+
+# -- requests -----------------------------------------------------------------
+def _number(key: str, value: object, *, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequestError(f"{key}: {value!r} is not {kind}", key=key)
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{key}: {value!r} is not a finite number", key=key)
+    if value < 0:
+        raise InvalidRequestError(f"{key}: {value!r} is negative; it must be >= 0", key=key)
+    if integer and value != int(value):
+        raise InvalidRequestError(f"{key}: {value!r} is not a whole number", key=key)
+    return value
+
+
+def _milli(key: str, value: float) -> int:
+    scaled = value * MILLI
+    rounded = round(scaled)
+    if abs(scaled - rounded) > 1e-6:
+        raise InvalidRequestError(f"{key}: {value!r} is finer than the 0.001 resolution", key=key)
+    return int(rounded)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What a group must contain. Validated on construction.
+
+    ``gpus``: whole GPUs (an int >= 0) or a share of one GPU (a float in (0, 1)).
+    ``gpu_memory_mib``: minimum memory per GPU; for a share, the memory it needs.
+    ``gpu_model``: case-insensitive substring of the product name (or a tuple of
+    alternatives). ``cpus`` (cores, fractions allowed) and ``memory_mib``: host
+    resources to hold beside the GPUs.
+    """
+
+    gpus: int | float = 0
+    gpu_memory_mib: int | None = None
+    gpu_model: str | tuple[str, ...] | None = None
+    cpus: int | float = 0
+    memory_mib: int = 0
+
+    KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib")
+
+    def __post_init__(self) -> None:
+        g = _number("requirements.gpus", self.gpus)
+        if g >= 1 and g != int(g):
+            raise InvalidRequestError(
+                f"requirements.gpus: {self.gpus!r} is not allowed; use an int for whole GPUs "
+                "or a float in (0, 1) for a share of one GPU",
+                key="requirements.gpus",
+            )
+        if g < 1:
+            _milli("requirements.gpus", g)
+        if self.gpu_memory_mib is not None:
+            _number("requirements.gpu_memory_mib", self.gpu_memory_mib, integer=True)
+            if g == 0:
+                raise InvalidRequestError(
+                    "requirements.gpu_memory_mib: given without any gpus", key="requirements.gpu_memory_mib"
+                )
+        if self.gpu_model is not None:
+            models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model
+            if not isinstance(models, tuple) or not models or not all(isinstance(m, str) and m for m in models):
+                raise InvalidRequestError(
+                    f"requirements.gpu_model: {self.gpu_model!r} is not a non-empty string",
+                    key="requirements.gpu_model",
+                )
+            if g == 0:
+                raise InvalidRequestError("requirements.gpu_model: given without any gpus", key="requirements.gpu_model")
+        _milli("requirements.cpus", _number("requirements.cpus", self.cpus))
+        _number("requirements.memory_mib", self.memory_mib, integer=True)
+        if g == 0 and self.cpus == 0 and self.memory_mib == 0:
+            raise InvalidRequestError(
+                "requirements: nothing requested; give gpus, cpus or memory_mib", key="requirements"
+            )
+
+    @classmethod
+    def parse(cls, value: Requirements | Mapping[str, Any]) -> Requirements:
+        """Build from a dict (or return a Requirements as is); unknown keys are refused."""
+        if isinstance(value, Requirements):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(
+                f"requirements: {type(value).__name__} is not a mapping or Requirements", key="requirements"
+            )
+        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
+        if unknown:
+            raise InvalidRequestError(
+                f"requirements.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}",
+                key=f"requirements.{unknown[0]}",
+            )
+        kwargs = dict(value)
+        if isinstance(kwargs.get("gpu_model"), list):
+            kwargs["gpu_model"] = tuple(kwargs["gpu_model"])
+        return cls(**kwargs)
+
+    # normalised integer views
+    @property
+    def whole_gpus(self) -> int:
+        """Whole GPUs requested (0 for a share or CPU only)."""
+        return int(self.gpus) if self.gpus >= 1 else 0
+
+    @property
+    def share_milli(self) -> int:
+        """Thousandths of one GPU requested as a share (0 when whole or none)."""
+        return round(self.gpus * MILLI) if 0 < self.gpus < 1 else 0
+
+    @property
+    def cpus_milli(self) -> int:
+        return round(self.cpus * MILLI)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Lower-cased model alternatives (empty: any)."""
+        if self.gpu_model is None:
+            return ()
+        models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model
+        return tuple(m.lower() for m in models)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"gpus": self.gpus}
+        if self.gpu_memory_mib is not None:
+            out["gpu_memory_mib"] = self.gpu_memory_mib
+        if self.gpu_model is not None:
+            out["gpu_model"] = self.gpu_model if isinstance(self.gpu_model, str) else list(self.gpu_model)
+        if self.cpus:
+            out["cpus"] = self.cpus
+        if self.memory_mib:
+            out["memory_mib"] = self.memory_mib
+        return out
+
+
+_LABEL_KEY = re.compile(r"^([A-Za-z0-9.\-]+/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Constraints:
+    """Where and how a group may be placed. Validated on construction.
+
+    ``node_id``: only this node. ``strategy``: binpack (default) or spread.
+    ``nvlink``: every pair of the group's GPUs joined by NVLink. ``same_numa``:
+    all GPUs on one NUMA node. ``labels``: node label selector (all must match).
+    ``request_id``: idempotency key; a retry with the same id returns the same group.
+    """
+
+    node_id: str | None = None
+    strategy: Strategy = Strategy.BINPACK
+    nvlink: bool = False
+    same_numa: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    request_id: str | None = None
+
+    KEYS = ("node_id", "strategy", "nvlink", "same_numa", "labels", "request_id")
+
+    def __post_init__(self) -> None:
+        for key in ("node_id", "request_id"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(f"constraints.{key}: {v!r} is not a non-empty string", key=f"constraints.{key}")
+        if not isinstance(self.strategy, Strategy):
+            allowed = [s.value for s in Strategy]
+            if self.strategy not in allowed:
+                raise InvalidRequestError(
+                    f"constraints.strategy: {self.strategy!r} is not one of {one_of(allowed)}",
+                    key="constraints.strategy",
+                )
+            object.__setattr__(self, "strategy", Strategy(self.strategy))
+        for key in ("nvlink", "same_numa"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidRequestError(
+                    f"constraints.{key}: {getattr(self, key)!r} is not true or false", key=f"constraints.{key}"
+                )
+        if not isinstance(self.labels, Mapping):
+            raise InvalidRequestError(f"constraints.labels: {self.labels!r} is not a mapping", key="constraints.labels")
+        for k, v in self.labels.items():
+            if not isinstance(k, str) or not _LABEL_KEY.match(k) or not isinstance(v, str):
+                raise InvalidRequestError(
+                    f"constraints.labels: {k!r}={v!r} is not a label key and string value", key="constraints.labels"
+                )
+
+    @classmethod
+    def parse(cls, value: Constraints | Mapping[str, Any] | None) -> Constraints:
+        """Build from a dict or None (or return a Constraints as is); unknown keys are refused."""
+        if value is None:
+            return cls()
+        if isinstance(value, Constraints):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(
+                f"constraints: {type(value).__name__} is not a mapping or Constraints", key="constraints"
+            )
+        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
+        if unknown:
+            raise InvalidRequestError(
+                f"constraints.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}",
+                key=f"constraints.{unknown[0]}",
+            )
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy.value}
+        if self.node_id:
+            out["node_id"] = self.node_id
+        if self.nvlink:
+            out["nvlink"] = True
+        if self.same_numa:
+            out["same_numa"] = True
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        return out
+
+
+# -- state records ------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class DeviceShare:
+    """The part of one GPU a group holds: all of it (1000) or a share."""
+
+    index: int
+    uuid: str
+    share_milli: int
+    memory_mib: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    """A compute group as the state store keeps it (the unit of commit)."""
+
+    id: str
+    node_id: str
+    state: AllocationState
+    component: str | None
+    devices: tuple[DeviceShare, ...]
+    cpus_milli: int = 0
+    memory_mib: int = 0
+    request_id: str | None = None
+    carved: bool = False  # made by create_compute_group: survives release as a free group
+    requirements: Mapping[str, Any] = field(default_factory=dict)
+    constraints: Mapping[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def holds_capacity(self) -> bool:
+        """Whether this group's devices count as taken."""
+        return self.state is not AllocationState.RELEASED
+
+    @property
+    def gpus(self) -> float:
+        """GPUs held: an int for whole GPUs, a fraction for a share."""
+        if len(self.devices) == 1 and self.devices[0].share_milli < MILLI:
+            return self.devices[0].share_milli / MILLI
+        return len(self.devices)
+
+    def replace(self, **changes: Any) -> GroupRecord:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        values["updated_at"] = changes.get("updated_at", time.time())
+        return GroupRecord(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "node_id": self.node_id,
+            "state": self.state.value,
+            "component": self.component,
+            "devices": [[d.index, d.uuid, d.share_milli, d.memory_mib] for d in self.devices],
+            "cpus_milli": self.cpus_milli,
+            "memory_mib": self.memory_mib,
+            "request_id": self.request_id,
+            "carved": self.carved,
+            "requirements": dict(self.requirements),
+            "constraints": dict(self.constraints),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GroupRecord:
+        return cls(
+            id=data["id"],
+            node_id=data["node_id"],
+            state=AllocationState(data["state"]),
+            component=data.get("component"),
+            devices=tuple(DeviceShare(int(i), str(u), int(s), int(m)) for i, u, s, m in data["devices"]),
+            cpus_milli=int(data.get("cpus_milli", 0)),
+            memory_mib=int(data.get("memory_mib", 0)),
+            request_id=data.get("request_id"),
+            carved=bool(data.get("carved", False)),
+            requirements=dict(data.get("requirements", {})),
+            constraints=dict(data.get("constraints", {})),
+            created_at=float(data.get("created_at", 0.0)),
+            updated_at=float(data.get("updated_at", 0.0)),
+        )
+
+
+def group_env(record: GroupRecord) -> dict[str, str]:
+    """The environment that isolates a group's workload to its devices."""
+    env: dict[str, str] = {}
+    if record.devices:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.uuid for d in record.devices)
+        if len(record.devices) == 1 and record.devices[0].share_milli < MILLI:
+            env["COMPUTEGROUPS_GPU_SHARE"] = f"{record.devices[0].share_milli / MILLI:.3f}"
+            env["COMPUTEGROUPS_GPU_MEMORY_MIB"] = str(record.devices[0].memory_mib)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    env["COMPUTEGROUPS_GROUP_ID"] = record.id
+    return env
+
+
+# -- public views -------------------------------------------------------------
+Telemetry = Callable[[str, int], Mapping[str, float]]  # (node_id, gpu index) -> metrics
+
+
+class ComputeGroup:
+    """A logical grouping of compute resources allocated as a unit (read-only view).
+
+    Obtained from :class:`~computegroups.manager.ComputeGroupManager`; reflects
+    the state when it was returned, except ``utilization``, which is read live.
+    """
+
+    __slots__ = ("_node", "_record", "_telemetry")
+
+    def __init__(self, record: GroupRecord, node: NodeSpec | None, telemetry: Telemetry | None = None) -> None:
+        self._record = record
+        self._node = node
+        self._telemetry = telemetry
+
+    @property
+    def id(self) -> str:
+        """Unique identifier for this compute group."""
+        return self._record.id
+
+    @property
+    def node_id(self) -> str:
+        """The node whose devices this group holds."""
+        return self._record.node_id
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        """Resources in this group: node_id, gpus, gpu_indices, gpu_uuids, and cpus / memory_mib where held."""
+        r = self._record
+        out: dict[str, Any] = {
+            "node_id": r.node_id,
+            "gpus": r.gpus,
+            "gpu_indices": [d.index for d in r.devices],
+            "gpu_uuids": [d.uuid for d in r.devices],
+            "gpu_memory_mib": [d.memory_mib for d in r.devices],
+        }
+        if self._node is not None and r.devices:
+            out["gpu_model"] = self._node.gpus[r.devices[0].index].name
+        if r.cpus_milli:
+            out["cpus"] = r.cpus_milli / MILLI
+        if r.memory_mib:
+            out["memory_mib"] = r.memory_mib
+        return out
+
+    @property
+    def topology(self) -> dict[str, Any]:
+        """Links between this group's GPUs, their NUMA nodes and the bottleneck link."""
+        r = self._record
+        idx = [d.index for d in r.devices]
+        if self._node is None or not idx:
+            return {"gpu_indices": idx, "links": {}, "numa_nodes": [], "bottleneck": None}
+        topo = self._node.effective_topology
+        links = {f"{a}-{b}": topo.link(a, b) for n, a in enumerate(idx) for b in idx[n + 1:]}
+        worst = min(links.items(), key=lambda kv: topo.rank(*map(int, kv[0].split("-"))))[1] if links else None
+        return {
+            "gpu_indices": idx,
+            "links": links,
+            "numa_nodes": sorted({n for n in (topo.numa_node(i) for i in idx) if n is not None}),
+            "bottleneck": worst,
+            "nvlink": bool(links) and all(topo.is_nvlink(a, b) for a, b in (map(int, k.split("-")) for k in links)),
+        }
+
+    @property
+    def utilization(self) -> dict[str, float]:
+        """Live utilization of this group's GPUs: mean ``gpu`` percent and ``memory_used_mib``."""
+        if self._telemetry is None or not self._record.devices:
+            return {}
+        samples = [self._telemetry(self._record.node_id, d.index) for d in self._record.devices]
+        samples = [s for s in samples if s]
+        if not samples:
+            return {}
+        return {
+            "gpu": sum(s.get("gpu", 0.0) for s in samples) / len(samples),
+            "memory_used_mib": sum(s.get("memory_used_mib", 0.0) for s in samples),
+        }
+
+    @property
+    def allocation_state(self) -> str:
+        """Current allocation state: free, reserved, allocated, draining or released."""
+        return self._record.state.value
+
+    @property
+    def component(self) -> str | None:
+        """Component currently using this group, if any."""
+        return self._record.component
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment isolating a workload to this group (CUDA_VISIBLE_DEVICES as GPU UUIDs)."""
+        return group_env(self._record)
+
+    @property
+    def request_id(self) -> str | None:
+        """The idempotency key the group was allocated with, if any."""
+        return self._record.request_id
+
+    @property
+    def record(self) -> GroupRecord:
+        """The stored record behind this view."""
+        return self._record
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description."""
+        return {
+            "id": self.id,
+            "node_id": self.node_id,
+            "component": self.component,
+            "allocation_state": self.allocation_state,
+            "resources": self.resources,
+            "topology": self.topology,
+            "env": self.env,
+            "request_id": self.request_id,
+        }
+
+    def __repr__(self) -> str:
+        r = self._record
+        return f"ComputeGroup(id={r.id!r}, node={r.node_id!r}, gpus={r.gpus}, state={r.state.value}, component={r.component!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ComputeGroup) and other._record == self._record
+
+    def __hash__(self) -> int:
+        return hash(self._record.id)
+
+
+class ComputeNode:
+    """A machine with compute resources (read-only view with live utilization)."""
+
+    __slots__ = ("_free", "_groups", "_spec", "_telemetry", "_unhealthy")
+
+    def __init__(
+        self,
+        spec: NodeSpec,
+        groups: list[ComputeGroup],
+        free: Mapping[str, float],
+        unhealthy: frozenset[int] = frozenset(),
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self._spec = spec
+        self._groups = groups
+        self._free = dict(free)
+        self._unhealthy = unhealthy
+        self._telemetry = telemetry
+
+    @property
+    def id(self) -> str:
+        """Unique identifier for this node."""
+        return self._spec.id
+
+    @property
+    def compute_groups(self) -> list[ComputeGroup]:
+        """Compute groups on this node (free, reserved, allocated or draining)."""
+        return list(self._groups)
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        """Total and free resources: gpus, gpu_model, gpu_memory_mib, cpus, memory_mib, labels."""
+        s = self._spec
+        return {
+            "gpus": len(s.gpus),
+            "gpu_model": s.gpus[0].name if s.gpus else None,
+            "gpu_memory_mib": s.gpus[0].memory_mib if s.gpus else 0,
+            "gpu_uuids": [g.uuid for g in s.gpus],
+            "cpus": s.cpus_milli / MILLI,
+            "memory_mib": s.memory_mib,
+            "labels": dict(s.labels),
+            "free": dict(self._free),
+            "unhealthy_gpus": sorted(self._unhealthy),
+        }
+
+    @property
+    def utilization(self) -> dict[str, float]:
+        """Allocated share of GPUs (``gpus_allocated``) and live GPU use where monitored."""
+        s = self._spec
+        total = len(s.gpus)
+        out: dict[str, float] = {}
+        if total:
+            out["gpus_allocated"] = 1.0 - self._free.get("gpus", 0.0) / total
+        if s.cpus_milli:
+            out["cpus_allocated"] = 1.0 - self._free.get("cpus", 0.0) * MILLI / s.cpus_milli
+        if self._telemetry is not None and total:
+            samples = [self._telemetry(s.id, g.index) for g in s.gpus]
+            samples = [x for x in samples if x]
+            if samples:
+                out["gpu"] = sum(x.get("gpu", 0.0) for x in samples) / len(samples)
+                out["memory_used_mib"] = sum(x.get("memory_used_mib", 0.0) for x in samples)
+        return out
+
+    @property
+    def spec(self) -> NodeSpec:
+        """What discovery found on this node."""
+        return self._spec
+
+    @property
+    def topology(self) -> Topology:
+        """The node's GPU topology (uniform where none was discovered)."""
+        return self._spec.effective_topology
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description including the topology matrix."""
+        topo = self.topology
+        return {
+            "id": self.id,
+            "resources": self.resources,
+            "utilization": self.utilization,
+            "gpus": [g.to_dict() for g in self._spec.gpus],
+            "topology": topo.matrix() if self._spec.gpus else [],
+            "groups": [g.id for g in self._groups],
+        }
+
+    def __repr__(self) -> str:
+        return f"ComputeNode(id={self.id!r}, gpus={len(self._spec.gpus)})"

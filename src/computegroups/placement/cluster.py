@@ -1,0 +1,194 @@
+"""In-memory occupancy of the fleet, with the indexes that keep decisions off a fleet scan.
+
+A :class:`Cluster` is built from discovered :class:`NodeSpec` s and kept in step
+with the committed group records (``apply`` / ``remove``). Placement only reads
+it. Nodes are bucketed by their number of wholly free GPUs, and nodes holding a
+partly shared GPU are indexed apart, so a request looks at the few buckets that
+can fit it, in a deterministic order (node ordinal).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
+
+from computegroups.model import MILLI, GroupRecord, NodeSpec
+
+__all__ = ["Cluster", "NodeState"]
+
+
+class NodeState:
+    """Mutable occupancy of one node; placement reads it, only Cluster writes it."""
+
+    __slots__ = (
+        "cordoned",
+        "cpu_used",
+        "free_mask",
+        "gpu_mem_used",
+        "gpu_used",
+        "mem_used",
+        "ordinal",
+        "spec",
+        "unhealthy_mask",
+    )
+
+    def __init__(self, spec: NodeSpec, ordinal: int) -> None:
+        self.spec = spec
+        self.ordinal = ordinal
+        n = len(spec.gpus)
+        self.gpu_used = [0] * n  # thousandths of each GPU held
+        self.gpu_mem_used = [0] * n  # MiB of each GPU held
+        self.cpu_used = 0
+        self.mem_used = 0
+        self.unhealthy_mask = 0
+        self.cordoned = False
+        self.free_mask = (1 << n) - 1  # wholly free and healthy GPUs
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpu_used)
+
+    @property
+    def free_count(self) -> int:
+        return self.free_mask.bit_count()
+
+    @property
+    def cpu_free(self) -> int:
+        return self.spec.cpus_milli - self.cpu_used
+
+    @property
+    def mem_free(self) -> int:
+        return self.spec.memory_mib - self.mem_used
+
+    def has_partial(self) -> bool:
+        """Whether some healthy GPU is shared and not full."""
+        return any(0 < u < MILLI and not self.unhealthy_mask >> i & 1 for i, u in enumerate(self.gpu_used))
+
+    def gpus_free(self) -> float:
+        """Free GPU capacity, in GPUs, over healthy GPUs."""
+        return sum(MILLI - u for i, u in enumerate(self.gpu_used) if not self.unhealthy_mask >> i & 1) / MILLI
+
+    def _recompute_mask(self) -> None:
+        mask = 0
+        for i, u in enumerate(self.gpu_used):
+            if u == 0 and not self.unhealthy_mask >> i & 1:
+                mask |= 1 << i
+        self.free_mask = mask
+
+
+class _Bucket:
+    """Node ordinals kept sorted, so iteration order is deterministic."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+
+    def add(self, ordinal: int) -> None:
+        insort(self.items, ordinal)
+
+    def discard(self, ordinal: int) -> None:
+        i = bisect_left(self.items, ordinal)
+        if i < len(self.items) and self.items[i] == ordinal:
+            del self.items[i]
+
+
+class Cluster:
+    """Occupancy of every node plus indexes by free capacity."""
+
+    def __init__(self, nodes: Iterable[NodeSpec]) -> None:
+        self.nodes: list[NodeState] = []
+        self.by_id: dict[str, NodeState] = {}
+        self.max_gpus = 0
+        for spec in nodes:
+            if spec.id in self.by_id:
+                raise ValueError(f"duplicate node id {spec.id!r}")
+            st = NodeState(spec, len(self.nodes))
+            self.nodes.append(st)
+            self.by_id[spec.id] = st
+            self.max_gpus = max(self.max_gpus, st.gpu_count)
+        self._buckets = [_Bucket() for _ in range(self.max_gpus + 1)]
+        self._partial = _Bucket()
+        self._where: list[int] = []
+        self._in_partial: list[bool] = []
+        for st in self.nodes:
+            self._where.append(st.free_count)
+            self._buckets[st.free_count].items.append(st.ordinal)
+            self._in_partial.append(False)
+
+    # -- totals ---------------------------------------------------------------
+    def total_gpus(self) -> int:
+        return sum(st.gpu_count for st in self.nodes)
+
+    # -- indexes --------------------------------------------------------------
+    def bucket(self, free: int) -> list[int]:
+        """Ordinals of nodes with exactly ``free`` wholly free GPUs (sorted; do not mutate)."""
+        return self._buckets[free].items
+
+    def partial(self) -> list[int]:
+        """Ordinals of nodes with a shared GPU that has room (sorted; do not mutate)."""
+        return self._partial.items
+
+    def is_partial(self, ordinal: int) -> bool:
+        """Whether the node has a shared GPU with room."""
+        return self._in_partial[ordinal]
+
+    def iter_by_free(self, lowest: int, *, descending: bool = False) -> Iterator[NodeState]:
+        """Nodes with at least ``lowest`` free GPUs: fullest first (or emptiest first)."""
+        rng = range(self.max_gpus, lowest - 1, -1) if descending else range(lowest, self.max_gpus + 1)
+        nodes = self.nodes
+        for free in rng:
+            for ordinal in self._buckets[free].items:
+                yield nodes[ordinal]
+
+    def _reindex(self, st: NodeState) -> None:
+        st._recompute_mask()
+        o = st.ordinal
+        new = st.free_count
+        if self._where[o] != new:
+            self._buckets[self._where[o]].discard(o)
+            self._buckets[new].add(o)
+            self._where[o] = new
+        part = st.has_partial()
+        if part != self._in_partial[o]:
+            (self._partial.add if part else self._partial.discard)(o)
+            self._in_partial[o] = part
+
+    # -- mutation ---------------------------------------------------------------
+    def apply(self, record: GroupRecord, sign: int = 1) -> None:
+        """Count a group's devices as held (sign=1) or no longer held (sign=-1)."""
+        if not record.holds_capacity:
+            return
+        st = self.by_id.get(record.node_id)
+        if st is None:
+            return  # the node vanished; reconciliation reports such groups
+        for d in record.devices:
+            if d.index < st.gpu_count:
+                st.gpu_used[d.index] += sign * d.share_milli
+                st.gpu_mem_used[d.index] += sign * d.memory_mib
+        st.cpu_used += sign * record.cpus_milli
+        st.mem_used += sign * record.memory_mib
+        self._reindex(st)
+
+    def remove(self, record: GroupRecord) -> None:
+        """Stop counting a group's devices."""
+        self.apply(record, -1)
+
+    def set_unhealthy(self, node_id: str, index: int, unhealthy: bool) -> bool:
+        """Mark one GPU unhealthy (nothing new goes there) or healthy again; True if it changed."""
+        st = self.by_id.get(node_id)
+        if st is None or index >= st.gpu_count:
+            return False
+        bit = 1 << index
+        was = bool(st.unhealthy_mask & bit)
+        if was == unhealthy:
+            return False
+        st.unhealthy_mask = st.unhealthy_mask | bit if unhealthy else st.unhealthy_mask & ~bit
+        self._reindex(st)
+        return True
+
+    def set_cordoned(self, node_id: str, cordoned: bool) -> None:
+        """A cordoned node takes no new groups."""
+        st = self.by_id.get(node_id)
+        if st is not None:
+            st.cordoned = cordoned

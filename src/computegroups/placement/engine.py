@@ -1,0 +1,179 @@
+"""The placement engine: filter nodes, pick devices, score, choose. Pure and synchronous.
+
+``place(cluster, requirements, constraints)`` reads the cluster and returns a
+:class:`Decision`, or raises :class:`InsufficientResourcesError` with the reasons
+nodes were rejected. It never mutates the cluster; the manager applies the
+decision once the state store has committed it.
+
+Candidates come from the cluster's indexes in the strategy's order (fullest
+first for bin-pack, emptiest first for spread). The engine scores feasible
+candidates and stops as soon as no later candidate's upper bound can beat the
+best so far, or after ``limit`` feasible candidates, so one decision never scans
+the fleet when capacity is available.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from computegroups.errors import InsufficientResourcesError
+from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
+from computegroups.placement.cluster import Cluster, NodeState
+from computegroups.placement.plugins import (
+    CapacityFilter,
+    CordonFilter,
+    FilterPlugin,
+    NodeSelectorFilter,
+    Pick,
+    ScorePlugin,
+    TopologyScore,
+    eligible_mask,
+    share_memory,
+    share_target,
+    strategy_plugin,
+)
+
+__all__ = ["DEFAULT_FILTERS", "Decision", "candidates", "pick_devices", "place"]
+
+DEFAULT_FILTERS: tuple[FilterPlugin, ...] = (NodeSelectorFilter(), CordonFilter(), CapacityFilter())
+_TOPOLOGY = TopologyScore()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes: a node, the devices on it, and the host resources."""
+
+    node_id: str
+    devices: tuple[DeviceShare, ...]
+    cpus_milli: int
+    memory_mib: int
+    score: float
+
+
+def candidates(cluster: Cluster, req: Requirements, cons: Constraints) -> Iterator[NodeState]:
+    """Nodes that might fit, in the order the strategy prefers them."""
+    if cons.node_id is not None:
+        st = cluster.by_id.get(cons.node_id)
+        if st is not None:
+            yield st
+        return
+    spread = cons.strategy is Strategy.SPREAD
+    if req.share_milli:
+        partial = [cluster.nodes[o] for o in cluster.partial()]
+        if not spread:
+            yield from partial
+        yield from (st for st in cluster.iter_by_free(1, descending=spread) if not cluster.is_partial(st.ordinal))
+        if spread:
+            yield from partial
+        return
+    yield from cluster.iter_by_free(req.whole_gpus, descending=spread)
+
+
+def pick_devices(node: NodeState, req: Requirements, cons: Constraints) -> Pick | str:
+    """Choose the devices on a node that passed the filters, or say why none fit."""
+    spec = node.spec
+    if req.share_milli:
+        idx = share_target(node, req, eligible_mask(node, req))
+        if idx is None:
+            return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
+        dev = DeviceShare(idx, spec.gpus[idx].uuid, req.share_milli, share_memory(node, idx, req))
+        return Pick((dev,), None)
+    k = req.whole_gpus
+    if k == 0:
+        return Pick((), None)
+    mask = node.free_mask & eligible_mask(node, req)
+    choice = spec.effective_topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
+    if choice is None:
+        need = "joined by NVLink" if cons.nvlink else "on one NUMA node"
+        return f"no {k} free GPUs {need}"
+    devices = tuple(DeviceShare(i, spec.gpus[i].uuid, MILLI, spec.gpus[i].memory_mib) for i in choice.indices)
+    return Pick(devices, choice)
+
+
+def place(
+    cluster: Cluster,
+    req: Requirements,
+    cons: Constraints,
+    *,
+    filters: Sequence[FilterPlugin] = DEFAULT_FILTERS,
+    scores: Sequence[ScorePlugin] | None = None,
+    limit: int = 16,
+) -> Decision:
+    """Choose a node and devices for one request, or raise InsufficientResourcesError."""
+    if scores is None:
+        scores = (strategy_plugin(cons.strategy), _TOPOLOGY)
+    reasons: Counter[str] = Counter()
+    best: tuple[float, NodeState, Pick] | None = None
+    feasible = visited = 0
+    n_max = cluster.max_gpus
+    for node in candidates(cluster, req, cons):
+        if best is not None:
+            bound = sum(p.weight * p.bound(node.free_count, n_max, req) for p in scores)
+            if bound <= best[0]:
+                break
+        visited += 1
+        reason = None
+        for f in filters:
+            reason = f.filter(node, req, cons)
+            if reason is not None:
+                break
+        if reason is None:
+            picked = pick_devices(node, req, cons)
+            if isinstance(picked, str):
+                reason = picked
+        if reason is not None:
+            reasons[reason] += 1
+            continue
+        assert not isinstance(picked, str)
+        total = sum(p.weight * p.score(node, req, picked) for p in scores)
+        if best is None or total > best[0]:
+            best = (total, node, picked)
+        feasible += 1
+        if feasible >= limit:
+            break
+    if best is None:
+        _explain_unvisited(cluster, req, cons, reasons, visited)
+        raise InsufficientResourcesError(f"no node can take {_describe(req, cons)}", reasons=reasons)
+    total, node, picked = best
+    return Decision(node.spec.id, picked.devices, req.cpus_milli, req.memory_mib, total)
+
+
+def _explain_unvisited(
+    cluster: Cluster, req: Requirements, cons: Constraints, reasons: Counter[str], visited: int
+) -> None:
+    """Account for the nodes the indexes skipped, so the error covers the whole fleet."""
+    if cons.node_id is not None:
+        if cons.node_id not in cluster.by_id:
+            reasons[f"no node named {cons.node_id}"] += 1
+        return
+    if not cluster.nodes:
+        reasons["no nodes discovered"] += 1
+    skipped = len(cluster.nodes) - visited
+    if skipped > 0:
+        if req.share_milli:
+            reasons["no GPU with any capacity free"] += skipped
+        else:
+            reasons[f"fewer than {req.whole_gpus} wholly free GPUs"] += skipped
+
+
+def _describe(req: Requirements, cons: Constraints) -> str:
+    parts = []
+    if req.share_milli:
+        parts.append(f"{req.share_milli / MILLI:g} of a GPU")
+    elif req.whole_gpus:
+        parts.append(f"{req.whole_gpus} GPU(s)")
+    if req.models:
+        parts.append("model " + "|".join(req.models))
+    if req.gpu_memory_mib:
+        parts.append(f">= {req.gpu_memory_mib} MiB GPU memory")
+    if req.cpus_milli:
+        parts.append(f"{req.cpus_milli / MILLI:g} CPUs")
+    if req.memory_mib:
+        parts.append(f"{req.memory_mib} MiB memory")
+    if cons.nvlink:
+        parts.append("joined by NVLink")
+    if cons.same_numa:
+        parts.append("on one NUMA node")
+    return ", ".join(parts) or "the request"

@@ -1,0 +1,241 @@
+"""Filter and score plugins: each small, pure and testable alone.
+
+A filter answers "can this node take the request?" with ``None`` (yes) or a
+reason a person can act on ("2 of 8 GPUs free, 4 requested"). A score rates a
+feasible node and the devices picked on it from 0 (worst) to 100 (best); it
+also states an upper bound for a node with a given number of free GPUs, so the
+engine can stop as soon as no later candidate could win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
+from computegroups.placement.cluster import NodeState
+from computegroups.topology import SubsetChoice
+
+__all__ = [
+    "BinPackScore",
+    "CapacityFilter",
+    "CordonFilter",
+    "FilterPlugin",
+    "NodeSelectorFilter",
+    "Pick",
+    "ScorePlugin",
+    "SpreadScore",
+    "TopologyScore",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """The devices chosen on one node, and the topology verdict for them."""
+
+    devices: tuple[DeviceShare, ...]
+    choice: SubsetChoice | None  # for whole GPUs
+
+
+class FilterPlugin(Protocol):
+    """Rejects nodes that cannot take a request. Must only read what it is given."""
+
+    name: str
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+        """Return None if the node may take the request, else the reason it cannot."""
+        ...
+
+
+class ScorePlugin(Protocol):
+    """Rates a feasible (node, pick) from 0 to 100; higher is better."""
+
+    name: str
+    weight: int
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+        """Score in [0, 100]."""
+        ...
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        """Upper bound of ``score`` for any node with ``free`` wholly free GPUs of ``gpu_count``."""
+        ...
+
+
+# -- filters ------------------------------------------------------------------
+class NodeSelectorFilter:
+    """``constraints.node_id`` and ``constraints.labels``."""
+
+    name = "node-selector"
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+        if cons.node_id is not None and node.spec.id != cons.node_id:
+            return f"not node {cons.node_id}"
+        labels = node.spec.labels
+        for k, v in cons.labels.items():
+            if labels.get(k) != v:
+                return f"label {k}={v} does not match"
+        return None
+
+
+class CordonFilter:
+    """A cordoned (draining) node takes nothing new."""
+
+    name = "cordon"
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+        return "node is cordoned" if node.cordoned else None
+
+
+class CapacityFilter:
+    """CPUs and memory; GPUs of the right model and memory, enough of them free."""
+
+    name = "capacity"
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+        if req.cpus_milli > node.cpu_free:
+            return f"{node.cpu_free / MILLI:g} CPUs free, {req.cpus_milli / MILLI:g} requested"
+        if req.memory_mib > node.mem_free:
+            return f"{node.mem_free} MiB memory free, {req.memory_mib} requested"
+        k = req.whole_gpus
+        if k == 0 and req.share_milli == 0:
+            return None
+        if node.gpu_count == 0:
+            return "no GPUs"
+        eligible = eligible_mask(node, req)
+        if eligible == 0:
+            return _model_reason(node, req)
+        if k:
+            free = (node.free_mask & eligible).bit_count()
+            if free < k:
+                return f"{free} of {node.gpu_count} GPUs free, {k} requested"
+        elif share_target(node, req, eligible) is None:
+            return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
+        return None
+
+
+def _model_reason(node: NodeState, req: Requirements) -> str:
+    gpu = node.spec.gpus[0]
+    if req.models and not any(m in gpu.name.lower() for m in req.models):
+        return f"GPU model {gpu.name} is not {'|'.join(req.models)}"
+    return f"GPU memory {gpu.memory_mib} MiB < {req.gpu_memory_mib} MiB"
+
+
+def eligible_mask(node: NodeState, req: Requirements) -> int:
+    """GPUs of the node whose model and memory satisfy the request (healthy or not)."""
+    models = req.models
+    need = req.gpu_memory_mib
+    if not models and need is None:
+        return (1 << node.gpu_count) - 1
+    mask = 0
+    for g in node.spec.gpus:
+        if models and not any(m in g.name.lower() for m in models):
+            continue
+        if need is not None and req.whole_gpus and g.memory_mib < need:
+            continue
+        mask |= 1 << g.index
+    return mask
+
+
+def share_memory(node: NodeState, index: int, req: Requirements) -> int:
+    """GPU memory a share holds: what it asked for, else its proportion of the GPU."""
+    if req.gpu_memory_mib is not None:
+        return req.gpu_memory_mib
+    return node.spec.gpus[index].memory_mib * req.share_milli // MILLI
+
+
+def share_target(node: NodeState, req: Requirements, eligible: int) -> int | None:
+    """The GPU a share goes to: the fullest shared GPU it fits (best fit), else a free one.
+
+    Shares go to already-shared GPUs first, so whole GPUs stay free.
+    """
+    best: int | None = None
+    best_used = -1
+    for i, used in enumerate(node.gpu_used):
+        if not eligible >> i & 1 or node.unhealthy_mask >> i & 1 or used == 0:
+            continue
+        if used + req.share_milli > MILLI:
+            continue
+        if node.gpu_mem_used[i] + share_memory(node, i, req) > node.spec.gpus[i].memory_mib:
+            continue
+        if used > best_used:
+            best, best_used = i, used
+    if best is not None:
+        return best
+    free = node.free_mask & eligible
+    for i in range(node.gpu_count):
+        if free >> i & 1 and share_memory(node, i, req) > node.spec.gpus[i].memory_mib:
+            free &= ~(1 << i)
+    if not free:
+        return None
+    choice = node.spec.effective_topology.best_subset(free, 1)
+    return choice.indices[0] if choice else None
+
+
+# -- scores ---------------------------------------------------------------------
+def _gpu_util_after(node: NodeState, req: Requirements, pick: Pick) -> float:
+    n = node.gpu_count
+    if n == 0:
+        total = node.spec.cpus_milli or 1
+        return (node.cpu_used + req.cpus_milli) / total
+    used = sum(node.gpu_used) + sum(d.share_milli for d in pick.devices)
+    return used / (n * MILLI)
+
+
+class BinPackScore:
+    """Fill the most-used node that fits: score is the node's GPU use after placing."""
+
+    name = "binpack"
+
+    def __init__(self, weight: int = 1) -> None:
+        self.weight = weight
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+        return 100.0 * _gpu_util_after(node, req, pick)
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        if gpu_count == 0:
+            return 100.0
+        return 100.0 * (1.0 - max(free - req.whole_gpus, 0) / gpu_count)
+
+
+class SpreadScore:
+    """Use the least-used node: score is the node's GPU capacity left after placing."""
+
+    name = "spread"
+
+    def __init__(self, weight: int = 1) -> None:
+        self.weight = weight
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+        return 100.0 * (1.0 - _gpu_util_after(node, req, pick))
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        if gpu_count == 0:
+            return 100.0
+        return 100.0 * max(free - req.whole_gpus, 0) / gpu_count
+
+
+class TopologyScore:
+    """How close the picked GPUs' bottleneck link is to the best this node type can give."""
+
+    name = "topology"
+
+    def __init__(self, weight: int = 2) -> None:
+        self.weight = weight
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+        if pick.choice is None or len(pick.choice.indices) < 2:
+            return 100.0
+        best = node.spec.effective_topology.best_bottleneck(len(pick.choice.indices))
+        if best <= 0 or pick.choice.bottleneck >= best:
+            return 100.0
+        return 100.0 * pick.choice.bottleneck / best
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        return 100.0
+
+
+def strategy_plugin(strategy: Strategy) -> ScorePlugin:
+    """The score plugin for a node-choice strategy."""
+    return SpreadScore() if strategy is Strategy.SPREAD else BinPackScore()

@@ -1,0 +1,1 @@
+"""Packaged node shapes: verbatim `nvidia-smi topo -m` outputs of real machines."""

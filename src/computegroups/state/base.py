@@ -1,0 +1,63 @@
+"""The state store contract: a revisioned set of group records, changed by compare-and-swap.
+
+Every change is one commit of a change set (records to write, ids to delete)
+that succeeds only if the store's revision is still the one the caller decided
+against. A caller that loses the race re-reads what changed and decides again.
+So nothing is visible before it is durable, and two writers never both win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from computegroups.errors import ConflictError
+from computegroups.model import GroupRecord
+
+__all__ = ["Changes", "RevisionConflict", "StateStore"]
+
+
+class RevisionConflict(ConflictError):
+    """The store moved on since the caller's revision; re-read and decide again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed after a revision. ``full`` means: forget everything, these are all records."""
+
+    revision: int
+    upserts: Sequence[GroupRecord] = ()
+    deletes: Sequence[str] = ()
+    full: bool = False
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Where group records live. Implementations: memory, SQLite (and Kubernetes custom resources).
+
+    Contract:
+      * ``changes_since(rev)`` returns every record written and every id deleted after
+        ``rev`` (or ``full=True`` with all records), and the current revision.
+      * ``commit(expected, upserts, deletes)`` applies the change set atomically and
+        returns the new revision, or raises :class:`RevisionConflict` if the revision
+        is no longer ``expected``; then nothing was written.
+      * ``close()`` is idempotent.
+    """
+
+    async def open(self) -> None:
+        """Create or validate the store; raises StateError if it is not usable."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources. Idempotent."""
+        ...
+
+    async def changes_since(self, revision: int) -> Changes:
+        """Records changed after ``revision``."""
+        ...
+
+    async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
+        """Write the change set if the revision is ``expected``; return the new revision."""
+        ...

@@ -1,0 +1,54 @@
+"""An in-memory state store for simulation, tests and benchmarks (lost on exit)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from computegroups.model import GroupRecord
+from computegroups.state.base import Changes, RevisionConflict
+
+__all__ = ["MemoryStateStore"]
+
+
+class MemoryStateStore:
+    """Keeps records in a dict, with a change log so several managers can share one store."""
+
+    def __init__(self, log_limit: int = 100_000) -> None:
+        self._records: dict[str, GroupRecord] = {}
+        self._revision = 0
+        self._log: list[tuple[int, str]] = []  # (revision, id) of every write or delete
+        self._log_start = 0  # revisions at or below this are no longer in the log
+        self._log_limit = log_limit
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def changes_since(self, revision: int) -> Changes:
+        if revision == self._revision:
+            return Changes(revision)
+        if revision < self._log_start or revision > self._revision:
+            return Changes(self._revision, tuple(self._records.values()), (), full=True)
+        ids = {gid for rev, gid in self._log if rev > revision}
+        ups = [self._records[g] for g in ids if g in self._records]
+        dels = [g for g in ids if g not in self._records]
+        return Changes(self._revision, ups, dels)
+
+    async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
+        if expected != self._revision:
+            raise RevisionConflict(f"revision is {self._revision}, not {expected}")
+        self._revision += 1
+        rev = self._revision
+        for r in upserts:
+            self._records[r.id] = r
+            self._log.append((rev, r.id))
+        for gid in deletes:
+            self._records.pop(gid, None)
+            self._log.append((rev, gid))
+        if len(self._log) > self._log_limit:
+            cut = len(self._log) // 2
+            self._log_start = self._log[cut - 1][0]
+            del self._log[:cut]
+        return rev

@@ -1,0 +1,301 @@
+"""GPU interconnect topology: parsing ``nvidia-smi topo -m`` and choosing GPU sets.
+
+A :class:`Topology` is the link matrix of one node plus the NUMA node and CPU
+affinity of each GPU. Links are named as nvidia-smi names them and ranked
+(best first)::
+
+    NV<n> (more bonded links is better) > PIX > PXB > PHB > NODE > SYS
+
+:meth:`Topology.best_subset` picks the k free GPUs with the best bottleneck
+link, then the best total, then NUMA locality, then the choice that leaves the
+best-connected GPUs free. Nodes hold 8 or 16 GPUs, so an exact search over
+subsets is cheap; results are cached by the free-device mask, and nodes of one
+type share one Topology object (and so one cache).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from computegroups.errors import InvalidRequestError
+
+__all__ = ["LINK_RANKS", "Topology", "link_rank", "parse_nvidia_smi_topo"]
+
+#: Rank of each PCIe/SMP link class; NVLink ranks are ``NV_BASE + links``.
+LINK_RANKS: dict[str, int] = {"SYS": 1, "SOC": 1, "NODE": 2, "PHB": 3, "PXB": 4, "PIX": 5}
+NV_BASE = 100
+_NV = re.compile(r"^NV(\d+)$")
+
+
+def link_rank(name: str) -> int:
+    """Rank a link name; higher is better. Unknown names rank 0 (worst)."""
+    m = _NV.match(name)
+    if m:
+        return NV_BASE + int(m.group(1))
+    return LINK_RANKS.get(name, 0)
+
+
+def _parse_cpu_list(text: str) -> frozenset[int]:
+    """Parse ``0-23,48-71`` into a set of CPU ids; ``N/A`` gives the empty set."""
+    cpus: set[int] = set()
+    if text in ("N/A", "", "[N/A]"):
+        return frozenset()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cpus.update(range(int(lo), int(hi) + 1))
+        else:
+            cpus.add(int(part))
+    return frozenset(cpus)
+
+
+def _parse_numa(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SubsetChoice:
+    """A chosen set of GPUs and why it was chosen (the comparison key)."""
+
+    indices: tuple[int, ...]
+    bottleneck: int  # rank of the worst link inside the set (NV_BASE+ for NVLink)
+    total: int  # sum of link ranks over all pairs in the set
+    numa_nodes: int  # distinct NUMA nodes spanned
+
+
+class Topology:
+    """Link matrix, NUMA nodes and CPU affinity of the GPUs of one node.
+
+    Immutable after construction except for an internal decision cache.
+    """
+
+    __slots__ = (
+        "_affinity",
+        "_best_full",
+        "_cache",
+        "_links",
+        "_numa",
+        "_ranks",
+        "gpu_count",
+        "name",
+    )
+
+    def __init__(
+        self,
+        links: Sequence[Sequence[str]],
+        numa_nodes: Sequence[int | None] | None = None,
+        cpu_affinity: Sequence[Iterable[int]] | None = None,
+        *,
+        name: str = "",
+    ) -> None:
+        n = len(links)
+        if any(len(row) != n for row in links):
+            raise InvalidRequestError("topology: link matrix is not square", key="topology")
+        for i in range(n):
+            for j in range(n):
+                if i != j and links[i][j] != links[j][i]:
+                    raise InvalidRequestError(
+                        f"topology: link GPU{i}-GPU{j} is {links[i][j]!r} but "
+                        f"GPU{j}-GPU{i} is {links[j][i]!r}",
+                        key="topology",
+                    )
+        self.name = name
+        self.gpu_count = n
+        self._links = tuple(tuple("X" if i == j else links[i][j] for j in range(n)) for i in range(n))
+        self._ranks = tuple(tuple(0 if i == j else link_rank(links[i][j]) for j in range(n)) for i in range(n))
+        self._numa: tuple[int | None, ...] = tuple(numa_nodes) if numa_nodes is not None else (None,) * n
+        self._affinity = tuple(frozenset(a) for a in cpu_affinity) if cpu_affinity is not None else (frozenset(),) * n
+        if len(self._numa) != n or len(self._affinity) != n:
+            raise InvalidRequestError("topology: NUMA/affinity length differs from GPU count", key="topology")
+        self._cache: dict[tuple[int, int, bool, bool], SubsetChoice | None] = {}
+        self._best_full: dict[int, int] = {}
+
+    # -- construction helpers -------------------------------------------------
+    @classmethod
+    def uniform(cls, n: int, link: str = "SYS", *, numa_node: int | None = None, name: str = "") -> Topology:
+        """A node whose GPUs are all joined by the same link (or unknown topology)."""
+        links = [[link] * n for _ in range(n)]
+        return cls(links, [numa_node] * n, None, name=name or f"uniform-{n}-{link}")
+
+    # -- queries --------------------------------------------------------------
+    def link(self, i: int, j: int) -> str:
+        """The link between GPUs i and j as nvidia-smi names it (``"X"`` for i == j)."""
+        return self._links[i][j]
+
+    def rank(self, i: int, j: int) -> int:
+        """Rank of the link between i and j (see :func:`link_rank`)."""
+        return self._ranks[i][j]
+
+    def numa_node(self, i: int) -> int | None:
+        """Host NUMA node of GPU i, or None where unknown."""
+        return self._numa[i]
+
+    def cpu_affinity(self, i: int) -> frozenset[int]:
+        """CPU ids close to GPU i (empty where unknown)."""
+        return self._affinity[i]
+
+    def is_nvlink(self, i: int, j: int) -> bool:
+        """Whether GPUs i and j are joined by NVLink."""
+        return self._ranks[i][j] >= NV_BASE
+
+    def matrix(self) -> list[list[str]]:
+        """The link matrix as nvidia-smi prints it."""
+        return [list(row) for row in self._links]
+
+    def signature(self) -> tuple[object, ...]:
+        """A value equal for two topologies with the same links, NUMA and affinity."""
+        return (self._links, self._numa, self._affinity)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Topology) and self.signature() == other.signature()
+
+    def __hash__(self) -> int:
+        return hash(self._links)
+
+    def __repr__(self) -> str:
+        return f"Topology(name={self.name!r}, gpu_count={self.gpu_count})"
+
+    # -- choosing GPUs --------------------------------------------------------
+    def evaluate(self, indices: Sequence[int]) -> SubsetChoice:
+        """Bottleneck, total and NUMA spread of one set of GPUs."""
+        ranks = self._ranks
+        bottleneck = NV_BASE * 10  # a single GPU has no link to be limited by
+        total = 0
+        for a, b in itertools.combinations(indices, 2):
+            r = ranks[a][b]
+            total += r
+            if r < bottleneck:
+                bottleneck = r
+        numa = len({self._numa[i] for i in indices})
+        return SubsetChoice(tuple(indices), bottleneck, total, numa)
+
+    def best_bottleneck(self, k: int) -> int:
+        """The best bottleneck rank any k GPUs of this node can have when all are free."""
+        if k not in self._best_full:
+            choice = self.best_subset((1 << self.gpu_count) - 1, k)
+            self._best_full[k] = choice.bottleneck if choice else 0
+        return self._best_full[k]
+
+    def best_subset(
+        self, free_mask: int, k: int, *, nvlink: bool = False, same_numa: bool = False
+    ) -> SubsetChoice | None:
+        """Choose k GPUs among ``free_mask`` (bit i = GPU i free), or None if impossible.
+
+        Order of preference: best bottleneck link; best total of links; fewest
+        NUMA nodes; then the choice that leaves the remaining free GPUs best
+        connected (so a single GPU takes the free partner of a used GPU rather
+        than split an intact NVLink pair); then the lowest indices.
+        ``nvlink`` requires every pair to be joined by NVLink; ``same_numa``
+        requires one NUMA node.
+        """
+        key = (free_mask, k, nvlink, same_numa)
+        cache = self._cache
+        if key in cache:
+            return cache[key]
+        result = self._search(free_mask, k, nvlink, same_numa)
+        if len(cache) > 65536:
+            cache.clear()
+        cache[key] = result
+        return result
+
+    def _search(self, free_mask: int, k: int, nvlink: bool, same_numa: bool) -> SubsetChoice | None:
+        free = [i for i in range(self.gpu_count) if free_mask >> i & 1]
+        if k <= 0 or k > len(free):
+            return None
+        ranks = self._ranks
+        # Connectivity each free GPU contributes to the free set; what a choice
+        # removes from the remaining set is the sum over its members minus the
+        # links counted twice inside it.
+        contrib = {i: sum(ranks[i][j] for j in free if j != i) for i in free}
+        best_key: tuple[int, int, int, int] | None = None
+        best: SubsetChoice | None = None
+        for combo in itertools.combinations(free, k):
+            choice = self.evaluate(combo)
+            if nvlink and k > 1 and choice.bottleneck < NV_BASE:
+                continue
+            if same_numa and choice.numa_nodes > 1:
+                continue
+            removed = sum(contrib[i] for i in combo) - choice.total
+            cand = (choice.bottleneck, choice.total, -choice.numa_nodes, -removed)
+            if best_key is None or cand > best_key:
+                best_key, best = cand, choice
+        return best
+
+
+# -- parsing nvidia-smi topo -m -------------------------------------------------
+_DEVICE_HEADER = re.compile(r"^(GPU\d+|NIC\d+|mlx\d+_\d+|[A-Za-z]+\d*_\d+)$")
+
+
+def parse_nvidia_smi_topo(text: str) -> Topology:
+    """Parse the output of ``nvidia-smi topo -m``.
+
+    Accepts raw output (tab-separated, self cell `` X ``) and terminal copies
+    (runs of spaces); with or without NIC rows and the NIC legend; old drivers
+    without the NUMA Affinity column. Raises :class:`InvalidRequestError` when
+    the text has no GPU matrix.
+    """
+    lines = text.splitlines()
+    header_at = None
+    for n, line in enumerate(lines):
+        toks = line.split()
+        # The header starts with GPU0 followed by another column name; the GPU0
+        # row starts with GPU0 followed by its self cell "X".
+        if len(toks) > 1 and toks[0] == "GPU0" and toks[1] != "X":
+            header_at = n
+            break
+    if header_at is None:
+        raise InvalidRequestError("nvidia-smi topo: no header line with GPU0 found", key="topology")
+    header = lines[header_at]
+    tokens = header.split()
+    devices: list[str] = []
+    for tok in tokens:
+        if _DEVICE_HEADER.match(tok):
+            devices.append(tok)
+        else:
+            break
+    has_cpu = "CPU Affinity" in header or "CPU" in tokens[len(devices):len(devices) + 1]
+    has_numa = "NUMA Affinity" in header
+    gpu_names = [d for d in devices if d.startswith("GPU")]
+    col_of = {d: c for c, d in enumerate(devices)}
+    links: dict[str, list[str]] = {}
+    cpu: dict[str, frozenset[int]] = {}
+    numa: dict[str, int | None] = {}
+    for line in lines[header_at + 1:]:
+        stripped = line.strip()
+        if not stripped:
+            if links:
+                break
+            continue
+        if stripped.startswith("Legend"):
+            break
+        cells = stripped.split()
+        label = cells[0]
+        if label not in col_of:
+            continue
+        values = cells[1:]
+        if len(values) < len(devices):
+            raise InvalidRequestError(
+                f"nvidia-smi topo: row {label} has {len(values)} cells, expected {len(devices)}",
+                key="topology",
+            )
+        links[label] = values[: len(devices)]
+        rest = values[len(devices):]
+        if label.startswith("GPU"):
+            cpu[label] = _parse_cpu_list(rest[0]) if has_cpu and rest else frozenset()
+            numa[label] = _parse_numa(rest[1]) if has_numa and len(rest) > 1 else None
+    missing = [g for g in gpu_names if g not in links]
+    if missing:
+        raise InvalidRequestError(f"nvidia-smi topo: no row for {', '.join(missing)}", key="topology")
+    matrix = [[links[a][col_of[b]] for b in gpu_names] for a in gpu_names]
+    return Topology(matrix, [numa[g] for g in gpu_names], [cpu[g] for g in gpu_names], name="nvidia-smi")
