@@ -177,7 +177,7 @@ class ComputeGroupManager:
     def _apply_changes(self, changes: Changes) -> None:
         if changes.full:
             self._cluster = Cluster(self.inventory.nodes)
-            for (node_id, index) in self._unhealthy:
+            for node_id, index in self._unhealthy:
                 self._cluster.set_unhealthy(node_id, index, True)
             self._records.clear()
             self._by_request.clear()
@@ -219,9 +219,7 @@ class ComputeGroupManager:
             ids.discard(gid)
         self._carved_free.pop(gid, None)
 
-    async def _commit(
-        self, build: Callable[[], tuple[list[GroupRecord], list[str]]]
-    ) -> list[GroupRecord] | None:
+    async def _commit(self, build: Callable[[], tuple[list[GroupRecord], list[str]]]) -> list[GroupRecord] | None:
         """Decide with ``build`` against the freshest state and commit; retry on a lost race.
 
         Returns the records written, or None when ``build`` found nothing to change.
@@ -304,8 +302,9 @@ class ComputeGroupManager:
         f = dict(filters or {})
         unknown = sorted(str(k) for k in f if k not in _FILTER_KEYS)
         if unknown:
-            raise InvalidRequestError(f"filters.{unknown[0]}: unknown key; allowed: {one_of(_FILTER_KEYS)}",
-                                      key=f"filters.{unknown[0]}")
+            raise InvalidRequestError(
+                f"filters.{unknown[0]}: unknown key; allowed: {one_of(_FILTER_KEYS)}", key=f"filters.{unknown[0]}"
+            )
         state = f.get("state")
         if state is not None and state not in [s.value for s in AllocationState]:
             raise InvalidRequestError(
@@ -337,8 +336,9 @@ class ComputeGroupManager:
             raise NotFoundError(f"group_id: no compute group {gid!r}")
         return self._view(r)
 
-    async def create_compute_group(self, resources: Mapping[str, Any] | Requirements,
-                                   node_id: str | None = None) -> ComputeGroup:
+    async def create_compute_group(
+        self, resources: Mapping[str, Any] | Requirements, node_id: str | None = None
+    ) -> ComputeGroup:
         """Pre-carve a free group holding ``resources`` (on ``node_id`` if given).
 
         ``allocate_compute_group`` hands out matching free groups before carving new
@@ -353,9 +353,17 @@ class ComputeGroupManager:
             def build() -> tuple[list[GroupRecord], list[str]]:
                 d = place(self._cluster, req, cons)
                 rec = GroupRecord(
-                    id=self._new_id(), node_id=d.node_id, state=AllocationState.FREE, component=None,
-                    devices=d.devices, cpus_milli=d.cpus_milli, memory_mib=d.memory_mib, carved=True,
-                    requirements=req.to_dict(), created_at=now, updated_at=now,
+                    id=self._new_id(),
+                    node_id=d.node_id,
+                    state=AllocationState.FREE,
+                    component=None,
+                    devices=d.devices,
+                    cpus_milli=d.cpus_milli,
+                    memory_mib=d.memory_mib,
+                    carved=True,
+                    requirements=req.to_dict(),
+                    created_at=now,
+                    updated_at=now,
                 )
                 return [rec], []
 
@@ -371,6 +379,7 @@ class ComputeGroupManager:
         self._require_open()
         gid = _check_group_id(group_id)
         async with self._lock:
+
             def build() -> tuple[list[GroupRecord], list[str]]:
                 r = self._records.get(gid)
                 if r is None:
@@ -421,14 +430,28 @@ class ComputeGroupManager:
                     return [], []
                 carved = self._match_carved(req, cons)
                 if carved is not None:
-                    return [carved.replace(state=AllocationState.ALLOCATED, component=component,
-                                           request_id=cons.request_id, constraints=cons.to_dict())], []
+                    return [
+                        carved.replace(
+                            state=AllocationState.ALLOCATED,
+                            component=component,
+                            request_id=cons.request_id,
+                            constraints=cons.to_dict(),
+                        )
+                    ], []
                 d = place(self._cluster, req, cons)
                 rec = GroupRecord(
-                    id=self._new_id(), node_id=d.node_id, state=AllocationState.ALLOCATED, component=component,
-                    devices=d.devices, cpus_milli=d.cpus_milli, memory_mib=d.memory_mib,
-                    request_id=cons.request_id, requirements=req.to_dict(), constraints=cons.to_dict(),
-                    created_at=now, updated_at=now,
+                    id=self._new_id(),
+                    node_id=d.node_id,
+                    state=AllocationState.ALLOCATED,
+                    component=component,
+                    devices=d.devices,
+                    cpus_milli=d.cpus_milli,
+                    memory_mib=d.memory_mib,
+                    request_id=cons.request_id,
+                    requirements=req.to_dict(),
+                    constraints=cons.to_dict(),
+                    created_at=now,
+                    updated_at=now,
                 )
                 return [rec], []
 
@@ -503,6 +526,7 @@ class ComputeGroupManager:
     async def _release(self, gid: str) -> GroupRecord | None:
         prior: GroupRecord | None = None
         async with self._lock:
+
             def build() -> tuple[list[GroupRecord], list[str]]:
                 nonlocal prior
                 r = self._records.get(gid)
@@ -528,6 +552,7 @@ class ComputeGroupManager:
         self._require_open()
         gid = _check_group_id(group_id)
         async with self._lock:
+
             def build() -> tuple[list[GroupRecord], list[str]]:
                 r = self._records.get(gid)
                 if r is None:
@@ -620,8 +645,11 @@ class ComputeGroupManager:
 
     def group_health(self, group: ComputeGroup) -> list[str]:
         """Reasons the devices of a group are unhealthy (empty when healthy)."""
-        return [f"GPU {d.index}: {self._unhealthy[(group.node_id, d.index)]}"
-                for d in group.record.devices if (group.node_id, d.index) in self._unhealthy]
+        return [
+            f"GPU {d.index}: {self._unhealthy[(group.node_id, d.index)]}"
+            for d in group.record.devices
+            if (group.node_id, d.index) in self._unhealthy
+        ]
 
     @property
     def revision(self) -> int:

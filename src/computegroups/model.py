@@ -179,7 +179,9 @@ class Requirements:
                     key="requirements.gpu_model",
                 )
             if g == 0:
-                raise InvalidRequestError("requirements.gpu_model: given without any gpus", key="requirements.gpu_model")
+                raise InvalidRequestError(
+                    "requirements.gpu_model: given without any gpus", key="requirements.gpu_model"
+                )
         _milli("requirements.cpus", _number("requirements.cpus", self.cpus))
         _number("requirements.memory_mib", self.memory_mib, integer=True)
         if g == 0 and self.cpus == 0 and self.memory_mib == 0:
@@ -269,7 +271,9 @@ class Constraints:
         for key in ("node_id", "request_id"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, str) or not v):
-                raise InvalidRequestError(f"constraints.{key}: {v!r} is not a non-empty string", key=f"constraints.{key}")
+                raise InvalidRequestError(
+                    f"constraints.{key}: {v!r} is not a non-empty string", key=f"constraints.{key}"
+                )
         if not isinstance(self.strategy, Strategy):
             allowed = [s.value for s in Strategy]
             if self.strategy not in allowed:
@@ -476,7 +480,7 @@ class ComputeGroup:
         if self._node is None or not idx:
             return {"gpu_indices": idx, "links": {}, "numa_nodes": [], "bottleneck": None}
         topo = self._node.effective_topology
-        links = {f"{a}-{b}": topo.link(a, b) for n, a in enumerate(idx) for b in idx[n + 1:]}
+        links = {f"{a}-{b}": topo.link(a, b) for n, a in enumerate(idx) for b in idx[n + 1 :]}
         worst = min(links.items(), key=lambda kv: topo.rank(*map(int, kv[0].split("-"))))[1] if links else None
         return {
             "gpu_indices": idx,
@@ -540,7 +544,10 @@ class ComputeGroup:
 
     def __repr__(self) -> str:
         r = self._record
-        return f"ComputeGroup(id={r.id!r}, node={r.node_id!r}, gpus={r.gpus}, state={r.state.value}, component={r.component!r})"
+        return (
+            f"ComputeGroup(id={r.id!r}, node={r.node_id!r}, gpus={r.gpus}, "
+            f"state={r.state.value}, component={r.component!r})"
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ComputeGroup) and other._record == self._record

@@ -106,8 +106,7 @@ class Topology:
             for j in range(n):
                 if i != j and links[i][j] != links[j][i]:
                     raise InvalidRequestError(
-                        f"topology: link GPU{i}-GPU{j} is {links[i][j]!r} but "
-                        f"GPU{j}-GPU{i} is {links[j][i]!r}",
+                        f"topology: link GPU{i}-GPU{j} is {links[i][j]!r} but GPU{j}-GPU{i} is {links[j][i]!r}",
                         key="topology",
                     )
         self.name = name
@@ -264,14 +263,14 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
             devices.append(tok)
         else:
             break
-    has_cpu = "CPU Affinity" in header or "CPU" in tokens[len(devices):len(devices) + 1]
+    has_cpu = "CPU Affinity" in header or "CPU" in tokens[len(devices) : len(devices) + 1]
     has_numa = "NUMA Affinity" in header
     gpu_names = [d for d in devices if d.startswith("GPU")]
     col_of = {d: c for c, d in enumerate(devices)}
     links: dict[str, list[str]] = {}
     cpu: dict[str, frozenset[int]] = {}
     numa: dict[str, int | None] = {}
-    for line in lines[header_at + 1:]:
+    for line in lines[header_at + 1 :]:
         stripped = line.strip()
         if not stripped:
             if links:
@@ -290,7 +289,7 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
                 key="topology",
             )
         links[label] = values[: len(devices)]
-        rest = values[len(devices):]
+        rest = values[len(devices) :]
         if label.startswith("GPU"):
             cpu[label] = _parse_cpu_list(rest[0]) if has_cpu and rest else frozenset()
             numa[label] = _parse_numa(rest[1]) if has_numa and len(rest) > 1 else None

@@ -4,5 +4,10 @@ from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, 
 from computegroups.providers.local import LocalComputeResourceProvider
 from computegroups.providers.simulated import SimulatedComputeResourceProvider
 
-__all__ = ["ComputeResourceProvider", "DeviceHealth", "Inventory", "LocalComputeResourceProvider",
-           "SimulatedComputeResourceProvider"]
+__all__ = [
+    "ComputeResourceProvider",
+    "DeviceHealth",
+    "Inventory",
+    "LocalComputeResourceProvider",
+    "SimulatedComputeResourceProvider",
+]

@@ -11,10 +11,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from computegroups.model import MILLI, NodeSpec
+from computegroups.model import MILLI, GpuSpec, NodeSpec
 from computegroups.providers.base import ComputeResourceProvider, Inventory
 from computegroups.providers.materialise import EnvMaterialiser
 from computegroups.providers.nvml import NvmlSource, NvmlUnavailable, RealNvml, discover_gpus
+from computegroups.topology import Topology
 
 __all__ = ["LocalComputeResourceProvider"]
 
@@ -53,11 +54,12 @@ class LocalComputeResourceProvider(ComputeResourceProvider):
 
     async def discover_resources(self) -> Inventory:
         notes: list[str] = []
+        gpus: list[GpuSpec] = []
+        topo: Topology | None = None
         try:
             source = self._nvml_factory()
         except NvmlUnavailable as exc:
             notes.append(f"no NVIDIA GPU found: {exc}")
-            gpus, topo = [], None
         else:
             try:
                 gpus, topo = discover_gpus(source)
@@ -83,5 +85,9 @@ class LocalComputeResourceProvider(ComputeResourceProvider):
         return self._materialised.deallocate(component_name, resource_ids)
 
     async def get_resource_state(self) -> dict[str, Any]:
-        return {"provider": self.name, "node": self.node_id, "notes": list(self._notes),
-                "materialised": dict(self._materialised.active)}
+        return {
+            "provider": self.name,
+            "node": self.node_id,
+            "notes": list(self._notes),
+            "materialised": dict(self._materialised.active),
+        }

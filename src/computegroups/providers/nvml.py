@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -31,12 +32,15 @@ class NvmlSource(Protocol):
     def device_info(self, index: int) -> dict[str, Any]:
         """uuid, name, memory_total_mib, pci_bus_id, compute_capability, numa_node, cpu_affinity."""
         ...
+
     def common_ancestor(self, a: int, b: int) -> int:
         """nvmlDeviceGetTopologyCommonAncestor level between GPUs a and b."""
         ...
+
     def nvlinks(self, index: int) -> list[dict[str, Any]]:
         """Active NVLinks of a GPU: [{"link": n, "remote_bus_id": str, "remote_type": "gpu"|"switch"}]."""
         ...
+
     def close(self) -> None: ...
 
 
@@ -104,10 +108,8 @@ class RealNvml:
         return out
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(self._nv.NVMLError):
             self._nv.nvmlShutdown()
-        except self._nv.NVMLError:
-            pass
 
 
 def _s(value: Any) -> str:

@@ -53,15 +53,27 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "dgx-h100": Preset(
-        "NVIDIA H100 80GB HBM3", 81559, "hgx-h100-8.topo", 192, 2_097_152,
+        "NVIDIA H100 80GB HBM3",
+        81559,
+        "hgx-h100-8.topo",
+        192,
+        2_097_152,
         "8x H100 SXM on NVSwitch (NV18 between every pair), two NUMA nodes",
     ),
     "hgx-a100": Preset(
-        "NVIDIA A100-SXM4-40GB", 40960, "hgx-a100-8.topo", 96, 1_179_648,
+        "NVIDIA A100-SXM4-40GB",
+        40960,
+        "hgx-a100-8.topo",
+        96,
+        1_179_648,
         "8x A100 SXM on NVSwitch (NV12 between every pair), two NUMA nodes",
     ),
     "pcie-a6000-nvlink-pairs": Preset(
-        "NVIDIA RTX A6000", 49140, "pcie-a6000-8-nvlink-pairs.topo", 128, 1_048_576,
+        "NVIDIA RTX A6000",
+        49140,
+        "pcie-a6000-8-nvlink-pairs.topo",
+        128,
+        1_048_576,
         "8x RTX A6000 on PCIe, NVLink bridges in pairs (NV4), two NUMA nodes",
     ),
     "cpu-only": Preset("", 0, None, 64, 262_144, "no GPU: 64 cores, 256 GiB"),
@@ -119,7 +131,9 @@ def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[N
             raise InvalidRequestError(f"{where}: not a mapping", key="nodes")
         unknown = sorted(set(entry) - set(_NODE_KEYS))
         if unknown:
-            raise InvalidRequestError(f"{where}.{unknown[0]}: unknown key; allowed: {one_of(_NODE_KEYS)}", key=unknown[0])
+            raise InvalidRequestError(
+                f"{where}.{unknown[0]}: unknown key; allowed: {one_of(_NODE_KEYS)}", key=unknown[0]
+            )
         preset: Preset | None = None
         if "preset" in entry:
             if entry["preset"] not in PRESETS:

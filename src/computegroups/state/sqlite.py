@@ -10,6 +10,7 @@ commit. A file that is not SQLite, or is SQLite but not ours, raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -67,10 +68,8 @@ class SqliteStateStore:
             raise
         self._conn = conn
         if not existed:
-            try:
+            with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o600)
-            except OSError:
-                pass
 
     def _prepare(self, conn: sqlite3.Connection, existed: bool) -> None:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
