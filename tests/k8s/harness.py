@@ -37,9 +37,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as _uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, cast
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "k8s-testenv" / "build"
@@ -52,6 +53,9 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_DRA_DRIVER = "gpu.nvidia.com"
+
+#: A decoded Kubernetes object / API response.
+Obj = dict[str, Any]
 
 
 class BinariesUnavailable(RuntimeError):
@@ -86,15 +90,15 @@ def find_binaries(build: bool = False) -> Path:
     if env_dir is not None:
         if _complete(env_dir):
             return env_dir
-        raise BinariesUnavailable(
-            f"COMPUTEGROUPS_K8S_BIN_DIR={env_dir} lacks one of {', '.join(BINARIES)}"
-        )
+        raise BinariesUnavailable(f"COMPUTEGROUPS_K8S_BIN_DIR={env_dir} lacks one of {', '.join(BINARIES)}")
     if not BUILD_SCRIPT.exists():
         raise BinariesUnavailable(f"{BUILD_SCRIPT} not found")
     bin_dir = Path(
         subprocess.run(
             ["bash", str(BUILD_SCRIPT), "--print-bin-dir"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     )
     if _complete(bin_dir) and (bin_dir.parent / ".complete").exists():
@@ -106,9 +110,7 @@ def find_binaries(build: bool = False) -> Path:
         )
     proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
     if proc.returncode != 0 or not _complete(bin_dir):
-        raise BinariesUnavailable(
-            f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
+        raise BinariesUnavailable(f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return bin_dir
 
 
@@ -120,7 +122,7 @@ def find_binaries(build: bool = False) -> Path:
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _free_ports(n: int) -> list[int]:
@@ -150,10 +152,29 @@ def generate_pki(d: Path) -> dict[str, Path]:
     d.mkdir(parents=True, exist_ok=True)
     if shutil.which("openssl") is None:
         raise ControlPlaneError("the openssl command is required to generate test certificates")
-    _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-          "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=computegroups-test-ca",
-          "-addext", "basicConstraints=critical,CA:TRUE",
-          "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"], d)
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=computegroups-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ],
+        d,
+    )
     (d / "serving.ext").write_text(
         "basicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
@@ -161,12 +182,44 @@ def generate_pki(d: Path) -> dict[str, Path]:
         "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.0.0.1\n"
     )
-    _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key",
-          "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver"], d)
-    _run(["openssl", "x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-          "-CAcreateserial", "-days", "2", "-out", "apiserver.crt", "-extfile", "serving.ext"], d)
-    _run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
-          "-out", "sa.key"], d)
+    _run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "apiserver.key",
+            "-out",
+            "apiserver.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
+        d,
+    )
+    _run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "apiserver.crt",
+            "-extfile",
+            "serving.ext",
+        ],
+        d,
+    )
+    _run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key"], d)
     _run(["openssl", "pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"], d)
     return {n: d / n for n in ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "sa.key", "sa.pub")}
 
@@ -176,8 +229,9 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str, user: s
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "computegroups-test",
-                      "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "clusters": [
+            {"name": "computegroups-test", "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+        ],
         "users": [{"name": user, "user": {"token": token}}],
         "contexts": [{"name": user, "context": {"cluster": "computegroups-test", "user": user}}],
         "current-context": user,
@@ -213,8 +267,15 @@ class Client:
     def __post_init__(self) -> None:
         self._ctx = ssl.create_default_context(cafile=str(self.ca_file))
 
-    def _open(self, method: str, path: str, body: Any = None, content_type: str | None = None,
-              params: dict[str, Any] | None = None, timeout: float | None = None):
+    def _open(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> IO[bytes]:
         url = self.server + path
         if params:
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
@@ -224,10 +285,18 @@ class Client:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = content_type or "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
-        return urllib.request.urlopen(req, context=self._ctx, timeout=timeout or self.timeout)
+        resp: IO[bytes] = urllib.request.urlopen(req, context=self._ctx, timeout=timeout or self.timeout)
+        return resp
 
-    def request(self, method: str, path: str, body: Any = None, *, content_type: str | None = None,
-                params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
         """Return the decoded JSON body; raise :class:`ApiError` on HTTP errors."""
         try:
             with self._open(method, path, body, content_type, params) as resp:
@@ -254,27 +323,30 @@ class Client:
         except ApiError as e:
             return e.status
 
-    def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params=params or None)
+    def get(self, path: str, **params: Any) -> Obj:
+        return cast(Obj, self.request("GET", path, params=params or None))
 
-    def post(self, path: str, body: Any) -> Any:
-        return self.request("POST", path, body)
+    def post(self, path: str, body: Any) -> Obj:
+        return cast(Obj, self.request("POST", path, body))
 
-    def put(self, path: str, body: Any) -> Any:
-        return self.request("PUT", path, body)
+    def put(self, path: str, body: Any) -> Obj:
+        return cast(Obj, self.request("PUT", path, body))
 
-    def patch(self, path: str, body: Any, patch_type: str = "merge") -> Any:
-        ct = {"merge": "application/merge-patch+json",
-              "strategic": "application/strategic-merge-patch+json",
-              "json": "application/json-patch+json",
-              "apply": "application/apply-patch+yaml"}[patch_type]
-        return self.request("PATCH", path, body, content_type=ct)
+    def patch(self, path: str, body: Any, patch_type: str = "merge") -> Obj:
+        ct = {
+            "merge": "application/merge-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+            "json": "application/json-patch+json",
+            "apply": "application/apply-patch+yaml",
+        }[patch_type]
+        return cast(Obj, self.request("PATCH", path, body, content_type=ct))
 
-    def delete(self, path: str) -> Any:
-        return self.request("DELETE", path)
+    def delete(self, path: str) -> Obj:
+        return cast(Obj, self.request("DELETE", path))
 
-    def watch(self, path: str, resource_version: str | None = None,
-              timeout: float = 30.0, **params: Any) -> Iterator[dict[str, Any]]:
+    def watch(
+        self, path: str, resource_version: str | None = None, timeout: float = 30.0, **params: Any
+    ) -> Iterator[dict[str, Any]]:
         """Yield watch events (``{"type": ..., "object": ...}``) for up to ``timeout`` s."""
         params = dict(params, watch="true", timeoutSeconds=int(max(1, timeout)))
         if resource_version is not None:
@@ -289,23 +361,32 @@ class Client:
                 if line:
                     yield json.loads(line)
 
-    def wait_for(self, path: str, predicate, timeout: float = 60.0, interval: float = 0.2,
-                 what: str = "condition") -> Any:
+    def wait_for(
+        self,
+        path: str,
+        predicate: Callable[[Obj], Any],
+        timeout: float = 60.0,
+        interval: float = 0.2,
+        what: str = "condition",
+    ) -> Obj:
         """Poll ``GET path`` until ``predicate(obj)`` is truthy; return the object."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while True:
             try:
-                last = self.get(path)
-                if predicate(last):
-                    return last
+                obj = self.get(path)
+                last = obj
+                if predicate(obj):
+                    return obj
             except ApiError as e:
                 if e.status != 404:
                     raise
                 last = e
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what} on {path}; "
-                                   f"last: {json.dumps(last, default=str)[:2000]}")
+                raise TimeoutError(
+                    f"timed out after {timeout}s waiting for {what} on {path}; "
+                    f"last: {json.dumps(last, default=str)[:2000]}"
+                )
             time.sleep(interval)
 
 
@@ -317,7 +398,7 @@ class Client:
 @dataclass
 class _Proc:
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen[bytes]
     log: Path
 
 
@@ -378,8 +459,7 @@ class ControlPlane:
     # -- lifecycle --------------------------------------------------------
 
     @classmethod
-    def start(cls, bin_dir: Path | None = None, workdir: Path | None = None,
-              timeout: float = 120.0) -> "ControlPlane":
+    def start(cls, bin_dir: Path | None = None, workdir: Path | None = None, timeout: float = 120.0) -> ControlPlane:
         if bin_dir is None:
             bin_dir = find_binaries()
         if workdir is None:
@@ -392,7 +472,7 @@ class ControlPlane:
             raise
         return cp
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -402,37 +482,38 @@ class ControlPlane:
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
         log = logs / f"{name}.log"
-        fh = open(log, "ab")
-        try:
+        with open(log, "ab") as fh:
             popen = subprocess.Popen(
                 [str(self.bin_dir / name), *args],
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                cwd=self.workdir, start_new_session=True,  # own process group
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,  # own process group
             )
-        finally:
-            fh.close()
         p = _Proc(name, popen, log)
         self.procs.append(p)
         return p
 
-    def _wait(self, proc: _Proc, check, timeout: float) -> None:
+    def _wait(self, proc: _Proc, check: Callable[[], Any], timeout: float) -> None:
         t0 = time.monotonic()
         deadline = t0 + timeout
         last_err: Any = None
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
                 raise ControlPlaneError(
-                    f"{proc.name} exited with {proc.popen.returncode}; log tail:\n{_log_tail(proc.log)}")
+                    f"{proc.name} exited with {proc.popen.returncode}; log tail:\n{_log_tail(proc.log)}"
+                )
             try:
                 if check():
                     self.timings[proc.name] = time.monotonic() - t0
                     return
-            except Exception as e:  # noqa: BLE001 - keep polling
+            except Exception as e:
                 last_err = e
             time.sleep(0.1)
         raise ControlPlaneError(
-            f"{proc.name} not ready after {timeout}s (last error: {last_err}); log tail:\n"
-            f"{_log_tail(proc.log)}")
+            f"{proc.name} not ready after {timeout}s (last error: {last_err}); log tail:\n{_log_tail(proc.log)}"
+        )
 
     def _start(self, timeout: float) -> None:
         t0 = time.monotonic()
@@ -445,75 +526,112 @@ class ControlPlane:
         )
         (w / "tokens.csv").chmod(0o600)
 
-        etcd = self._spawn("etcd", [
-            "--name=default", f"--data-dir={w / 'etcd'}",
-            f"--listen-client-urls={self.etcd_url}", f"--advertise-client-urls={self.etcd_url}",
-            f"--listen-peer-urls={self._etcd_peer}", f"--initial-advertise-peer-urls={self._etcd_peer}",
-            f"--initial-cluster=default={self._etcd_peer}", "--initial-cluster-state=new",
-            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
-        ])
-        self._wait(etcd, lambda: json.load(urllib.request.urlopen(
-            self.etcd_url + "/health", timeout=2)).get("health") == "true", timeout)
+        etcd = self._spawn(
+            "etcd",
+            [
+                "--name=default",
+                f"--data-dir={w / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls={self._etcd_peer}",
+                f"--initial-advertise-peer-urls={self._etcd_peer}",
+                f"--initial-cluster=default={self._etcd_peer}",
+                "--initial-cluster-state=new",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+                "--quota-backend-bytes=2147483648",
+            ],
+        )
+        self._wait(
+            etcd,
+            lambda: json.load(urllib.request.urlopen(self.etcd_url + "/health", timeout=2)).get("health") == "true",
+            timeout,
+        )
 
-        api = self._spawn("kube-apiserver", [
-            f"--etcd-servers={self.etcd_url}",
-            f"--etcd-prefix=/registry",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.api_port}",
-            f"--cert-dir={w / 'apiserver-certs'}",
-            f"--tls-cert-file={pki['apiserver.crt']}", f"--tls-private-key-file={pki['apiserver.key']}",
-            f"--client-ca-file={pki['ca.crt']}",
-            f"--token-auth-file={w / 'tokens.csv'}",
-            "--authorization-mode=Node,RBAC",
-            "--anonymous-auth=false",
-            f"--service-account-issuer={self.SA_ISSUER}",
-            f"--service-account-key-file={pki['sa.pub']}",
-            f"--service-account-signing-key-file={pki['sa.key']}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--allow-privileged=true",
-            # No kube-controller-manager runs, so (a) nothing creates the per-namespace
-            # "default" ServiceAccount that the ServiceAccount plugin insists on and
-            # (b) nothing would lift the node.kubernetes.io/not-ready taint that
-            # TaintNodesByCondition puts on every new node.
-            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
-            "--endpoint-reconciler-type=none",
-            "--watch-cache=true",
-            "--v=1",
-        ])
+        api = self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={self.etcd_url}",
+                "--etcd-prefix=/registry",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--cert-dir={w / 'apiserver-certs'}",
+                f"--tls-cert-file={pki['apiserver.crt']}",
+                f"--tls-private-key-file={pki['apiserver.key']}",
+                f"--client-ca-file={pki['ca.crt']}",
+                f"--token-auth-file={w / 'tokens.csv'}",
+                "--authorization-mode=Node,RBAC",
+                "--anonymous-auth=false",
+                f"--service-account-issuer={self.SA_ISSUER}",
+                f"--service-account-key-file={pki['sa.pub']}",
+                f"--service-account-signing-key-file={pki['sa.key']}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+                # No kube-controller-manager runs, so (a) nothing creates the per-namespace
+                # "default" ServiceAccount that the ServiceAccount plugin insists on and
+                # (b) nothing would lift the node.kubernetes.io/not-ready taint that
+                # TaintNodesByCondition puts on every new node.
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+                "--endpoint-reconciler-type=none",
+                "--watch-cache=true",
+                "--v=1",
+            ],
+        )
         admin = self.client()
         self._wait(api, lambda: admin.request("GET", "/readyz") == "ok", timeout)
-        write_kubeconfig(self.kubeconfig, self.server, self.ca_file, self.admin_token,
-                         self.ADMIN_USER)
+        write_kubeconfig(self.kubeconfig, self.server, self.ca_file, self.admin_token, self.ADMIN_USER)
 
-        sched_kc = write_kubeconfig(w / "scheduler.kubeconfig", self.server, self.ca_file,
-                                    self._scheduler_token, "system:kube-scheduler")
-        sched = self._spawn("kube-scheduler", [
-            f"--kubeconfig={sched_kc}",
-            f"--authentication-kubeconfig={sched_kc}", f"--authorization-kubeconfig={sched_kc}",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1", f"--secure-port={self._sched_port}",
-            f"--cert-dir={w / 'scheduler-certs'}",
-            "--v=1",
-        ])
+        sched_kc = write_kubeconfig(
+            w / "scheduler.kubeconfig", self.server, self.ca_file, self._scheduler_token, "system:kube-scheduler"
+        )
+        sched = self._spawn(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={sched_kc}",
+                f"--authentication-kubeconfig={sched_kc}",
+                f"--authorization-kubeconfig={sched_kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self._sched_port}",
+                f"--cert-dir={w / 'scheduler-certs'}",
+                "--v=1",
+            ],
+        )
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE
-        self._wait(sched, lambda: urllib.request.urlopen(
-            f"https://127.0.0.1:{self._sched_port}/readyz", context=insecure, timeout=2
-        ).read() == b"ok", timeout)
+        self._wait(
+            sched,
+            lambda: (
+                urllib.request.urlopen(
+                    f"https://127.0.0.1:{self._sched_port}/readyz", context=insecure, timeout=2
+                ).read()
+                == b"ok"
+            ),
+            timeout,
+        )
 
-        kwok_kc = write_kubeconfig(w / "kwok.kubeconfig", self.server, self.ca_file,
-                                   self._kwok_token, "kwok-controller")
-        kwok = self._spawn("kwok", [
-            f"--kubeconfig={kwok_kc}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-            "--cidr=10.244.0.1/16", "--node-ip=10.1.0.1",
-            f"--server-address=127.0.0.1:{self._kwok_port}",
-            "--node-lease-duration-seconds=40",
-        ])
-        self._wait(kwok, lambda: urllib.request.urlopen(
-            f"http://127.0.0.1:{self._kwok_port}/healthz", timeout=2).status == 200, timeout)
+        kwok_kc = write_kubeconfig(
+            w / "kwok.kubeconfig", self.server, self.ca_file, self._kwok_token, "kwok-controller"
+        )
+        kwok = self._spawn(
+            "kwok",
+            [
+                f"--kubeconfig={kwok_kc}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                "--cidr=10.244.0.1/16",
+                "--node-ip=10.1.0.1",
+                f"--server-address=127.0.0.1:{self._kwok_port}",
+                "--node-lease-duration-seconds=40",
+            ],
+        )
+        self._wait(
+            kwok,
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self._kwok_port}/healthz", timeout=2).status == 200,
+            timeout,
+        )
         self.timings["total"] = time.monotonic() - t0
 
     def stop(self, check: bool = True, timeout: float = 15.0) -> None:
@@ -553,30 +671,36 @@ class ControlPlane:
     def client(self, token: str | None = None) -> Client:
         return Client(self.server, token or self.admin_token, self.ca_file)
 
-    def ensure_namespace(self, name: str) -> dict:
+    def ensure_namespace(self, name: str) -> Obj:
         api = self.client()
         try:
-            return api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                   "metadata": {"name": name}})
+            return api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         except ApiError as e:
             if e.status != 409:
                 raise
             return api.get(f"/api/v1/namespaces/{name}")
 
-    def ensure_service_account(self, namespace: str, name: str) -> dict:
+    def ensure_service_account(self, namespace: str, name: str) -> Obj:
         self.ensure_namespace(namespace)
         api = self.client()
         try:
-            return api.post(f"/api/v1/namespaces/{namespace}/serviceaccounts",
-                            {"apiVersion": "v1", "kind": "ServiceAccount",
-                             "metadata": {"name": name, "namespace": namespace}})
+            return api.post(
+                f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}},
+            )
         except ApiError as e:
             if e.status != 409:
                 raise
             return api.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
 
-    def service_account_token(self, namespace: str, name: str, expiration_seconds: int = 3600,
-                              audiences: list[str] | None = None, create: bool = True) -> str:
+    def service_account_token(
+        self,
+        namespace: str,
+        name: str,
+        expiration_seconds: int = 3600,
+        audiences: list[str] | None = None,
+        create: bool = True,
+    ) -> str:
         """Issue a token for a ServiceAccount via the TokenRequest API."""
         if create:
             self.ensure_service_account(namespace, name)
@@ -585,24 +709,27 @@ class ControlPlane:
             spec["audiences"] = audiences
         resp = self.client().post(
             f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
-        return resp["status"]["token"]
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+        )
+        return str(resp["status"]["token"])
 
-    def service_account_kubeconfig(self, namespace: str, name: str, path: Path | None = None,
-                                   **kw: Any) -> Path:
+    def service_account_kubeconfig(self, namespace: str, name: str, path: Path | None = None, **kw: Any) -> Path:
         """Write a kubeconfig that authenticates as ``system:serviceaccount:<ns>:<name>``."""
         token = self.service_account_token(namespace, name, **kw)
         path = path or self.workdir / f"sa-{namespace}-{name}.kubeconfig"
-        return write_kubeconfig(Path(path), self.server, self.ca_file, token,
-                                f"system:serviceaccount:{namespace}:{name}")
+        return write_kubeconfig(
+            Path(path), self.server, self.ca_file, token, f"system:serviceaccount:{namespace}:{name}"
+        )
 
-    def ensure_gpu_device_class(self, name: str = GPU_DRA_DRIVER) -> dict:
+    def ensure_gpu_device_class(self, name: str = GPU_DRA_DRIVER) -> Obj:
         """A DeviceClass selecting every device of the ``gpu.nvidia.com`` driver."""
         api = self.client()
-        body = {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
-                "metadata": {"name": name},
-                "spec": {"selectors": [{"cel": {
-                    "expression": f'device.driver == "{GPU_DRA_DRIVER}"'}}]}}
+        body = {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "DeviceClass",
+            "metadata": {"name": name},
+            "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{GPU_DRA_DRIVER}"'}}]},
+        }
         try:
             return api.post("/apis/resource.k8s.io/v1/deviceclasses", body)
         except ApiError as e:
@@ -610,11 +737,23 @@ class ControlPlane:
                 raise
             return api.get(f"/apis/resource.k8s.io/v1/deviceclasses/{name}")
 
-    def make_gpu_node(self, name: str, gpus: int = 8, product: str = "NVIDIA-H100-80GB-HBM3",
-                      memory_mib: int = 81559, clique: str | None = None, dra: bool = True,
-                      *, cpu: str = "128", memory: str = "2Ti", pods: str = "110",
-                      labels: dict[str, str] | None = None, taint: bool = False,
-                      wait_ready: bool = True, timeout: float = 60.0) -> dict:
+    def make_gpu_node(
+        self,
+        name: str,
+        gpus: int = 8,
+        product: str = "NVIDIA-H100-80GB-HBM3",
+        memory_mib: int = 81559,
+        clique: str | None = None,
+        dra: bool = True,
+        *,
+        cpu: str = "128",
+        memory: str = "2Ti",
+        pods: str = "110",
+        labels: dict[str, str] | None = None,
+        taint: bool = False,
+        wait_ready: bool = True,
+        timeout: float = 60.0,
+    ) -> Obj:
         """Create a KWOK-managed fake GPU node (and its DRA ResourceSlice).
 
         The node carries the GPU Feature Discovery labels, ``nvidia.com/gpu``
@@ -638,32 +777,42 @@ class ControlPlane:
         if clique is not None:
             node_labels["nvidia.com/gpu.clique"] = clique
         node_labels.update(labels or {})
-        resources = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "1Ti",
-                     GPU_RESOURCE: str(gpus)}
+        resources = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "1Ti", GPU_RESOURCE: str(gpus)}
         node = {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": node_labels,
-                         "annotations": {KWOK_NODE_ANNOTATION: "fake",
-                                         "node.alpha.kubernetes.io/ttl": "0"}},
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": node_labels,
+                "annotations": {KWOK_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            },
             "spec": {"taints": [KWOK_TAINT] if taint else []},
-            "status": {"capacity": resources, "allocatable": dict(resources),
-                       "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
-                                    "kubeletVersion": "fake", "kubeProxyVersion": "fake"}},
+            "status": {
+                "capacity": resources,
+                "allocatable": dict(resources),
+                "nodeInfo": {
+                    "architecture": "amd64",
+                    "operatingSystem": "linux",
+                    "kubeletVersion": "fake",
+                    "kubeProxyVersion": "fake",
+                },
+            },
         }
         created = api.post("/api/v1/nodes", node)
         if dra and gpus:
-            api.post("/apis/resource.k8s.io/v1/resourceslices",
-                     gpu_resource_slice(name, gpus, product, memory_mib, clique))
+            api.post(
+                "/apis/resource.k8s.io/v1/resourceslices", gpu_resource_slice(name, gpus, product, memory_mib, clique)
+            )
         if not wait_ready:
             return created
-        return api.wait_for(f"/api/v1/nodes/{name}", node_is_ready, timeout=timeout,
-                            what="node Ready")
+        return api.wait_for(f"/api/v1/nodes/{name}", node_is_ready, timeout=timeout, what="node Ready")
 
     def delete_node(self, name: str) -> None:
         api = self.client()
         with contextlib.suppress(ApiError):
-            api.request("DELETE", "/apis/resource.k8s.io/v1/resourceslices",
-                        params={"fieldSelector": f"spec.nodeName={name}"})
+            api.request(
+                "DELETE", "/apis/resource.k8s.io/v1/resourceslices", params={"fieldSelector": f"spec.nodeName={name}"}
+            )
         with contextlib.suppress(ApiError):
             api.delete(f"/api/v1/nodes/{name}")
 
@@ -675,10 +824,20 @@ class ControlPlane:
 
 def gpu_architecture(product: str) -> str:
     p = product.upper()
-    for needle, arch in (("GB200", "Blackwell"), ("B200", "Blackwell"), ("B100", "Blackwell"),
-                         ("GH200", "Hopper"), ("H200", "Hopper"), ("H100", "Hopper"),
-                         ("H800", "Hopper"), ("A100", "Ampere"), ("A800", "Ampere"),
-                         ("L40", "Ada Lovelace"), ("L4", "Ada Lovelace"), ("V100", "Volta")):
+    for needle, arch in (
+        ("GB200", "Blackwell"),
+        ("B200", "Blackwell"),
+        ("B100", "Blackwell"),
+        ("GH200", "Hopper"),
+        ("H200", "Hopper"),
+        ("H100", "Hopper"),
+        ("H800", "Hopper"),
+        ("A100", "Ampere"),
+        ("A800", "Ampere"),
+        ("L40", "Ada Lovelace"),
+        ("L4", "Ada Lovelace"),
+        ("V100", "Volta"),
+    ):
         if needle in p:
             return arch
     return "Unknown"
@@ -688,8 +847,9 @@ def gpu_uuid(node: str, index: int) -> str:
     return "GPU-" + str(_uuid.uuid5(_uuid.NAMESPACE_DNS, f"{node}/{index}"))
 
 
-def gpu_resource_slice(node: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3",
-                       memory_mib: int = 81559, clique: str | None = None) -> dict:
+def gpu_resource_slice(
+    node: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3", memory_mib: int = 81559, clique: str | None = None
+) -> Obj:
     """A ``resource.k8s.io/v1`` ResourceSlice shaped like the NVIDIA DRA driver's."""
     arch = gpu_architecture(product)
     devices = []
@@ -707,30 +867,35 @@ def gpu_resource_slice(node: str, gpus: int, product: str = "NVIDIA-H100-80GB-HB
         }
         if clique is not None:
             attrs["cliqueId"] = {"string": clique}
-        devices.append({"name": f"gpu-{i}", "attributes": attrs,
-                        "capacity": {"memory": {"value": f"{memory_mib}Mi"}}})
+        devices.append({"name": f"gpu-{i}", "attributes": attrs, "capacity": {"memory": {"value": f"{memory_mib}Mi"}}})
     return {
-        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
         "metadata": {"name": f"{node}-{GPU_DRA_DRIVER}"},
-        "spec": {"driver": GPU_DRA_DRIVER, "nodeName": node,
-                 "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
-                 "devices": devices},
+        "spec": {
+            "driver": GPU_DRA_DRIVER,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": devices,
+        },
     }
 
 
-def node_is_ready(node: dict) -> bool:
+def node_is_ready(node: Obj) -> bool:
     for c in node.get("status", {}).get("conditions", []) or []:
         if c.get("type") == "Ready":
-            return c.get("status") == "True"
+            return bool(c.get("status") == "True")
     return False
 
 
-def pod_phase(pod: dict) -> str | None:
-    return pod.get("status", {}).get("phase")
+def pod_phase(pod: Obj) -> str | None:
+    phase = pod.get("status", {}).get("phase")
+    return str(phase) if phase is not None else None
 
 
-def decode_jwt_claims(token: str) -> dict:
+def decode_jwt_claims(token: str) -> Obj:
     """Decode (without verifying) the claims of a JWT such as a ServiceAccount token."""
     payload = token.split(".")[1]
     payload += "=" * (-len(payload) % 4)
-    return json.loads(base64.urlsafe_b64decode(payload))
+    claims: Obj = json.loads(base64.urlsafe_b64decode(payload))
+    return claims

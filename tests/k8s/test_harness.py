@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -24,14 +25,20 @@ def _uid() -> str:
     return uuid.uuid4().hex[:6]
 
 
-def _gpu_pod(name: str, gpus: int) -> dict:
+def _gpu_pod(name: str, gpus: int) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name},
-        "spec": {"containers": [{
-            "name": "main", "image": "example.invalid/cuda:latest",
-            "resources": {"limits": {"nvidia.com/gpu": str(gpus), "cpu": "1", "memory": "1Gi"}},
-        }]},
+        "spec": {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "example.invalid/cuda:latest",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus), "cpu": "1", "memory": "1Gi"}},
+                }
+            ]
+        },
     }
 
 
@@ -45,8 +52,7 @@ def test_version_and_readyz(k8s_cluster: ControlPlane) -> None:
     assert "v1" in [v["version"] for v in groups["versions"]]
 
 
-def test_gpu_pod_is_scheduled_to_node_with_room_and_runs(
-        k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
+def test_gpu_pod_is_scheduled_to_node_with_room_and_runs(k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
     u = _uid()
     small, big = f"gpu-small-{u}", f"gpu-big-{u}"
     n1 = k8s_cluster.make_gpu_node(small, gpus=1, dra=False)
@@ -61,57 +67,73 @@ def test_gpu_pod_is_scheduled_to_node_with_room_and_runs(
             api.patch(f"/api/v1/nodes/{node['metadata']['name']}", {"spec": {"unschedulable": True}})
     try:
         api.post(f"/api/v1/namespaces/{k8s_namespace}/pods", _gpu_pod("train-0", 2))
-        pod = api.wait_for(f"/api/v1/namespaces/{k8s_namespace}/pods/train-0",
-                           lambda p: pod_phase(p) == "Running", timeout=60, what="pod Running")
+        pod = api.wait_for(
+            f"/api/v1/namespaces/{k8s_namespace}/pods/train-0",
+            lambda p: pod_phase(p) == "Running",
+            timeout=60,
+            what="pod Running",
+        )
         assert pod["spec"]["nodeName"] == big
         # A pod needing more GPUs than any node has stays Pending (Unschedulable).
         api.post(f"/api/v1/namespaces/{k8s_namespace}/pods", _gpu_pod("too-big", 9))
         pod = api.wait_for(
             f"/api/v1/namespaces/{k8s_namespace}/pods/too-big",
-            lambda p: any(c.get("reason") == "Unschedulable"
-                          for c in p.get("status", {}).get("conditions", []) or []),
-            timeout=60, what="pod Unschedulable")
+            lambda p: any(c.get("reason") == "Unschedulable" for c in p.get("status", {}).get("conditions", []) or []),
+            timeout=60,
+            what="pod Unschedulable",
+        )
         assert not pod["spec"].get("nodeName")
     finally:
         for node in api.get("/api/v1/nodes")["items"]:
             if node["spec"].get("unschedulable"):
-                api.patch(f"/api/v1/nodes/{node['metadata']['name']}",
-                          {"spec": {"unschedulable": False}})
+                api.patch(f"/api/v1/nodes/{node['metadata']['name']}", {"spec": {"unschedulable": False}})
 
 
-def test_crd_openapi_schema_rejects_invalid_object(k8s_cluster: ControlPlane,
-                                                   k8s_namespace: str) -> None:
+def test_crd_openapi_schema_rejects_invalid_object(k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
     api = k8s_cluster.client()
     group, plural = f"t{_uid()}.computegroups.test", "widgets"
     crd = {
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{group}"},
         "spec": {
-            "group": group, "scope": "Namespaced",
+            "group": group,
+            "scope": "Namespaced",
             "names": {"plural": plural, "singular": "widget", "kind": "Widget"},
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "properties": {"spec": {
-                        "type": "object", "required": ["replicas"],
-                        "properties": {"replicas": {"type": "integer", "minimum": 1}},
-                    }},
-                }},
-            }],
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "required": ["replicas"],
+                                    "properties": {"replicas": {"type": "integer", "minimum": 1}},
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
         },
     }
     api.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
     api.wait_for(
         f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.{group}",
-        lambda o: any(c["type"] == "Established" and c["status"] == "True"
-                      for c in o.get("status", {}).get("conditions", [])),
-        timeout=30, what="CRD Established")
+        lambda o: any(
+            c["type"] == "Established" and c["status"] == "True" for c in o.get("status", {}).get("conditions", [])
+        ),
+        timeout=30,
+        what="CRD Established",
+    )
     path = f"/apis/{group}/v1/namespaces/{k8s_namespace}/{plural}"
 
-    def widget(name: str, spec: dict) -> dict:
-        return {"apiVersion": f"{group}/v1", "kind": "Widget",
-                "metadata": {"name": name}, "spec": spec}
+    def widget(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": name}, "spec": spec}
 
     # The discovery of a fresh CRD can lag a moment behind Established.
     deadline = time.monotonic() + 30
@@ -135,8 +157,7 @@ def test_crd_openapi_schema_rejects_invalid_object(k8s_cluster: ControlPlane,
 def test_stale_resource_version_conflicts(k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
     api = k8s_cluster.client()
     base = f"/api/v1/namespaces/{k8s_namespace}/configmaps"
-    cm = api.post(base, {"apiVersion": "v1", "kind": "ConfigMap",
-                         "metadata": {"name": "cm"}, "data": {"a": "1"}})
+    cm = api.post(base, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"}, "data": {"a": "1"}})
     stale = dict(cm, data={"a": "stale"})
     fresh = dict(cm, data={"a": "2"})
     updated = api.put(f"{base}/cm", fresh)
@@ -150,8 +171,7 @@ def test_stale_resource_version_conflicts(k8s_cluster: ControlPlane, k8s_namespa
 def test_watch_sees_changes(k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
     api = k8s_cluster.client()
     base = f"/api/v1/namespaces/{k8s_namespace}/configmaps"
-    api.post(base, {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": "watched"}, "data": {"v": "0"}})
+    api.post(base, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "watched"}, "data": {"v": "0"}})
     rv = api.get(base)["metadata"]["resourceVersion"]
 
     def mutate() -> None:
@@ -163,8 +183,7 @@ def test_watch_sees_changes(k8s_cluster: ControlPlane, k8s_namespace: str) -> No
     t.start()
     seen = []
     for event in api.watch(base, resource_version=rv, timeout=20):
-        seen.append((event["type"], event["object"]["metadata"]["name"],
-                     (event["object"].get("data") or {}).get("v")))
+        seen.append((event["type"], event["object"]["metadata"]["name"], (event["object"].get("data") or {}).get("v")))
         if event["type"] == "DELETED":
             break
     t.join()
@@ -175,11 +194,9 @@ def test_watch_sees_changes(k8s_cluster: ControlPlane, k8s_namespace: str) -> No
 def test_resource_slices_v1(k8s_cluster: ControlPlane) -> None:
     api = k8s_cluster.client()
     name = f"gpu-dra-{_uid()}"
-    k8s_cluster.make_gpu_node(name, gpus=4, product="NVIDIA-H200", memory_mib=143771,
-                              clique="cluster-b.7")
+    k8s_cluster.make_gpu_node(name, gpus=4, product="NVIDIA-H200", memory_mib=143771, clique="cluster-b.7")
     k8s_cluster.ensure_gpu_device_class()
-    slices = api.get("/apis/resource.k8s.io/v1/resourceslices",
-                     fieldSelector=f"spec.nodeName={name}")
+    slices = api.get("/apis/resource.k8s.io/v1/resourceslices", fieldSelector=f"spec.nodeName={name}")
     assert slices["apiVersion"] == "resource.k8s.io/v1"
     [rs] = slices["items"]
     assert rs["spec"]["driver"] == GPU_DRA_DRIVER
@@ -203,30 +220,46 @@ def test_service_account_token_and_rbac(k8s_cluster: ControlPlane, k8s_namespace
     assert claims["iss"] == ControlPlane.SA_ISSUER
     assert claims["sub"] == f"system:serviceaccount:{ns}:provider"
     sa = k8s_cluster.client(token=token)
-    review = sa.post("/apis/authentication.k8s.io/v1/selfsubjectreviews",
-                     {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+    review = sa.post(
+        "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+    )
     assert review["status"]["userInfo"]["username"] == f"system:serviceaccount:{ns}:provider"
     assert sa.status("GET", f"/api/v1/namespaces/{ns}/pods") == 403
 
     admin = k8s_cluster.client()
-    admin.post(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "pod-reader"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
-    })
-    admin.post(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "provider-reads-pods"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "provider", "namespace": ns}],
-    })
+    admin.post(
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "pod-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+        },
+    )
+    admin.post(
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "provider-reads-pods"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "provider", "namespace": ns}],
+        },
+    )
     deadline = time.monotonic() + 10  # RBAC informer propagation
     while sa.status("GET", f"/api/v1/namespaces/{ns}/pods") != 200:
         assert time.monotonic() < deadline, "RoleBinding never took effect"
         time.sleep(0.1)
     assert sa.status("GET", "/api/v1/namespaces/default/pods") == 403
-    assert sa.status("POST", f"/api/v1/namespaces/{ns}/configmaps",
-                     {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}) == 403
+    assert (
+        sa.status(
+            "POST",
+            f"/api/v1/namespaces/{ns}/configmaps",
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}},
+        )
+        == 403
+    )
     kc = k8s_cluster.service_account_kubeconfig(ns, "provider")
     assert "system:serviceaccount" in kc.read_text()
 
@@ -239,3 +272,20 @@ def test_kubeconfig_is_usable(k8s_cluster: ControlPlane) -> None:
     assert cluster["server"] == k8s_cluster.server
     assert cluster["certificate-authority"] == str(k8s_cluster.ca_file)
     assert cfg["users"][0]["user"]["token"] == k8s_cluster.admin_token
+
+
+def test_independent_control_plane_stops_without_leftovers(k8s_cluster: ControlPlane) -> None:
+    """A second, private control plane comes up next to the session one and
+    ``stop()`` leaves no etcd/kube-apiserver/kube-scheduler/kwok behind."""
+    cp = ControlPlane.start(k8s_cluster.bin_dir)
+    try:
+        assert cp.server != k8s_cluster.server
+        assert cp.client().get("/version")["gitVersion"].startswith("v1.34.")
+        pids = [p.popen.pid for p in cp.procs]
+        assert [p.name for p in cp.procs] == ["etcd", "kube-apiserver", "kube-scheduler", "kwok"]
+        assert set(cp.leftover_processes()) >= set(pids)
+    finally:
+        cp.stop()
+    assert cp.leftover_processes() == []
+    assert all(p.popen.returncode is not None for p in cp.procs)
+    assert not cp.workdir.exists()
