@@ -1,0 +1,349 @@
+"""The ``computegroups`` command line.
+
+Exit codes: 0 success; 1 an unexpected failure underneath (state, provider);
+2 bad input (usage, invalid request, unknown id); 3 insufficient resources;
+4 conflict with the current state. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from computegroups.errors import (
+    ComputeGroupsError,
+    ConflictError,
+    InsufficientResourcesError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from computegroups.manager import ComputeGroupManager
+from computegroups.model import ComputeGroup, ComputeNode
+from computegroups.providers.base import ComputeResourceProvider
+from computegroups.providers.local import LocalComputeResourceProvider
+from computegroups.providers.simulated import SimulatedComputeResourceProvider
+
+__all__ = ["EXIT_CODES", "cli", "main"]
+
+EXIT_CODES: dict[type[ComputeGroupsError], int] = {
+    InvalidRequestError: 2,
+    NotFoundError: 2,
+    InsufficientResourcesError: 3,
+    ConflictError: 4,
+}
+
+T = TypeVar("T")
+
+
+class Context:
+    """Options shared by every command."""
+
+    def __init__(self, state: str | None, spec: str | None, simulate: bool, as_json: bool) -> None:
+        self.state = state
+        self.spec = spec
+        self.simulate = simulate
+        self.json = as_json
+
+    def provider(self) -> ComputeResourceProvider:
+        if self.spec:
+            return SimulatedComputeResourceProvider.from_spec(Path(self.spec))
+        if self.simulate:
+            return SimulatedComputeResourceProvider.from_spec(None)
+        return LocalComputeResourceProvider()
+
+    def manager(self) -> ComputeGroupManager:
+        return ComputeGroupManager(self.provider(), self.state)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"computegroups: {message}", err=True)
+    sys.exit(code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning library errors into one line and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except ComputeGroupsError as exc:
+        code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+        fail(str(exc), code)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def with_manager(ctx: Context, body: Callable[[ComputeGroupManager], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with ctx.manager() as mgr:
+            return await body(mgr)
+
+    return run(go())
+
+
+def emit(ctx: Context, data: Any, human: Callable[[], None]) -> None:
+    if ctx.json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        human()
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _group_row(g: ComputeGroup) -> list[str]:
+    r = g.resources
+    topo = g.topology
+    return [
+        g.id,
+        g.node_id,
+        g.component or "-",
+        g.allocation_state,
+        f"{r['gpus']:g}",
+        ",".join(map(str, r["gpu_indices"])) or "-",
+        topo.get("bottleneck") or "-",
+    ]
+
+
+_GROUP_HEADERS = ["GROUP", "NODE", "COMPONENT", "STATE", "GPUS", "INDICES", "LINK"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--state",
+    metavar="PATH",
+    envvar="COMPUTEGROUPS_STATE",
+    help="SQLite state file (default: $XDG_STATE_HOME/computegroups/state.db); ':memory:' for none.",
+)
+@click.option("--spec", metavar="FILE", help="Simulate the cluster described by this YAML/JSON spec.")
+@click.option("--simulate", is_flag=True, help="Simulate the built-in demo cluster instead of this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.version_option(package_name="computegroups")
+@click.pass_context
+def cli(click_ctx: click.Context, state: str | None, spec: str | None, simulate: bool, as_json: bool) -> None:
+    """Discover GPUs and CPUs, and allocate topology-aware compute groups.
+
+    Without --spec or --simulate, this machine is discovered through NVML.
+    """
+    click_ctx.obj = Context(state, spec, simulate, as_json)
+
+
+def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
+    for note in notes:
+        click.echo(f"note: {note}")
+    _table(
+        [
+            [
+                n.id,
+                str(n.resources["gpus"]),
+                n.resources["gpu_model"] or "-",
+                f"{n.resources['free']['gpus']:g}",
+                f"{n.resources['cpus']:g}",
+                str(n.resources["memory_mib"]),
+                str(len(n.compute_groups)),
+            ]
+            for n in nodes
+        ],
+        ["NODE", "GPUS", "MODEL", "FREE", "CPUS", "MEMORY_MIB", "GROUPS"],
+    )
+    for n in nodes:
+        if len(n.spec.gpus) < 2:
+            continue
+        m = n.topology.matrix()
+        click.echo(f"\n{n.id} topology")
+        hdr = [""] + [f"GPU{i}" for i in range(len(m))] + ["NUMA"]
+        rows = [[f"GPU{i}", *row, str(n.topology.numa_node(i))] for i, row in enumerate(m)]
+        _table(rows, hdr)
+
+
+@cli.command()
+@click.pass_obj
+def discover(ctx: Context) -> None:
+    """Nodes, GPUs and each node's topology matrix."""
+
+    async def body(mgr: ComputeGroupManager) -> tuple[list[ComputeNode], list[str]]:
+        return await mgr.list_compute_nodes(), list(mgr.inventory.notes)
+
+    nodes, notes = with_manager(ctx, body)
+    emit(ctx, {"notes": notes, "nodes": [n.to_dict() for n in nodes]}, lambda: _node_human(nodes, notes))
+
+
+@cli.command()
+@click.option("--component", help="Only this component's groups.")
+@click.option("--state", "state_filter", help="Only groups in this state.")
+@click.option("--node", "node_id", help="Only groups on this node.")
+@click.pass_obj
+def groups(ctx: Context, component: str | None, state_filter: str | None, node_id: str | None) -> None:
+    """List compute groups."""
+    filters: dict[str, Any] = {}
+    if component:
+        filters["component"] = component
+    if state_filter:
+        filters["state"] = state_filter
+    if node_id:
+        filters["node_id"] = node_id
+    found = with_manager(ctx, lambda m: m.list_compute_groups(filters))
+    emit(ctx, [g.to_dict() for g in found], lambda: _table([_group_row(g) for g in found], _GROUP_HEADERS))
+
+
+def _requirements(
+    gpus: float | None, gpu_memory_mib: int | None, gpu_model: str | None, cpus: float | None, memory_mib: int | None
+) -> dict[str, Any]:
+    req: dict[str, Any] = {}
+    if gpus is not None:
+        req["gpus"] = int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus
+    if gpu_memory_mib is not None:
+        req["gpu_memory_mib"] = gpu_memory_mib
+    if gpu_model:
+        req["gpu_model"] = gpu_model
+    if cpus is not None:
+        req["cpus"] = cpus
+    if memory_mib is not None:
+        req["memory_mib"] = memory_mib
+    return req
+
+
+@cli.command()
+@click.argument("component")
+@click.option("--gpus", type=float, help="Whole GPUs (2) or a share of one GPU (0.25).")
+@click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: memory it needs).")
+@click.option("--gpu-model", help="Case-insensitive substring of the GPU product name.")
+@click.option("--cpus", type=float, help="CPU cores to hold.")
+@click.option("--memory-mib", type=int, help="Host memory to hold.")
+@click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink.")
+@click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node.")
+@click.option("--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True)
+@click.option("--node", "node_id", help="Only this node.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Node label selector (repeatable).")
+@click.option("--request-id", help="Idempotency key: a retry returns the same group.")
+@click.pass_obj
+def allocate(
+    ctx: Context,
+    component: str,
+    gpus: float | None,
+    gpu_memory_mib: int | None,
+    gpu_model: str | None,
+    cpus: float | None,
+    memory_mib: int | None,
+    nvlink: bool,
+    same_numa: bool,
+    strategy: str,
+    node_id: str | None,
+    labels: tuple[str, ...],
+    request_id: str | None,
+) -> None:
+    """Allocate a compute group to COMPONENT and print it."""
+    req = _requirements(gpus, gpu_memory_mib, gpu_model, cpus, memory_mib)
+    cons: dict[str, Any] = {"strategy": strategy, "nvlink": nvlink, "same_numa": same_numa}
+    if node_id:
+        cons["node_id"] = node_id
+    if request_id:
+        cons["request_id"] = request_id
+    if labels:
+        parsed = {}
+        for item in labels:
+            if "=" not in item:
+                fail(f"--label: {item!r} is not KEY=VALUE", 2)
+            k, v = item.split("=", 1)
+            parsed[k] = v
+        cons["labels"] = parsed
+    g = with_manager(ctx, lambda m: m.allocate_compute_group(component, req, cons))
+
+    def human() -> None:
+        _table([_group_row(g)], _GROUP_HEADERS)
+        click.echo(f"CUDA_VISIBLE_DEVICES={g.env['CUDA_VISIBLE_DEVICES']}")
+
+    emit(ctx, g.to_dict(), human)
+
+
+@cli.command()
+@click.argument("group_id")
+@click.pass_obj
+def release(ctx: Context, group_id: str) -> None:
+    """Release a group (a no-op, reported, if it had no owner)."""
+    changed = with_manager(ctx, lambda m: m.deallocate_compute_group(group_id))
+    emit(
+        ctx,
+        {"group_id": group_id, "released": changed},
+        lambda: click.echo(f"{group_id}: {'released' if changed else 'already free; nothing changed'}"),
+    )
+
+
+@cli.command()
+@click.argument("group_id")
+@click.pass_obj
+def drain(ctx: Context, group_id: str) -> None:
+    """Mark a group draining: it gets no new owner."""
+    changed = with_manager(ctx, lambda m: m.drain_compute_group(group_id))
+    emit(
+        ctx,
+        {"group_id": group_id, "drained": changed},
+        lambda: click.echo(f"{group_id}: {'draining' if changed else 'already draining'}"),
+    )
+
+
+@cli.command()
+@click.pass_obj
+def summary(ctx: Context) -> None:
+    """Totals: GPUs total, allocated, reserved, free; groups by state; GPUs per component."""
+    s = with_manager(ctx, lambda m: m.get_allocation_summary())
+
+    def human() -> None:
+        for key in (
+            "nodes",
+            "total_gpus",
+            "allocated_gpus",
+            "reserved_gpus",
+            "free_gpus",
+            "unhealthy_gpus",
+            "total_cpus",
+            "free_cpus",
+        ):
+            click.echo(f"{key:16} {s[key]:g}")
+        click.echo(f"{'groups':16} " + (", ".join(f"{k}={v}" for k, v in sorted(s["groups"].items())) or "none"))
+        for comp, n in s["components"].items():
+            click.echo(f"  {comp:14} {n:g} GPU(s)")
+
+    emit(ctx, s, human)
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Keep the demo's state here (default: a temp dir).")
+@click.pass_obj
+def demo(ctx: Context, state_dir: str | None) -> None:
+    """Tour the API on the built-in simulated cluster (or --spec), with SQLite state."""
+    import tempfile
+
+    from computegroups.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(state_dir or tmp) / "demo-state.db"
+        provider = SimulatedComputeResourceProvider.from_spec(Path(ctx.spec) if ctx.spec else None)
+        run(run_demo(provider, path, click.echo))
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - click >= 8.2
+        click.echo(exc.format_message(), err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        fail(exc.format_message(), 2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,54 @@
+"""Shared fixtures: the recorded nvidia-smi outputs and ready-made managers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TOPO_FIXTURES = SHARED / "fixtures" / "nvidia-smi-topo"
+
+
+def topo_fixture(name: str) -> str:
+    """The text of one recorded `nvidia-smi topo -m` output."""
+    path = TOPO_FIXTURES / name
+    if not path.exists():  # pragma: no cover - the fixtures ship beside the repo
+        pytest.fail(f"missing fixture {path}: the shared fixtures must sit beside the repository")
+    return path.read_text()
+
+
+def a6000_spec(count: int = 1, **extra: Any) -> dict[str, Any]:
+    """A spec of nodes built from the real A6000 NVLink-pairs output."""
+    return {
+        "nodes": [
+            {
+                "id": "a6000",
+                "count": count,
+                "topology": str(TOPO_FIXTURES / "rtx_a6000_x8_nv4_pairs.txt"),
+                "gpu": {"model": "NVIDIA RTX A6000", "memory_mib": 49140},
+                "cpus": 128,
+                "memory_mib": 1048576,
+                **extra,
+            }
+        ]
+    }
+
+
+@pytest.fixture
+async def a6000() -> AsyncIterator[ComputeGroupManager]:
+    """A manager over one simulated 8x A6000 node with NVLink pairs, state in memory."""
+    async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(a6000_spec()), ":memory:") as mgr:
+        yield mgr
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[ComputeGroupManager]:
+    """The built-in demo cluster (2 DGX H100, 2 A6000 pairs boxes, 1 CPU-only node), state in memory."""
+    async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(None), ":memory:") as mgr:
+        yield mgr

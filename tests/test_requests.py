@@ -1,0 +1,173 @@
+"""Every bad request gets its typed error and leaves the state exactly as it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from computegroups import (
+    ComputeGroupManager,
+    ComputeGroupsError,
+    ConflictError,
+    InsufficientResourcesError,
+    InvalidRequestError,
+    NotFoundError,
+    Requirements,
+)
+
+# (description, method, args, expected error, key the message names)
+BAD: list[tuple[str, str, tuple[Any, ...], type[ComputeGroupsError], str]] = [
+    ("gpus is a string", "allocate", ("c", {"gpus": "2"}), InvalidRequestError, "requirements.gpus"),
+    ("gpus is a bool", "allocate", ("c", {"gpus": True}), InvalidRequestError, "requirements.gpus"),
+    ("gpus negative", "allocate", ("c", {"gpus": -1}), InvalidRequestError, "requirements.gpus"),
+    ("fraction above 1", "allocate", ("c", {"gpus": 1.5}), InvalidRequestError, "requirements.gpus"),
+    ("gpus NaN", "allocate", ("c", {"gpus": float("nan")}), InvalidRequestError, "requirements.gpus"),
+    ("gpus infinite", "allocate", ("c", {"gpus": float("inf")}), InvalidRequestError, "requirements.gpus"),
+    ("share finer than 0.001", "allocate", ("c", {"gpus": 0.0001}), InvalidRequestError, "requirements.gpus"),
+    ("unknown requirement", "allocate", ("c", {"gpus": 1, "gpu": 2}), InvalidRequestError, "requirements.gpu"),
+    ("requirements not a dict", "allocate", ("c", [1]), InvalidRequestError, "requirements"),
+    ("nothing requested", "allocate", ("c", {}), InvalidRequestError, "requirements"),
+    (
+        "memory negative",
+        "allocate",
+        ("c", {"gpus": 1, "memory_mib": -5}),
+        InvalidRequestError,
+        "requirements.memory_mib",
+    ),
+    (
+        "memory fractional",
+        "allocate",
+        ("c", {"gpus": 1, "memory_mib": 1.5}),
+        InvalidRequestError,
+        "requirements.memory_mib",
+    ),
+    ("cpus a string", "allocate", ("c", {"cpus": "four"}), InvalidRequestError, "requirements.cpus"),
+    (
+        "gpu memory without gpus",
+        "allocate",
+        ("c", {"cpus": 1, "gpu_memory_mib": 10}),
+        InvalidRequestError,
+        "requirements.gpu_memory_mib",
+    ),
+    ("gpu model empty", "allocate", ("c", {"gpus": 1, "gpu_model": ""}), InvalidRequestError, "requirements.gpu_model"),
+    (
+        "gpu model a number",
+        "allocate",
+        ("c", {"gpus": 1, "gpu_model": 100}),
+        InvalidRequestError,
+        "requirements.gpu_model",
+    ),
+    ("unknown constraint", "allocate", ("c", {"gpus": 1}, {"nvlnk": True}), InvalidRequestError, "constraints.nvlnk"),
+    (
+        "strategy misspelt",
+        "allocate",
+        ("c", {"gpus": 1}, {"strategy": "pak"}),
+        InvalidRequestError,
+        "constraints.strategy",
+    ),
+    ("nvlink a string", "allocate", ("c", {"gpus": 2}, {"nvlink": "yes"}), InvalidRequestError, "constraints.nvlink"),
+    ("labels a list", "allocate", ("c", {"gpus": 1}, {"labels": ["a"]}), InvalidRequestError, "constraints.labels"),
+    (
+        "label value a number",
+        "allocate",
+        ("c", {"gpus": 1}, {"labels": {"a": 1}}),
+        InvalidRequestError,
+        "constraints.labels",
+    ),
+    (
+        "request id empty",
+        "allocate",
+        ("c", {"gpus": 1}, {"request_id": ""}),
+        InvalidRequestError,
+        "constraints.request_id",
+    ),
+    ("constraints not a dict", "allocate", ("c", {"gpus": 1}, "nvlink"), InvalidRequestError, "constraints"),
+    ("component empty", "allocate", ("", {"gpus": 1}), InvalidRequestError, "component_name"),
+    ("component with spaces", "allocate", ("a b", {"gpus": 1}), InvalidRequestError, "component_name"),
+    ("component not a string", "allocate", (7, {"gpus": 1}), InvalidRequestError, "component_name"),
+    ("more GPUs than any node", "allocate", ("c", {"gpus": 9}), InsufficientResourcesError, ""),
+    ("unknown node", "allocate", ("c", {"gpus": 1}, {"node_id": "nope"}), InsufficientResourcesError, ""),
+    ("unknown group released", "release", ("cg-nope",), NotFoundError, ""),
+    ("unknown group drained", "drain", ("cg-nope",), NotFoundError, ""),
+    ("unknown group fetched", "get", ("cg-nope",), NotFoundError, ""),
+    ("unknown group deleted", "delete", ("cg-nope",), NotFoundError, ""),
+    ("group id not a string", "release", (None,), InvalidRequestError, "group_id"),
+    ("create with bad resources", "create", ({"gpus": -2},), InvalidRequestError, "requirements.gpus"),
+    ("unknown filter", "list", ({"colour": "red"},), InvalidRequestError, "filters.colour"),
+    ("unknown state filter", "list", ({"state": "busy"},), InvalidRequestError, "filters.state"),
+]
+
+
+async def _call(mgr: ComputeGroupManager, method: str, args: tuple[Any, ...]) -> Any:
+    fn = {
+        "allocate": mgr.allocate_compute_group,
+        "release": mgr.deallocate_compute_group,
+        "drain": mgr.drain_compute_group,
+        "get": mgr.get_compute_group,
+        "delete": mgr.delete_compute_group,
+        "create": mgr.create_compute_group,
+        "list": mgr.list_compute_groups,
+    }[method]
+    return await fn(*args)
+
+
+async def _snapshot(mgr: ComputeGroupManager) -> tuple[Any, ...]:
+    groups = await mgr.list_compute_groups({"include_released": True})
+    return (mgr.revision, await mgr.get_allocation_summary(), [g.to_dict() for g in groups])
+
+
+def test_the_table_is_big_enough() -> None:
+    assert len(BAD) >= 20
+
+
+@pytest.mark.parametrize(("what", "method", "args", "error", "key"), BAD, ids=[b[0] for b in BAD])
+async def test_bad_request_is_typed_and_changes_nothing(
+    a6000: ComputeGroupManager, what: str, method: str, args: tuple[Any, ...], error: type[Exception], key: str
+) -> None:
+    held = await a6000.allocate_compute_group("existing", {"gpus": 2})
+    before = await _snapshot(a6000)
+    with pytest.raises(error) as info:
+        await _call(a6000, method, args)
+    if key:
+        assert isinstance(info.value, InvalidRequestError)
+        assert info.value.key == key
+        assert key.split(".")[-1] in str(info.value)
+    assert await _snapshot(a6000) == before
+    assert (await a6000.get_compute_group(held.id)).allocation_state == "allocated"
+
+
+async def test_releasing_a_free_group_returns_false_and_changes_nothing(a6000: ComputeGroupManager) -> None:
+    g = await a6000.allocate_compute_group("c", {"gpus": 1})
+    assert await a6000.deallocate_compute_group(g.id) is True
+    before = await _snapshot(a6000)
+    assert await a6000.deallocate_compute_group(g.id) is False
+    assert await _snapshot(a6000) == before
+    carved = await a6000.create_compute_group({"gpus": 1})
+    before = await _snapshot(a6000)
+    assert await a6000.deallocate_compute_group(carved.id) is False
+    assert await _snapshot(a6000) == before
+
+
+async def test_request_id_reused_by_another_component_conflicts(a6000: ComputeGroupManager) -> None:
+    await a6000.allocate_compute_group("a", {"gpus": 1}, {"request_id": "r1"})
+    before = await _snapshot(a6000)
+    with pytest.raises(ConflictError):
+        await a6000.allocate_compute_group("b", {"gpus": 1}, {"request_id": "r1"})
+    assert await _snapshot(a6000) == before
+
+
+def test_typed_requirements_validate_too() -> None:
+    with pytest.raises(InvalidRequestError):
+        Requirements(gpus=-1)
+    assert Requirements(gpus=0.25).share_milli == 250
+    assert Requirements(gpus=2.0).whole_gpus == 2
+    assert Requirements.parse({"gpus": 1, "gpu_model": ["H100", "A100"]}).models == ("h100", "a100")
+
+
+def test_messages_name_key_value_and_allowed() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        from computegroups.model import Constraints
+
+        Constraints.parse({"strategy": "pak"})
+    assert str(info.value) == "constraints.strategy: 'pak' is not one of binpack, spread"
