@@ -1,7 +1,7 @@
 """A real, throw-away Kubernetes control plane for tests.
 
-Runs upstream etcd, kube-apiserver, kube-scheduler and KWOK (fake nodes and
-pods) as local processes bound to 127.0.0.1 on free ports.  The binaries are
+Runs upstream etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+and KWOK (fake nodes and pods) as local processes bound to 127.0.0.1 on free ports.  The binaries are
 built from the pinned upstream Go modules by ``scripts/k8s-testenv/build`` and
 cached under ``~/.cache/computegroups/k8s/<version-key>/bin`` (override the
 root with ``COMPUTEGROUPS_K8S_CACHE``, or point ``COMPUTEGROUPS_K8S_BIN_DIR``
@@ -44,7 +44,7 @@ from typing import IO, Any, cast
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "k8s-testenv" / "build"
-BINARIES = ("etcd", "kube-apiserver", "kube-scheduler", "kwok")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 #: Annotation KWOK uses to recognise the nodes it should manage.
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -428,7 +428,7 @@ def _pids_referencing(marker: str) -> list[int]:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-scheduler + kwok on 127.0.0.1.
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on 127.0.0.1.
 
     Attributes useful to tests: ``server`` (https URL), ``ca_file``,
     ``admin_token``, ``kubeconfig`` (admin kubeconfig path), ``workdir``,
@@ -438,33 +438,61 @@ class ControlPlane:
     ADMIN_USER = "computegroups-admin"
     SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
-    def __init__(self, bin_dir: Path, workdir: Path):
+    #: Controllers kube-controller-manager runs: the defaults minus those that need
+    #: real kubelets, a cloud or pod networking.  In particular the node lifecycle
+    #: controller is off, so fake nodes never go NotReady/tainted behind KWOK's back.
+    KCM_CONTROLLERS = (
+        "*",
+        "-node-lifecycle-controller",
+        "-cloud-node-lifecycle-controller",
+        "-node-ipam-controller",
+        "-node-route-controller",
+        "-service-lb-controller",
+        "-persistentvolume-attach-detach-controller",
+    )
+
+    def __init__(self, bin_dir: Path, workdir: Path, controller_manager: bool = True):
         self.bin_dir = Path(bin_dir)
+        self.controller_manager = controller_manager
         self.workdir = Path(workdir)
         self.procs: list[_Proc] = []
         self.timings: dict[str, float] = {}
         self.admin_token = _uuid.uuid4().hex
         self._scheduler_token = _uuid.uuid4().hex
         self._kwok_token = _uuid.uuid4().hex
-        etcd_client, etcd_peer, api, sched, kwok = _free_ports(5)
+        self._kcm_token = _uuid.uuid4().hex
+        etcd_client, etcd_peer, api, sched, kwok, kcm = _free_ports(6)
         self.etcd_url = f"http://127.0.0.1:{etcd_client}"
         self._etcd_peer = f"http://127.0.0.1:{etcd_peer}"
         self.api_port = api
         self.server = f"https://127.0.0.1:{api}"
         self._sched_port = sched
         self._kwok_port = kwok
+        self._kcm_port = kcm
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.ca_file = self.workdir / "pki" / "ca.crt"
 
     # -- lifecycle --------------------------------------------------------
 
     @classmethod
-    def start(cls, bin_dir: Path | None = None, workdir: Path | None = None, timeout: float = 120.0) -> ControlPlane:
+    def start(
+        cls,
+        bin_dir: Path | None = None,
+        workdir: Path | None = None,
+        timeout: float = 120.0,
+        controller_manager: bool = True,
+    ) -> ControlPlane:
+        """Start all components and wait until each is ready.
+
+        ``controller_manager=False`` skips kube-controller-manager (then no
+        namespace/garbage-collector/Job/ResourceClaim controllers run, and the
+        ServiceAccount admission plugin is disabled because nothing would create
+        the per-namespace ``default`` ServiceAccount)."""
         if bin_dir is None:
             bin_dir = find_binaries()
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="cg-k8s-"))
-        cp = cls(bin_dir, workdir)
+        cp = cls(bin_dir, workdir, controller_manager=controller_manager)
         try:
             cp._start(timeout)
         except BaseException:
@@ -523,6 +551,7 @@ class ControlPlane:
             f'{self.admin_token},{self.ADMIN_USER},uid-admin,"system:masters"\n'
             f"{self._scheduler_token},system:kube-scheduler,uid-kube-scheduler\n"
             f'{self._kwok_token},kwok-controller,uid-kwok,"system:masters"\n'
+            f"{self._kcm_token},system:kube-controller-manager,uid-kube-controller-manager\n"
         )
         (w / "tokens.csv").chmod(0o600)
 
@@ -568,11 +597,12 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki['sa.key']}",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
-                # No kube-controller-manager runs, so (a) nothing creates the per-namespace
-                # "default" ServiceAccount that the ServiceAccount plugin insists on and
-                # (b) nothing would lift the node.kubernetes.io/not-ready taint that
-                # TaintNodesByCondition puts on every new node.
-                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
+                # The node lifecycle controller is not run (KWOK plays kubelet), so nothing
+                # would lift the node.kubernetes.io/not-ready taint that TaintNodesByCondition
+                # puts on every new node.  Without kube-controller-manager nothing creates
+                # the per-namespace "default" ServiceAccount either.
+                "--disable-admission-plugins="
+                + ("TaintNodesByCondition" if self.controller_manager else "ServiceAccount,TaintNodesByCondition"),
                 "--endpoint-reconciler-type=none",
                 "--watch-cache=true",
                 "--v=1",
@@ -581,6 +611,52 @@ class ControlPlane:
         admin = self.client()
         self._wait(api, lambda: admin.request("GET", "/readyz") == "ok", timeout)
         write_kubeconfig(self.kubeconfig, self.server, self.ca_file, self.admin_token, self.ADMIN_USER)
+
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+
+        if self.controller_manager:
+            kcm_kc = write_kubeconfig(
+                w / "controller-manager.kubeconfig",
+                self.server,
+                self.ca_file,
+                self._kcm_token,
+                "system:kube-controller-manager",
+            )
+            kcm = self._spawn(
+                "kube-controller-manager",
+                [
+                    f"--kubeconfig={kcm_kc}",
+                    f"--authentication-kubeconfig={kcm_kc}",
+                    f"--authorization-kubeconfig={kcm_kc}",
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={self._kcm_port}",
+                    f"--cert-dir={w / 'controller-manager-certs'}",
+                    "--use-service-account-credentials=true",
+                    f"--service-account-private-key-file={pki['sa.key']}",
+                    f"--root-ca-file={pki['ca.crt']}",
+                    f"--cluster-signing-cert-file={pki['ca.crt']}",
+                    f"--cluster-signing-key-file={pki['ca.key']}",
+                    f"--controllers={','.join(self.KCM_CONTROLLERS)}",
+                    "--kube-api-qps=200",
+                    "--kube-api-burst=400",
+                    "--v=1",
+                ],
+            )
+            self._wait(
+                kcm,
+                lambda: (
+                    urllib.request.urlopen(
+                        f"https://127.0.0.1:{self._kcm_port}/healthz", context=insecure, timeout=2
+                    ).read()
+                    == b"ok"
+                    # The serviceaccount controller has caught up once "default" exists.
+                    and admin.status("GET", "/api/v1/namespaces/default/serviceaccounts/default") == 200
+                ),
+                timeout,
+            )
 
         sched_kc = write_kubeconfig(
             w / "scheduler.kubeconfig", self.server, self.ca_file, self._scheduler_token, "system:kube-scheduler"
@@ -598,9 +674,6 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        insecure = ssl.create_default_context()
-        insecure.check_hostname = False
-        insecure.verify_mode = ssl.CERT_NONE
         self._wait(
             sched,
             lambda: (
@@ -671,14 +744,23 @@ class ControlPlane:
     def client(self, token: str | None = None) -> Client:
         return Client(self.server, token or self.admin_token, self.ca_file)
 
-    def ensure_namespace(self, name: str) -> Obj:
+    def ensure_namespace(self, name: str, wait_default_sa: bool = True) -> Obj:
+        """Create a namespace (or return it).  With kube-controller-manager running
+        and ``wait_default_sa``, also wait for its ``default`` ServiceAccount, so
+        that pods can be created right away (as after ``kubectl create ns`` in a
+        settled cluster)."""
         api = self.client()
         try:
-            return api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+            ns = api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         except ApiError as e:
             if e.status != 409:
                 raise
-            return api.get(f"/api/v1/namespaces/{name}")
+            ns = api.get(f"/api/v1/namespaces/{name}")
+        if self.controller_manager and wait_default_sa:
+            api.wait_for(
+                f"/api/v1/namespaces/{name}/serviceaccounts/default", lambda _: True, timeout=30, what="default SA"
+            )
+        return ns
 
     def ensure_service_account(self, namespace: str, name: str) -> Obj:
         self.ensure_namespace(namespace)

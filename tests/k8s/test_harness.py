@@ -282,10 +282,123 @@ def test_independent_control_plane_stops_without_leftovers(k8s_cluster: ControlP
         assert cp.server != k8s_cluster.server
         assert cp.client().get("/version")["gitVersion"].startswith("v1.34.")
         pids = [p.popen.pid for p in cp.procs]
-        assert [p.name for p in cp.procs] == ["etcd", "kube-apiserver", "kube-scheduler", "kwok"]
+        assert [p.name for p in cp.procs] == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
         assert set(cp.leftover_processes()) >= set(pids)
     finally:
         cp.stop()
     assert cp.leftover_processes() == []
     assert all(p.popen.returncode is not None for p in cp.procs)
     assert not cp.workdir.exists()
+
+
+def test_dra_claim_template_allocates_gpus(k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
+    """kube-controller-manager turns the template into a ResourceClaim, the real
+    scheduler allocates devices from the fake node's ResourceSlice, KWOK runs it."""
+    api = k8s_cluster.client()
+    ns = k8s_namespace
+    node = f"gpu-claims-{_uid()}"
+    k8s_cluster.make_gpu_node(node, gpus=8, clique="cluster-c.3")
+    k8s_cluster.ensure_gpu_device_class()
+    api.post(
+        f"/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaimtemplates",
+        {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaimTemplate",
+            "metadata": {"name": "two-gpus"},
+            "spec": {
+                "spec": {
+                    "devices": {
+                        "requests": [
+                            {
+                                "name": "gpus",
+                                "exactly": {
+                                    "deviceClassName": GPU_DRA_DRIVER,
+                                    "allocationMode": "ExactCount",
+                                    "count": 2,
+                                    "selectors": [
+                                        {"cel": {"expression": 'device.attributes["gpu.nvidia.com"].index >= 0'}}
+                                    ],
+                                },
+                            }
+                        ]
+                    }
+                }
+            },
+        },
+    )
+    api.post(
+        f"/api/v1/namespaces/{ns}/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "dra-0"},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": node},
+                "resourceClaims": [{"name": "gpus", "resourceClaimTemplateName": "two-gpus"}],
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "example.invalid/cuda:latest",
+                        "resources": {"claims": [{"name": "gpus"}]},
+                    }
+                ],
+            },
+        },
+    )
+    pod = api.wait_for(
+        f"/api/v1/namespaces/{ns}/pods/dra-0", lambda p: pod_phase(p) == "Running", timeout=60, what="DRA pod Running"
+    )
+    assert pod["spec"]["nodeName"] == node
+    [status] = pod["status"]["resourceClaimStatuses"]
+    claim = api.get(f"/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims/{status['resourceClaimName']}")
+    results = claim["status"]["allocation"]["devices"]["results"]
+    assert len(results) == 2
+    assert {r["driver"] for r in results} == {GPU_DRA_DRIVER}
+    assert {r["pool"] for r in results} == {node}
+    assert claim["status"]["reservedFor"][0]["name"] == "dra-0"
+
+
+def test_job_completes_and_garbage_collection(k8s_cluster: ControlPlane, k8s_namespace: str) -> None:
+    """The Job controller creates a pod, KWOK completes it, and deleting the Job
+    garbage-collects the pod (kube-controller-manager is real too)."""
+    api = k8s_cluster.client()
+    ns = k8s_namespace
+    k8s_cluster.make_gpu_node(f"gpu-job-{_uid()}", gpus=8, dra=False)
+    api.post(
+        f"/apis/batch/v1/namespaces/{ns}/jobs",
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "once"},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "example.invalid/cuda:latest",
+                                "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                            }
+                        ],
+                    }
+                },
+            },
+        },
+    )
+    api.wait_for(
+        f"/apis/batch/v1/namespaces/{ns}/jobs/once",
+        lambda j: any(
+            c["type"] == "Complete" and c["status"] == "True" for c in j.get("status", {}).get("conditions", []) or []
+        ),
+        timeout=90,
+        what="Job Complete",
+    )
+    pods = api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector="job-name=once")["items"]
+    assert [pod_phase(p) for p in pods] == ["Succeeded"]
+    api.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/once", {"propagationPolicy": "Background"})
+    deadline = time.monotonic() + 60
+    while api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector="job-name=once")["items"]:
+        assert time.monotonic() < deadline, "garbage collector did not delete the Job's pod"
+        time.sleep(0.2)
