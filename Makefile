@@ -1,0 +1,44 @@
+# Two commands do all the set-up:
+#   make run    install, then run the main job (the demo tour on the built-in simulated cluster, SQLite state)
+#   make test   install, then lint, type-check and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint typecheck pytest test-k8s bench-light install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements/dev.lock
+	$(BIN)/pip install --quiet -r requirements/dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/computegroups demo
+	$(BIN)/computegroups discover
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest -q tests --ignore=tests/k8s
+
+test: lint typecheck pytest
+
+test-k8s: install
+	PYTHON=$(BIN)/python scripts/k8s-testenv/ci
+
+bench-light: install
+	$(BIN)/python -m bench --light
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
