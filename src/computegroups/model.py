@@ -245,6 +245,54 @@ class Requirements:
         return out
 
 
+class Scope(StrEnum):
+    """How close an affinity rule wants two components: the same node, or the same NVLink domain."""
+
+    NODE = "node"
+    NVLINK_DOMAIN = "nvlink_domain"
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityRule:
+    """Place near (affinity) or away from (anti-affinity) the groups of ``component``.
+
+    ``required`` rules filter nodes; preferred ones (``required=False``) only score them.
+    """
+
+    component: str
+    scope: Scope = Scope.NODE
+    required: bool = True
+
+    KEYS = ("component", "scope", "required")
+
+    @classmethod
+    def parse(cls, value: object, key: str) -> AffinityRule:
+        if isinstance(value, AffinityRule):
+            return value
+        if isinstance(value, str):
+            value = {"component": value}
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"{key}: {value!r} is not a component name or a rule mapping", key=key)
+        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
+        if unknown:
+            raise InvalidRequestError(f"{key}.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}", key=key)
+        comp = value.get("component")
+        if not isinstance(comp, str) or not comp:
+            raise InvalidRequestError(f"{key}.component: {comp!r} is not a component name", key=key)
+        scope = value.get("scope", "node")
+        if scope not in [s.value for s in Scope]:
+            raise InvalidRequestError(
+                f"{key}.scope: {scope!r} is not one of {one_of([s.value for s in Scope])}", key=key
+            )
+        required = value.get("required", True)
+        if not isinstance(required, bool):
+            raise InvalidRequestError(f"{key}.required: {required!r} is not true or false", key=key)
+        return cls(comp, Scope(scope), required)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"component": self.component, "scope": self.scope.value, "required": self.required}
+
+
 _LABEL_KEY = re.compile(r"^([A-Za-z0-9.\-]+/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
 
 
@@ -256,6 +304,11 @@ class Constraints:
     ``nvlink``: every pair of the group's GPUs joined by NVLink. ``same_numa``:
     all GPUs on one NUMA node. ``labels``: node label selector (all must match).
     ``request_id``: idempotency key; a retry with the same id returns the same group.
+    ``pool`` / ``tenant``: the pool to place in and the tenant its quotas count against.
+    ``priority`` (int, higher wins) and ``preemptible``: a request that does not fit may
+    preempt preemptible groups of lower priority. ``reservation_id``: claim a reservation.
+    ``affinity`` / ``anti_affinity``: lists of rules (a component name, or
+    ``{"component", "scope": node|nvlink_domain, "required": bool}``).
     """
 
     node_id: str | None = None
@@ -264,11 +317,32 @@ class Constraints:
     same_numa: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
     request_id: str | None = None
+    pool: str | None = None
+    tenant: str | None = None
+    priority: int = 0
+    preemptible: bool = False
+    reservation_id: str | None = None
+    affinity: tuple[AffinityRule, ...] = ()
+    anti_affinity: tuple[AffinityRule, ...] = ()
 
-    KEYS = ("node_id", "strategy", "nvlink", "same_numa", "labels", "request_id")
+    KEYS = (
+        "node_id",
+        "strategy",
+        "nvlink",
+        "same_numa",
+        "labels",
+        "request_id",
+        "pool",
+        "tenant",
+        "priority",
+        "preemptible",
+        "reservation_id",
+        "affinity",
+        "anti_affinity",
+    )
 
     def __post_init__(self) -> None:
-        for key in ("node_id", "request_id"):
+        for key in ("node_id", "request_id", "pool", "tenant", "reservation_id"):
             v = getattr(self, key)
             if v is not None and (not isinstance(v, str) or not v):
                 raise InvalidRequestError(
@@ -282,7 +356,22 @@ class Constraints:
                     key="constraints.strategy",
                 )
             object.__setattr__(self, "strategy", Strategy(self.strategy))
-        for key in ("nvlink", "same_numa"):
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or abs(self.priority) > 10**9:
+            raise InvalidRequestError(
+                f"constraints.priority: {self.priority!r} is not an integer in [-1e9, 1e9]", key="constraints.priority"
+            )
+        for key in ("affinity", "anti_affinity"):
+            rules = getattr(self, key)
+            if isinstance(rules, str | Mapping | AffinityRule):
+                rules = (rules,)
+            if not isinstance(rules, list | tuple):
+                raise InvalidRequestError(
+                    f"constraints.{key}: {rules!r} is not a list of rules", key=f"constraints.{key}"
+                )
+            object.__setattr__(
+                self, key, tuple(AffinityRule.parse(r, f"constraints.{key}[{n}]") for n, r in enumerate(rules))
+            )
+        for key in ("nvlink", "same_numa", "preemptible"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidRequestError(
                     f"constraints.{key}: {getattr(self, key)!r} is not true or false", key=f"constraints.{key}"
@@ -324,6 +413,17 @@ class Constraints:
             out["same_numa"] = True
         if self.labels:
             out["labels"] = dict(self.labels)
+        for key in ("pool", "tenant", "reservation_id"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.priority:
+            out["priority"] = self.priority
+        if self.preemptible:
+            out["preemptible"] = True
+        if self.affinity:
+            out["affinity"] = [r.to_dict() for r in self.affinity]
+        if self.anti_affinity:
+            out["anti_affinity"] = [r.to_dict() for r in self.anti_affinity]
         return out
 
 
@@ -355,11 +455,19 @@ class GroupRecord:
     constraints: Mapping[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    priority: int = 0
+    preemptible: bool = False
+    pool: str | None = None
+    tenant: str | None = None
+    expires_at: float | None = None  # reservations: capacity returns at this time unless claimed
+    pending: bool = False  # a preemptor waiting for its draining victims; holds no capacity yet
+    preempted_by: str | None = None  # on a victim: the group that preempted it
+    gang_id: str | None = None  # parts of one multi-node group share it
 
     @property
     def holds_capacity(self) -> bool:
         """Whether this group's devices count as taken."""
-        return self.state is not AllocationState.RELEASED
+        return self.state is not AllocationState.RELEASED and not self.pending
 
     @property
     def gpus(self) -> float:
@@ -389,6 +497,7 @@ class GroupRecord:
             "constraints": dict(self.constraints),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            **{k: getattr(self, k) for k in _OPTIONAL_RECORD_FIELDS if getattr(self, k) not in (None, False, 0)},
         }
 
     @classmethod
@@ -407,7 +516,27 @@ class GroupRecord:
             constraints=dict(data.get("constraints", {})),
             created_at=float(data.get("created_at", 0.0)),
             updated_at=float(data.get("updated_at", 0.0)),
+            priority=int(data.get("priority", 0)),
+            preemptible=bool(data.get("preemptible", False)),
+            pool=data.get("pool"),
+            tenant=data.get("tenant"),
+            expires_at=float(data["expires_at"]) if data.get("expires_at") is not None else None,
+            pending=bool(data.get("pending", False)),
+            preempted_by=data.get("preempted_by"),
+            gang_id=data.get("gang_id"),
         )
+
+
+_OPTIONAL_RECORD_FIELDS = (
+    "priority",
+    "preemptible",
+    "pool",
+    "tenant",
+    "expires_at",
+    "pending",
+    "preempted_by",
+    "gang_id",
+)
 
 
 def group_env(record: GroupRecord) -> dict[str, str]:
