@@ -22,11 +22,15 @@ from computegroups.errors import InsufficientResourcesError
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
 from computegroups.placement.cluster import Cluster, NodeState
 from computegroups.placement.plugins import (
+    EMPTY_CONTEXT,
+    AffinityFilter,
     CapacityFilter,
+    Context,
     CordonFilter,
     FilterPlugin,
     NodeSelectorFilter,
     Pick,
+    PreferredAffinityScore,
     ScorePlugin,
     TopologyScore,
     eligible_mask,
@@ -37,8 +41,9 @@ from computegroups.placement.plugins import (
 
 __all__ = ["DEFAULT_FILTERS", "Decision", "candidates", "pick_devices", "place"]
 
-DEFAULT_FILTERS: tuple[FilterPlugin, ...] = (NodeSelectorFilter(), CordonFilter(), CapacityFilter())
+DEFAULT_FILTERS: tuple[FilterPlugin, ...] = (NodeSelectorFilter(), AffinityFilter(), CordonFilter(), CapacityFilter())
 _TOPOLOGY = TopologyScore()
+_PREFERRED = PreferredAffinityScore()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +57,22 @@ class Decision:
     score: float
 
 
-def candidates(cluster: Cluster, req: Requirements, cons: Constraints) -> Iterator[NodeState]:
+def candidates(
+    cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT
+) -> Iterator[NodeState]:
     """Nodes that might fit, in the order the strategy prefers them."""
     if cons.node_id is not None:
         st = cluster.by_id.get(cons.node_id)
         if st is not None:
             yield st
+        return
+    required_near = [s for rule, s in zip(cons.affinity, ctx.near, strict=False) if rule.required]
+    if required_near:
+        # Only nodes near the other component can qualify: visit those, not the fleet.
+        smallest = min(required_near, key=len)
+        nodes = sorted((cluster.by_id[n] for n in smallest if n in cluster.by_id), key=lambda st: st.ordinal)
+        spread = cons.strategy is Strategy.SPREAD
+        yield from sorted(nodes, key=lambda st: -st.free_count if spread else st.free_count)
         return
     spread = cons.strategy is Strategy.SPREAD
     if req.share_milli:
@@ -71,11 +86,12 @@ def candidates(cluster: Cluster, req: Requirements, cons: Constraints) -> Iterat
     yield from cluster.iter_by_free(req.whole_gpus, descending=spread)
 
 
-def pick_devices(node: NodeState, req: Requirements, cons: Constraints) -> Pick | str:
+def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT) -> Pick | str:
     """Choose the devices on a node that passed the filters, or say why none fit."""
     spec = node.spec
+    blocked = ctx.blocked_mask(spec.id)
     if req.share_milli:
-        idx = share_target(node, req, eligible_mask(node, req))
+        idx = share_target(node, req, eligible_mask(node, req) & ~blocked)
         if idx is None:
             return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
         dev = DeviceShare(idx, spec.gpus[idx].uuid, req.share_milli, share_memory(node, idx, req))
@@ -83,7 +99,7 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints) -> Pick 
     k = req.whole_gpus
     if k == 0:
         return Pick((), None)
-    mask = node.free_mask & eligible_mask(node, req)
+    mask = node.free_mask & eligible_mask(node, req) & ~blocked
     choice = spec.effective_topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
     if choice is None:
         need = "joined by NVLink" if cons.nvlink else "on one NUMA node"
@@ -100,15 +116,18 @@ def place(
     filters: Sequence[FilterPlugin] = DEFAULT_FILTERS,
     scores: Sequence[ScorePlugin] | None = None,
     limit: int = 16,
+    ctx: Context = EMPTY_CONTEXT,
 ) -> Decision:
     """Choose a node and devices for one request, or raise InsufficientResourcesError."""
     if scores is None:
         scores = (strategy_plugin(cons.strategy), _TOPOLOGY)
+        if ctx.prefer_near or ctx.prefer_away:
+            scores = (*scores, _PREFERRED)
     reasons: Counter[str] = Counter()
     best: tuple[float, NodeState, Pick] | None = None
     feasible = visited = 0
     n_max = cluster.max_gpus
-    for node in candidates(cluster, req, cons):
+    for node in candidates(cluster, req, cons, ctx):
         if best is not None:
             bound = sum(p.weight * p.bound(node.free_count, n_max, req) for p in scores)
             if bound <= best[0]:
@@ -116,18 +135,18 @@ def place(
         visited += 1
         reason = None
         for f in filters:
-            reason = f.filter(node, req, cons)
+            reason = f.filter(node, req, cons, ctx)
             if reason is not None:
                 break
         if reason is None:
-            picked = pick_devices(node, req, cons)
+            picked = pick_devices(node, req, cons, ctx)
             if isinstance(picked, str):
                 reason = picked
         if reason is not None:
             reasons[reason] += 1
             continue
         assert not isinstance(picked, str)
-        total = sum(p.weight * p.score(node, req, picked) for p in scores)
+        total = sum(p.weight * p.score(node, req, picked, ctx) for p in scores)
         if best is None or total > best[0]:
             best = (total, node, picked)
         feasible += 1

@@ -9,7 +9,8 @@ engine can stop as soon as no later candidate could win.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
@@ -30,6 +31,37 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class Context:
+    """What placement needs beyond occupancy, resolved by the manager to sets of node ids.
+
+    ``allowed``: nodes of the requested pool (None: any). ``excluded``: nodes already taken by
+    other parts of a gang. ``near`` / ``away``: for each required affinity / anti-affinity rule,
+    the nodes that satisfy / violate it. ``prefer_near`` / ``prefer_away``: the same for preferred
+    rules (they score, never filter). ``nominated``: per node, the GPUs promised to a pending
+    preemptor, with its priority; only higher-priority requests may use them.
+    """
+
+    allowed: frozenset[str] | None = None
+    excluded: frozenset[str] = frozenset()
+    near: tuple[frozenset[str], ...] = ()
+    away: tuple[frozenset[str], ...] = ()
+    prefer_near: tuple[frozenset[str], ...] = ()
+    prefer_away: tuple[frozenset[str], ...] = ()
+    nominated: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # node -> (gpu mask, priority)
+    priority: int = 0
+
+    def blocked_mask(self, node_id: str) -> int:
+        """GPUs of a node this request may not take because a higher or equal priority preemptor waits on them."""
+        entry = self.nominated.get(node_id)
+        if entry is None or entry[1] < self.priority:
+            return 0
+        return entry[0]
+
+
+EMPTY_CONTEXT = Context()
+
+
+@dataclass(frozen=True, slots=True)
 class Pick:
     """The devices chosen on one node, and the topology verdict for them."""
 
@@ -42,7 +74,7 @@ class FilterPlugin(Protocol):
 
     name: str
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
         """Return None if the node may take the request, else the reason it cannot."""
         ...
 
@@ -53,7 +85,7 @@ class ScorePlugin(Protocol):
     name: str
     weight: int
 
-    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
         """Score in [0, 100]."""
         ...
 
@@ -64,17 +96,38 @@ class ScorePlugin(Protocol):
 
 # -- filters ------------------------------------------------------------------
 class NodeSelectorFilter:
-    """``constraints.node_id`` and ``constraints.labels``."""
+    """``constraints.node_id``, ``constraints.labels``, pool membership and gang exclusions."""
 
     name = "node-selector"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
-        if cons.node_id is not None and node.spec.id != cons.node_id:
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
+        node_id = node.spec.id
+        if cons.node_id is not None and node_id != cons.node_id:
             return f"not node {cons.node_id}"
+        if ctx.allowed is not None and node_id not in ctx.allowed:
+            return f"not in pool {cons.pool}"
+        if node_id in ctx.excluded:
+            return "holds another part of the gang"
         labels = node.spec.labels
         for k, v in cons.labels.items():
             if labels.get(k) != v:
                 return f"label {k}={v} does not match"
+        return None
+
+
+class AffinityFilter:
+    """Required affinity and anti-affinity rules."""
+
+    name = "affinity"
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
+        node_id = node.spec.id
+        for rule, nodes in zip(cons.affinity, ctx.near, strict=False):
+            if rule.required and node_id not in nodes:
+                return f"not near {rule.component} ({rule.scope.value})"
+        for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
+            if rule.required and node_id in nodes:
+                return f"shares a {rule.scope.value} with {rule.component}"
         return None
 
 
@@ -83,7 +136,7 @@ class CordonFilter:
 
     name = "cordon"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
         return "node is cordoned" if node.cordoned else None
 
 
@@ -92,7 +145,7 @@ class CapacityFilter:
 
     name = "capacity"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints) -> str | None:
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
         if req.cpus_milli > node.cpu_free:
             return f"{node.cpu_free / MILLI:g} CPUs free, {req.cpus_milli / MILLI:g} requested"
         if req.memory_mib > node.mem_free:
@@ -105,6 +158,7 @@ class CapacityFilter:
         eligible = eligible_mask(node, req)
         if eligible == 0:
             return _model_reason(node, req)
+        eligible &= ~ctx.blocked_mask(node.spec.id)
         if k:
             free = (node.free_mask & eligible).bit_count()
             if free < k:
@@ -190,7 +244,7 @@ class BinPackScore:
     def __init__(self, weight: int = 1) -> None:
         self.weight = weight
 
-    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
         return 100.0 * _gpu_util_after(node, req, pick)
 
     def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
@@ -207,7 +261,7 @@ class SpreadScore:
     def __init__(self, weight: int = 1) -> None:
         self.weight = weight
 
-    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
         return 100.0 * (1.0 - _gpu_util_after(node, req, pick))
 
     def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
@@ -224,13 +278,33 @@ class TopologyScore:
     def __init__(self, weight: int = 2) -> None:
         self.weight = weight
 
-    def score(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
         if pick.choice is None or len(pick.choice.indices) < 2:
             return 100.0
         best = node.spec.effective_topology.best_bottleneck(len(pick.choice.indices))
         if best <= 0 or pick.choice.bottleneck >= best:
             return 100.0
         return 100.0 * pick.choice.bottleneck / best
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        return 100.0
+
+
+class PreferredAffinityScore:
+    """Share of preferred affinity rules a node satisfies (100 when there are none)."""
+
+    name = "preferred-affinity"
+
+    def __init__(self, weight: int = 1) -> None:
+        self.weight = weight
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
+        total = len(ctx.prefer_near) + len(ctx.prefer_away)
+        if total == 0:
+            return 100.0
+        node_id = node.spec.id
+        met = sum(node_id in s for s in ctx.prefer_near) + sum(node_id not in s for s in ctx.prefer_away)
+        return 100.0 * met / total
 
     def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
         return 100.0

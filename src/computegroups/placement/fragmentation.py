@@ -1,0 +1,211 @@
+"""Fragmentation-aware scoring: keep free GPU capacity usable by the requests that will come.
+
+The idea is the Fragmentation Gradient Descent policy of Weng et al. ("Beware
+of Fragmentation", USENIX ATC 2023). For one node and one request shape, the
+node's *fragment* is the free GPU capacity that shape cannot use:
+
+* all of the node's free GPU capacity when the shape cannot fit there at all
+  (too few CPUs or too little memory left, no GPU of its model, no GPU with
+  enough room);
+* otherwise the free capacity on GPUs too small for one of its GPUs (for a
+  share of ``s`` thousandths, GPUs with less than ``s`` free; for whole GPUs,
+  partly used GPUs).
+
+A node's fragmentation is that amount averaged over the workload's shapes,
+weighted by how often each is requested. :class:`FragmentationScore` rates a
+placement by how much it *increases* the node's fragmentation: a share that
+fills a GPU exactly, or a CPU-only request on a node whose GPUs are all taken,
+scores high; one that strands half a GPU or the last CPUs of a node with free
+GPUs scores low.
+
+The workload is learned, not configured: :class:`WorkloadMix` is a decayed
+histogram of the request shapes the engine has been asked to place (placed or
+not, since demand is what the free capacity must serve), kept on the
+:class:`~computegroups.placement.cluster.Cluster`. Only the most common shapes
+are scored (``top``), so a decision costs a bounded amount of work whatever the
+variety of requests; node fragmentation values are cached by node occupancy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from computegroups.model import MILLI, Requirements
+
+if TYPE_CHECKING:  # placement.cluster imports this module
+    from computegroups.placement.cluster import NodeState
+    from computegroups.placement.plugins import Pick
+
+__all__ = ["FragmentationScore", "Shape", "WorkloadMix", "node_fragmentation"]
+
+#: Fragmentation changes are scaled against the capacity of an 8-GPU node.
+SCALE_MILLI = 8 * MILLI
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One kind of request: whole GPUs or a share, CPUs and memory beside, GPU model alternatives."""
+
+    whole_gpus: int
+    share_milli: int
+    cpus_milli: int
+    memory_mib: int
+    models: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, req: Requirements) -> Shape:
+        return cls(req.whole_gpus, req.share_milli, req.cpus_milli, req.memory_mib, req.models)
+
+    @property
+    def uses_gpus(self) -> bool:
+        return bool(self.whole_gpus or self.share_milli)
+
+
+class WorkloadMix:
+    """A decayed histogram of request shapes; its ``top`` most common GPU shapes, normalised, are scored.
+
+    ``observe`` is O(1). The weighted shape list is rebuilt when the number of
+    observations has grown by an eighth since the last rebuild, so it settles
+    as the workload does. Counts halve once their total passes ``horizon``,
+    so the mix follows a workload that changes.
+    """
+
+    __slots__ = ("_cache", "_counts", "_since", "_total", "_weighted", "horizon", "top")
+
+    def __init__(self, top: int = 24, horizon: int = 20_000) -> None:
+        self.top = top
+        self.horizon = horizon
+        self._counts: dict[Shape, float] = {}
+        self._total = 0.0
+        self._since = 0
+        self._weighted: tuple[tuple[Shape, float], ...] = ()
+        self._cache: dict[tuple[object, ...], float] = {}
+
+    @classmethod
+    def of(cls, shapes: dict[Shape, float], top: int = 24) -> WorkloadMix:
+        """A fixed mix from known shape frequencies (for callers who know their workload)."""
+        mix = cls(top=top)
+        for shape, weight in shapes.items():
+            mix._counts[shape] = mix._counts.get(shape, 0.0) + float(weight)
+            mix._total += float(weight)
+        mix._rebuild()
+        return mix
+
+    def observe(self, req: Requirements) -> None:
+        """Count one request."""
+        shape = Shape.of(req)
+        self._counts[shape] = self._counts.get(shape, 0.0) + 1.0
+        self._total += 1.0
+        self._since += 1
+        if self._total > self.horizon:
+            self._counts = {s: c / 2 for s, c in self._counts.items() if c >= 1.0}
+            self._total = sum(self._counts.values())
+        if self._since * 8 >= self._total or self._since >= 4096:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._since = 0
+        gpu_shapes = sorted(
+            ((s, c) for s, c in self._counts.items() if s.uses_gpus),
+            key=lambda sc: (-sc[1], sc[0].whole_gpus, sc[0].share_milli, sc[0].cpus_milli, sc[0].memory_mib),
+        )[: self.top]
+        weight = sum(c for _, c in gpu_shapes)
+        weighted = tuple((s, c / weight) for s, c in gpu_shapes) if weight else ()
+        if weighted != self._weighted:
+            self._weighted = weighted
+            self._cache.clear()
+
+    @property
+    def shapes(self) -> tuple[tuple[Shape, float], ...]:
+        """The scored shapes and their weights (summing to 1; empty before any GPU request)."""
+        return self._weighted
+
+    def fragmentation(self, free: tuple[int, ...], cpu_free: int, mem_free: int, name: str) -> float:
+        """Expected fragment (thousandths of a GPU) of a node with these free amounts; cached."""
+        key = (free, cpu_free, mem_free, name)
+        value = self._cache.get(key)
+        if value is None:
+            value = node_fragmentation(free, cpu_free, mem_free, name, self._weighted)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[key] = value
+        return value
+
+
+def node_fragmentation(
+    free: tuple[int, ...], cpu_free: int, mem_free: int, name: str, shapes: tuple[tuple[Shape, float], ...]
+) -> float:
+    """Expected free GPU capacity (thousandths) that a request drawn from ``shapes`` could not use.
+
+    ``free``: thousandths free on each usable GPU of the node; ``name``: the
+    lower-cased GPU product name that model alternatives are matched against.
+    """
+    total = sum(free)
+    if total == 0:
+        return 0.0
+    whole = free.count(MILLI)
+    biggest = max(free)
+    acc = 0.0
+    for shape, weight in shapes:
+        if shape.cpus_milli > cpu_free or shape.memory_mib > mem_free:
+            acc += weight * total
+            continue
+        if shape.models and not any(m in name for m in shape.models):
+            acc += weight * total
+            continue
+        if shape.whole_gpus:
+            acc += weight * (total - MILLI * whole if whole >= shape.whole_gpus else total)
+            continue
+        s = shape.share_milli
+        if biggest < s:
+            acc += weight * total
+        else:
+            acc += weight * sum(f for f in free if f < s)
+    return acc
+
+
+def _free_after(node: NodeState, pick: Pick | None) -> tuple[int, ...]:
+    used = list(node.gpu_used)
+    if pick is not None:
+        for d in pick.devices:
+            used[d.index] += d.share_milli
+    bad = node.unhealthy_mask
+    return tuple(MILLI - u for i, u in enumerate(used) if not bad >> i & 1)
+
+
+class FragmentationScore:
+    """Rates a placement by how little it increases the node's expected fragmentation (0..100).
+
+    50 means no change; each 1/8 of a node's worth of GPU capacity newly
+    stranded (or recovered) moves the score by 6.25. Part of the default
+    bin-pack pipeline; with no GPU request seen yet every placement scores 50.
+    """
+
+    name = "fragmentation"
+
+    def __init__(self, mix: WorkloadMix, weight: int = 4) -> None:
+        self.mix = mix
+        self.weight = weight
+
+    def delta(self, node: NodeState, req: Requirements, pick: Pick) -> float:
+        """Increase of the node's expected fragment (thousandths of a GPU) if ``pick`` is placed."""
+        mix = self.mix
+        if not mix.shapes or node.gpu_count == 0:
+            return 0.0
+        gpus = node.spec.gpus
+        name = gpus[0].name.lower()
+        if any(g.name != gpus[0].name for g in gpus):
+            name = " ".join(g.name.lower() for g in gpus)  # mixed node: a model matches if any GPU is one
+        before = mix.fragmentation(_free_after(node, None), node.cpu_free, node.mem_free, name)
+        after = mix.fragmentation(
+            _free_after(node, pick), node.cpu_free - req.cpus_milli, node.mem_free - req.memory_mib, name
+        )
+        return after - before
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: object = None) -> float:
+        x = self.delta(node, req, pick) / SCALE_MILLI
+        return 50.0 * (1.0 - max(-1.0, min(1.0, x)))
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        return 100.0
