@@ -68,6 +68,29 @@ class NodeState:
         """Free GPU capacity, in GPUs, over healthy GPUs."""
         return sum(MILLI - u for i, u in enumerate(self.gpu_used) if not self.unhealthy_mask >> i & 1) / MILLI
 
+    def add(self, record: GroupRecord, sign: int = 1) -> None:
+        """Count a group's devices and host resources as held (sign=1) or released (sign=-1)."""
+        for d in record.devices:
+            if d.index < len(self.gpu_used):
+                self.gpu_used[d.index] += sign * d.share_milli
+                self.gpu_mem_used[d.index] += sign * d.memory_mib
+        self.cpu_used += sign * record.cpus_milli
+        self.mem_used += sign * record.memory_mib
+        self._recompute_mask()
+
+    def without(self, records: Iterable[GroupRecord]) -> NodeState:
+        """A copy of this node as it would be with ``records`` released (for what-if questions)."""
+        copy = NodeState(self.spec, self.ordinal)
+        copy.gpu_used = list(self.gpu_used)
+        copy.gpu_mem_used = list(self.gpu_mem_used)
+        copy.cpu_used = self.cpu_used
+        copy.mem_used = self.mem_used
+        copy.unhealthy_mask = self.unhealthy_mask
+        copy.cordoned = self.cordoned
+        for r in records:
+            copy.add(r, -1)
+        return copy
+
     def _recompute_mask(self) -> None:
         mask = 0
         for i, u in enumerate(self.gpu_used):
@@ -162,12 +185,7 @@ class Cluster:
         st = self.by_id.get(record.node_id)
         if st is None:
             return  # the node vanished; reconciliation reports such groups
-        for d in record.devices:
-            if d.index < st.gpu_count:
-                st.gpu_used[d.index] += sign * d.share_milli
-                st.gpu_mem_used[d.index] += sign * d.memory_mib
-        st.cpu_used += sign * record.cpus_milli
-        st.mem_used += sign * record.memory_mib
+        st.add(record, sign)
         self._reindex(st)
 
     def remove(self, record: GroupRecord) -> None:

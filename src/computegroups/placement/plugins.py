@@ -9,7 +9,7 @@ engine can stop as soon as no later candidate could win.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,15 +47,16 @@ class Context:
     away: tuple[frozenset[str], ...] = ()
     prefer_near: tuple[frozenset[str], ...] = ()
     prefer_away: tuple[frozenset[str], ...] = ()
-    nominated: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # node -> (gpu mask, priority)
+    nominated: Mapping[str, Sequence[tuple[int, int]]] = field(default_factory=dict)  # node -> [(mask, priority)]
     priority: int = 0
 
     def blocked_mask(self, node_id: str) -> int:
-        """GPUs of a node this request may not take because a higher or equal priority preemptor waits on them."""
-        entry = self.nominated.get(node_id)
-        if entry is None or entry[1] < self.priority:
-            return 0
-        return entry[0]
+        """GPUs of a node this request may not take: promised to a waiting preemptor of no lower priority."""
+        mask = 0
+        for gpus, priority in self.nominated.get(node_id, ()):
+            if priority >= self.priority:
+                mask |= gpus
+        return mask
 
 
 EMPTY_CONTEXT = Context()
