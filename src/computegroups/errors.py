@@ -6,6 +6,8 @@ can catch everything with a single ``except ComputeGroupsError``::
     ComputeGroupsError
     ├── InvalidRequestError        a request is malformed; nothing was changed
     ├── InsufficientResourcesError a valid request that does not fit now
+    │   ├── QuotaExceededError     it would take a component or tenant past its pool quota
+    │   └── PreemptionPendingError it will fit once preempted groups finish draining
     ├── NotFoundError              a group, node or reservation id is unknown
     ├── ConflictError              the request contradicts the current state
     ├── StateError                 the state store is unreadable, corrupt or not ours
@@ -25,7 +27,9 @@ __all__ = [
     "InsufficientResourcesError",
     "InvalidRequestError",
     "NotFoundError",
+    "PreemptionPendingError",
     "ProviderError",
+    "QuotaExceededError",
     "StateError",
 ]
 
@@ -62,6 +66,25 @@ class InsufficientResourcesError(ComputeGroupsError):
             detail = "; ".join(f"{n} node(s): {why}" for why, n in top)
             message = f"{message} ({detail})"
         super().__init__(message)
+
+
+class QuotaExceededError(InsufficientResourcesError):
+    """The request would take a component or tenant past its quota in a pool. Nothing was changed."""
+
+
+class PreemptionPendingError(InsufficientResourcesError):
+    """The request preempted lower-priority groups; it gets its group once they finish draining.
+
+    The victims were moved to draining in the same commit that recorded the waiting group
+    ``group_id``. Retry ``allocate_compute_group`` with ``request_id`` to get the group once it is
+    allocated (the retry raises this error again while the victims still drain).
+    """
+
+    def __init__(self, message: str, *, group_id: str, request_id: str, victims: Sequence[str]) -> None:
+        super().__init__(message)
+        self.group_id = group_id
+        self.request_id = request_id
+        self.victims = list(victims)
 
 
 class NotFoundError(ComputeGroupsError, LookupError):

@@ -9,13 +9,16 @@ anyone before its commit is durable, and a rejected request changes nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 import itertools
 import logging
+import math
 import os
 import re
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -23,9 +26,12 @@ from typing import Any
 
 from computegroups.errors import (
     ConflictError,
+    InsufficientResourcesError,
     InvalidRequestError,
     NotFoundError,
+    PreemptionPendingError,
     ProviderError,
+    QuotaExceededError,
     one_of,
 )
 from computegroups.model import (
@@ -34,13 +40,18 @@ from computegroups.model import (
     ComputeGroup,
     ComputeNode,
     Constraints,
+    GangComputeGroup,
     GroupRecord,
     NodeSpec,
     Requirements,
+    Scope,
     group_env,
 )
 from computegroups.placement.cluster import Cluster
-from computegroups.placement.engine import place
+from computegroups.placement.engine import Decision, place
+from computegroups.placement.plugins import Context
+from computegroups.placement.preemption import find_victims
+from computegroups.pools import Pool, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
 from computegroups.state.base import Changes, RevisionConflict, StateStore
 from computegroups.state.memory import MemoryStateStore
@@ -53,6 +64,8 @@ log = logging.getLogger("computegroups")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$")
 _FILTER_KEYS = ("component", "state", "node_id", "include_released")
 _OWNED = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.RESERVED)
+CLIQUE_LABEL = "nvidia.com/gpu.clique"
+MAX_TTL_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +124,8 @@ class ComputeGroupManager:
         id_factory: Callable[[], str] | None = None,
         tombstone_limit: int = 10_000,
         max_attempts: int = 64,
+        pools: Sequence[Pool | Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(provider, ComputeResourceProvider):
             raise InvalidRequestError(
@@ -136,6 +151,21 @@ class ComputeGroupManager:
         self.recent_events: deque[Event] = deque(maxlen=1000)
         self._telemetry: dict[tuple[str, int], dict[str, float]] = {}
         self._unhealthy: dict[tuple[str, int], str] = {}
+        self._clock = clock
+        self.pools: dict[str, Pool] = {p.name: p for p in parse_pools(pools)}
+        self._pool_members: dict[str, frozenset[str]] = {}
+        self._pool_gpus: dict[str, int] = {}
+        self._domain_of: dict[str, str] = {}
+        self._domain_nodes: dict[str, set[str]] = {}
+        # Indexes derived from the records (rebuilt on a full reload):
+        self._usage: Counter[tuple[str, str, str]] = Counter()  # (pool, "component"|"tenant", name) -> milli
+        self._component_nodes: dict[str, Counter[str]] = {}  # component -> node id -> groups held there
+        self._reservations: dict[str, dict[str, None]] = {}  # component -> its unclaimed reservations
+        self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, reservation id)
+        self._victims: dict[str, set[str]] = {}  # pending preemptor -> victims still holding capacity
+        self._nominated: dict[str, dict[str, tuple[int, int]]] = {}  # node -> preemptor -> (gpu mask, priority)
+        self._preemptible: dict[str, dict[str, None]] = {}  # node -> preemptible allocated groups
+        self._gangs: dict[str, list[str]] = {}  # gang id -> part ids
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> ComputeGroupManager:
@@ -144,6 +174,14 @@ class ComputeGroupManager:
             self.inventory = await self.provider.discover_resources()
             self._specs = {n.id: n for n in self.inventory.nodes}
             self._cluster = Cluster(self.inventory.nodes)
+            for name, pool in self.pools.items():
+                members = pool.members(self.inventory.nodes)
+                self._pool_members[name] = members
+                self._pool_gpus[name] = sum(len(self._specs[n].gpus) for n in members)
+            for n in self.inventory.nodes:
+                domain = n.labels.get(CLIQUE_LABEL) or f"node:{n.id}"
+                self._domain_of[n.id] = domain
+                self._domain_nodes.setdefault(domain, set()).add(n.id)
             await self.store.open()
             await self._refresh()
         except BaseException:
@@ -184,6 +222,17 @@ class ComputeGroupManager:
             self._by_node.clear()
             self._carved_free.clear()
             self._tombstones.clear()
+            for table in (
+                self._usage,
+                self._component_nodes,
+                self._reservations,
+                self._victims,
+                self._nominated,
+                self._preemptible,
+                self._gangs,
+            ):
+                table.clear()
+            self._expiry.clear()
             for r in sorted(changes.upserts, key=lambda r: (r.updated_at, r.id)):
                 self._index(r)
         else:
@@ -206,6 +255,46 @@ class ComputeGroupManager:
             self._carved_free[r.id] = None
         if r.state is AllocationState.RELEASED:
             self._tombstones.append(r.id)
+        else:
+            self._index_live(r, 1)
+        if r.gang_id:
+            self._gangs.setdefault(r.gang_id, []).append(r.id)
+
+    def _index_live(self, r: GroupRecord, sign: int) -> None:
+        """Indexes over groups that are not released: quotas, affinity, reservations, preemption."""
+        milli = sum(d.share_milli for d in r.devices)
+        if r.pool and r.component:
+            self._usage[(r.pool, "component", r.component)] += sign * milli
+            if r.tenant:
+                self._usage[(r.pool, "tenant", r.tenant)] += sign * milli
+        if r.component and r.holds_capacity:
+            nodes = self._component_nodes.setdefault(r.component, Counter())
+            nodes[r.node_id] += sign
+            if nodes[r.node_id] <= 0:
+                del nodes[r.node_id]
+        if r.state is AllocationState.RESERVED and not r.pending and r.component:
+            bucket = self._reservations.setdefault(r.component, {})
+            if sign > 0:
+                bucket[r.id] = None
+                if r.expires_at is not None:
+                    heapq.heappush(self._expiry, (r.expires_at, r.id))
+            else:
+                bucket.pop(r.id, None)
+        if r.pending:
+            noms = self._nominated.setdefault(r.node_id, {})
+            if sign > 0:
+                noms[r.id] = (sum(1 << d.index for d in r.devices), r.priority)
+            else:
+                noms.pop(r.id, None)
+        if r.preempted_by and r.holds_capacity:
+            victims = self._victims.setdefault(r.preempted_by, set())
+            (victims.add if sign > 0 else victims.discard)(r.id)
+        if r.preemptible and r.state is AllocationState.ALLOCATED and not r.carved:
+            bucket = self._preemptible.setdefault(r.node_id, {})
+            if sign > 0:
+                bucket[r.id] = None
+            else:
+                bucket.pop(r.id, None)
 
     def _unindex(self, gid: str) -> None:
         old = self._records.pop(gid, None)
@@ -218,6 +307,14 @@ class ComputeGroupManager:
         if ids is not None:
             ids.discard(gid)
         self._carved_free.pop(gid, None)
+        if old.state is not AllocationState.RELEASED:
+            self._index_live(old, -1)
+        if old.gang_id and old.gang_id in self._gangs:
+            parts = self._gangs[old.gang_id]
+            if gid in parts:
+                parts.remove(gid)
+            if not parts:
+                del self._gangs[old.gang_id]
 
     async def _commit(self, build: Callable[[], tuple[list[GroupRecord], list[str]]]) -> list[GroupRecord] | None:
         """Decide with ``build`` against the freshest state and commit; retry on a lost race.
@@ -227,6 +324,10 @@ class ComputeGroupManager:
         """
         for _ in range(self._max_attempts):
             await self._refresh()
+            due = self._due_reservations()
+            if due:
+                await self._release_expired(due)
+                continue
             upserts, deletes = build()
             if not upserts and not deletes:
                 return None
@@ -247,6 +348,50 @@ class ComputeGroupManager:
             return upserts
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
 
+    def _due_reservations(self) -> list[GroupRecord]:
+        """Reservations past their deadline (popped from the expiry heap)."""
+        if not self._expiry or self._expiry[0][0] > self._clock():
+            return []
+        now = self._clock()
+        due: list[GroupRecord] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            at, gid = heapq.heappop(heap)
+            r = self._records.get(gid)
+            if r is not None and r.state is AllocationState.RESERVED and r.expires_at == at and not r.pending:
+                due.append(r)
+        return due
+
+    async def _release_expired(self, due: list[GroupRecord]) -> int:
+        now = self._clock()
+        try:
+            rev = await self.store.commit(
+                self._rev, [r.replace(state=AllocationState.RELEASED, updated_at=now) for r in due], []
+            )
+        except RevisionConflict:
+            for r in due:  # someone else moved on; look at them again after catching up
+                heapq.heappush(self._expiry, (r.expires_at or now, r.id))
+            return 0
+        released = [r.replace(state=AllocationState.RELEASED, updated_at=now) for r in due]
+        self._apply_changes(Changes(rev, released, []))
+        for r in due:
+            log.info("reservation %s of %s expired; its capacity returns", r.id, r.component)
+            self._emit(Event("reservation-expired", r.id, r.node_id, r.component))
+        return len(due)
+
+    async def expire_reservations(self) -> int:
+        """Release every reservation past its deadline now; returns how many. Decisions do this too."""
+        self._require_open()
+        async with self._lock:
+            total = 0
+            for _ in range(self._max_attempts):
+                await self._refresh()
+                due = self._due_reservations()
+                if not due:
+                    break
+                total += await self._release_expired(due)
+            return total
+
     # -- events ---------------------------------------------------------------------
     def _emit(self, event: Event) -> None:
         self.recent_events.append(event)
@@ -266,7 +411,33 @@ class ComputeGroupManager:
 
     # -- views ------------------------------------------------------------------------
     def _view(self, r: GroupRecord) -> ComputeGroup:
+        if r.gang_id and r.gang_id in self._gangs:
+            return self._gang_view(r.gang_id)
         return ComputeGroup(r, self._specs.get(r.node_id), self._telemetry_of)
+
+    def _views(self, records: Sequence[GroupRecord]) -> list[ComputeGroup]:
+        """Views of records, a multi-node group once (at its first part)."""
+        out: list[ComputeGroup] = []
+        seen: set[str] = set()
+        for r in records:
+            key = r.gang_id or r.id
+            if key not in seen:
+                seen.add(key)
+                out.append(self._view(r))
+        return out
+
+    def _gang_view(self, gang_id: str) -> ComputeGroup:
+        parts = sorted((self._records[p] for p in self._gangs[gang_id]), key=lambda r: r.id)
+        return GangComputeGroup(gang_id, parts, self._specs, self._telemetry_of)
+
+    def _view_id(self, gid: str) -> ComputeGroup:
+        """The view of a group or of a multi-node group by its id; NotFoundError if unknown."""
+        if gid in self._gangs:
+            return self._gang_view(gid)
+        r = self._records.get(gid)
+        if r is None:
+            raise NotFoundError(f"group_id: no compute group {gid!r}")
+        return self._view(r)
 
     def _telemetry_of(self, node_id: str, index: int) -> Mapping[str, float]:
         return self._telemetry.get((node_id, index), {})
@@ -323,7 +494,7 @@ class ComputeGroupManager:
         elif not f.get("include_released"):
             records = [r for r in records if r.state is not AllocationState.RELEASED]
         records.sort(key=lambda r: (r.created_at, r.id))
-        return [self._view(r) for r in records]
+        return self._views(records)
 
     async def get_compute_group(self, group_id: str) -> ComputeGroup:
         """Get one group by id; raises NotFoundError if unknown."""
@@ -331,10 +502,7 @@ class ComputeGroupManager:
         gid = _check_group_id(group_id)
         async with self._lock:
             await self._refresh()
-            r = self._records.get(gid)
-        if r is None:
-            raise NotFoundError(f"group_id: no compute group {gid!r}")
-        return self._view(r)
+            return self._view_id(gid)
 
     async def create_compute_group(
         self, resources: Mapping[str, Any] | Requirements, node_id: str | None = None
@@ -404,21 +572,168 @@ class ComputeGroupManager:
         resource_requirements: Mapping[str, Any] | Requirements,
         constraints: Mapping[str, Any] | Constraints | None = None,
     ) -> ComputeGroup:
-        """Allocate a group to a component. Raises InvalidRequestError, InsufficientResourcesError,
-        ConflictError (request id reused for another component) or ProviderError (nothing kept).
+        """Allocate a group to a component.
 
-        With ``constraints["request_id"]``, a retry returns the group the first call made.
+        The group comes from, in order: the reservation named by ``reservation_id``; an unexpired
+        reservation of this component that matches; a matching pre-carved free group; new capacity.
+        With ``request_id``, a retry returns the group the first call made. A request with a
+        priority that does not fit may preempt preemptible lower-priority groups.
+
+        Raises InvalidRequestError, InsufficientResourcesError (QuotaExceededError,
+        PreemptionPendingError), NotFoundError (unknown reservation), ConflictError (request id
+        reused by another component, reservation expired or too small) or ProviderError (nothing kept).
         """
         self._require_open()
         component = _check_name("component_name", component_name)
         req = Requirements.parse(resource_requirements)
-        cons = Constraints.parse(constraints)
-        reused = False
+        cons = self._effective_constraints(req, Constraints.parse(constraints))
+        return await self._acquire(component, req, cons, AllocationState.ALLOCATED, None)
+
+    async def reserve_compute_group(
+        self,
+        component_name: str,
+        resource_requirements: Mapping[str, Any] | Requirements,
+        constraints: Mapping[str, Any] | Constraints | None = None,
+        ttl_seconds: float = 300.0,
+    ) -> ComputeGroup:
+        """Hold capacity for a planned scale-up until ``ttl_seconds`` from now.
+
+        Only ``component_name``, or whoever presents the returned group id as
+        ``constraints["reservation_id"]``, can claim it with ``allocate_compute_group``. An unclaimed
+        reservation expires at its deadline and its capacity returns, even if the process that made it
+        died: every decision (in any process) and the monitor release expired reservations.
+        """
+        self._require_open()
+        component = _check_name("component_name", component_name)
+        if (
+            isinstance(ttl_seconds, bool)
+            or not isinstance(ttl_seconds, int | float)
+            or not (math.isfinite(ttl_seconds) and 0 < ttl_seconds <= MAX_TTL_S)
+        ):
+            raise InvalidRequestError(
+                f"ttl_seconds: {ttl_seconds!r} is not a number of seconds in (0, {MAX_TTL_S:g}]", key="ttl_seconds"
+            )
+        req = Requirements.parse(resource_requirements)
+        cons = self._effective_constraints(req, Constraints.parse(constraints))
+        if cons.reservation_id is not None:
+            raise InvalidRequestError(
+                "constraints.reservation_id: a reservation cannot claim another", key="constraints.reservation_id"
+            )
+        if req.nodes > 1:
+            raise InvalidRequestError("requirements.nodes: reservations hold one node", key="requirements.nodes")
+        return await self._acquire(component, req, cons, AllocationState.RESERVED, float(ttl_seconds))
+
+    def _effective_constraints(self, req: Requirements, cons: Constraints) -> Constraints:
+        """Merge the pool named in requirements into constraints and check it exists."""
+        pool = cons.pool
+        if req.pool is not None:
+            if pool is not None and pool != req.pool:
+                raise InvalidRequestError(
+                    f"requirements.pool: {req.pool!r} differs from constraints.pool {pool!r}", key="requirements.pool"
+                )
+            pool = req.pool
+        if pool is not None and pool not in self.pools:
+            allowed = one_of(sorted(self.pools)) or "none are defined"
+            raise InvalidRequestError(
+                f"constraints.pool: {pool!r} is not a pool; pools: {allowed}", key="constraints.pool"
+            )
+        if pool != cons.pool:
+            cons = dataclasses.replace(cons, pool=pool)
+        return cons
+
+    def _priority(self, cons: Constraints) -> int:
+        if cons.priority or cons.pool is None:
+            return cons.priority
+        return self.pools[cons.pool].priority
+
+    def _context(self, cons: Constraints, priority: int, excluded: frozenset[str] = frozenset()) -> Context:
+        def nodes_near(rule_component: str, scope: Scope) -> frozenset[str]:
+            hosts: Counter[str] = self._component_nodes.get(rule_component) or Counter()
+            if scope is Scope.NODE:
+                return frozenset(hosts)
+            out: set[str] = set()
+            for n in hosts:
+                out |= self._domain_nodes.get(self._domain_of.get(n, f"node:{n}"), {n})
+            return frozenset(out)
+
+        near = tuple(nodes_near(r.component, r.scope) for r in cons.affinity)
+        away = tuple(nodes_near(r.component, r.scope) for r in cons.anti_affinity)
+        return Context(
+            allowed=self._pool_members[cons.pool] if cons.pool else None,
+            excluded=excluded,
+            near=near,
+            away=away,
+            prefer_near=tuple(s for r, s in zip(cons.affinity, near, strict=True) if not r.required),
+            prefer_away=tuple(s for r, s in zip(cons.anti_affinity, away, strict=True) if not r.required),
+            nominated={n: tuple(v.values()) for n, v in self._nominated.items() if v},
+            priority=priority,
+        )
+
+    def _check_quota(self, component: str, cons: Constraints, milli: int) -> None:
+        if cons.pool is None:
+            return
+        pool = self.pools[cons.pool]
+        total = self._pool_gpus.get(cons.pool, 0)
+        checks = [("component", component, pool.component_quota(component))]
+        if cons.tenant:
+            checks.append(("tenant", cons.tenant, pool.tenant_quota(cons.tenant)))
+        for kind, name, quota in checks:
+            limit = quota.limit_milli(total) if quota else None
+            if limit is None:
+                continue
+            held = self._usage[(cons.pool, kind, name)]
+            if held + milli > limit:
+                raise QuotaExceededError(
+                    f"pool {cons.pool}: {kind} {name} holds {held / MILLI:g} GPU(s); "
+                    f"{milli / MILLI:g} more would exceed its quota of {limit / MILLI:g}"
+                )
+
+    def _claim(self, component: str, req: Requirements, cons: Constraints) -> GroupRecord | None:
+        """The reservation this request claims, if any (by id, or this component's matching one)."""
+        if cons.reservation_id is not None:
+            r = self._records.get(cons.reservation_id)
+            if r is None:
+                raise NotFoundError(f"constraints.reservation_id: no reservation {cons.reservation_id!r}")
+            if r.state is not AllocationState.RESERVED or r.pending:
+                raise ConflictError(
+                    f"constraints.reservation_id: {r.id} is {r.state.value}, not an open reservation"
+                    + (" (it expired)" if r.expires_at is not None and r.state is AllocationState.RELEASED else "")
+                )
+            if not self._fits(r, req, exact=False):
+                raise ConflictError(f"constraints.reservation_id: {r.id} holds less than the request")
+            return r
+        for gid in self._reservations.get(component, {}):
+            r = self._records[gid]
+            if self._fits(r, req, exact=True) and self._satisfies(r, req, cons):
+                return r
+        return None
+
+    @staticmethod
+    def _fits(r: GroupRecord, req: Requirements, *, exact: bool) -> bool:
+        if req.share_milli:
+            if len(r.devices) != 1 or r.devices[0].share_milli < req.share_milli:
+                return False
+            if exact and r.devices[0].share_milli != req.share_milli:
+                return False
+        else:
+            whole = [d for d in r.devices if d.share_milli == MILLI]
+            if len(whole) != len(r.devices) or len(whole) < req.whole_gpus:
+                return False
+            if exact and len(whole) != req.whole_gpus:
+                return False
+        return r.cpus_milli >= req.cpus_milli and r.memory_mib >= req.memory_mib
+
+    async def _acquire(
+        self, component: str, req: Requirements, cons: Constraints, state: AllocationState, ttl: float | None
+    ) -> ComputeGroup:
+        reused: str | None = None
+        pending: tuple[GroupRecord, list[str]] | None = None
         async with self._lock:
-            now = time.time()
 
             def build() -> tuple[list[GroupRecord], list[str]]:
-                nonlocal reused
+                nonlocal reused, pending
+                reused, pending = None, None
+                now = self._clock()
                 if cons.request_id is not None and cons.request_id in self._by_request:
                     prior = self._records[self._by_request[cons.request_id]]
                     if prior.component != component:
@@ -426,76 +741,208 @@ class ComputeGroupManager:
                             f"constraints.request_id: {cons.request_id!r} was used by {prior.component!r}, "
                             f"not {component!r}"
                         )
-                    reused = True
+                    reused = prior.gang_id or prior.id
                     return [], []
-                carved = self._match_carved(req, cons)
-                if carved is not None:
-                    return [
-                        carved.replace(
-                            state=AllocationState.ALLOCATED,
-                            component=component,
-                            request_id=cons.request_id,
-                            constraints=cons.to_dict(),
-                        )
-                    ], []
-                d = place(self._cluster, req, cons)
-                rec = GroupRecord(
-                    id=self._new_id(),
-                    node_id=d.node_id,
-                    state=AllocationState.ALLOCATED,
-                    component=component,
-                    devices=d.devices,
-                    cpus_milli=d.cpus_milli,
-                    memory_mib=d.memory_mib,
-                    request_id=cons.request_id,
-                    requirements=req.to_dict(),
-                    constraints=cons.to_dict(),
-                    created_at=now,
-                    updated_at=now,
-                )
-                return [rec], []
+                common: dict[str, Any] = {
+                    "component": component,
+                    "request_id": cons.request_id,
+                    "constraints": cons.to_dict(),
+                    "priority": self._priority(cons),
+                    "preemptible": cons.preemptible,
+                    "pool": cons.pool,
+                    "tenant": cons.tenant,
+                    "expires_at": now + ttl if ttl is not None else None,
+                    "updated_at": now,
+                }
+                if state is AllocationState.ALLOCATED:
+                    claimed = self._claim(component, req, cons)
+                    if claimed is not None:
+                        return [
+                            claimed.replace(
+                                state=state,
+                                **{
+                                    **common,
+                                    "pool": claimed.pool or cons.pool,
+                                    "tenant": claimed.tenant or cons.tenant,
+                                },
+                            )
+                        ], []
+                    carved = self._match_carved(req, cons)
+                    if carved is not None:
+                        self._check_quota(component, cons, sum(d.share_milli for d in carved.devices))
+                        return [carved.replace(state=state, **common)], []
+                milli = (req.whole_gpus * MILLI or req.share_milli) * req.nodes
+                self._check_quota(component, cons, milli)
+                priority = self._priority(cons)
+                ctx = self._context(cons, priority)
+                try:
+                    decisions = (
+                        self._place_gang(req, cons, ctx)
+                        if req.nodes > 1
+                        else [place(self._cluster, req, cons, ctx=ctx)]
+                    )
+                except InsufficientResourcesError:
+                    if priority <= 0 or req.nodes > 1 or state is not AllocationState.ALLOCATED:
+                        raise
+                    preempting = self._preempt(req, cons, ctx, priority)
+                    if preempting is None:
+                        raise
+                    decision, victims = preempting
+                    waiting = self._record(decision, req, state=AllocationState.RESERVED, now=now, **common)
+                    waiting = waiting.replace(
+                        pending=True, updated_at=now, request_id=cons.request_id or f"preempt-{waiting.id}"
+                    )
+                    pending = (waiting, [v.id for v in victims])
+                    drained = [
+                        v.replace(state=AllocationState.DRAINING, preempted_by=waiting.id, updated_at=now)
+                        for v in victims
+                    ]
+                    return [waiting, *drained], []
+                if len(decisions) == 1:
+                    return [self._record(decisions[0], req, state=state, now=now, **common)], []
+                gang = self._new_id()
+                return [
+                    self._record(
+                        d,
+                        req,
+                        state=state,
+                        now=now,
+                        gid=f"{gang}.{n}",
+                        gang_id=gang,
+                        **{**common, "request_id": cons.request_id if n == 0 else None},
+                    )
+                    for n, d in enumerate(decisions)
+                ], []
 
             committed = await self._commit(build) or []
-            if reused:
-                assert cons.request_id is not None
-                return self._view(self._records[self._by_request[cons.request_id]])
-            (rec,) = committed
-        await self._materialise(rec)
-        self._emit(Event("allocated", rec.id, rec.node_id, component))
-        return self._view(rec)
+        if reused is not None:
+            return await self._reused(reused)
+        if pending is not None:
+            waiting, victims = pending
+            for vid in victims:
+                victim = self._records.get(vid)
+                self._emit(
+                    Event(
+                        "preempted",
+                        vid,
+                        victim.node_id if victim else None,
+                        victim.component if victim else None,
+                        f"by {waiting.id} ({component})",
+                    )
+                )
+            raise PreemptionPendingError(
+                f"{component}: preempting {len(victims)} group(s) ({', '.join(victims)}) on {waiting.node_id}; "
+                f"retry with request_id {waiting.request_id!r} once they have drained",
+                group_id=waiting.id,
+                request_id=waiting.request_id or "",
+                victims=victims,
+            )
+        for rec in committed:
+            if state is AllocationState.ALLOCATED:
+                await self._materialise(rec)
+        kind = "allocated" if state is AllocationState.ALLOCATED else "reserved"
+        first = committed[0]
+        self._emit(Event(kind, first.gang_id or first.id, first.node_id, component))
+        return self._view_id(first.gang_id or first.id)
+
+    async def _reused(self, gid: str) -> ComputeGroup:
+        view = self._view_id(gid)
+        record = view.record
+        if record.pending:
+            victims = sorted(self._victims.get(record.id, ()))
+            raise PreemptionPendingError(
+                f"{record.component}: still waiting for {len(victims)} preempted group(s) to drain",
+                group_id=record.id,
+                request_id=record.request_id or "",
+                victims=victims,
+            )
+        return view
+
+    def _record(
+        self,
+        d: Decision,
+        req: Requirements,
+        *,
+        state: AllocationState,
+        now: float,
+        gid: str | None = None,
+        **fields: Any,
+    ) -> GroupRecord:
+        return GroupRecord(
+            id=gid or self._new_id(),
+            node_id=d.node_id,
+            state=state,
+            devices=d.devices,
+            cpus_milli=d.cpus_milli,
+            memory_mib=d.memory_mib,
+            requirements=req.to_dict(),
+            created_at=now,
+            **fields,
+        )
+
+    def _place_gang(self, req: Requirements, cons: Constraints, ctx: Context) -> list[Decision]:
+        """One decision per node, on distinct nodes, all or nothing."""
+        decisions: list[Decision] = []
+        for part in range(req.nodes):
+            try:
+                decisions.append(
+                    place(
+                        self._cluster,
+                        req,
+                        cons,
+                        ctx=dataclasses.replace(ctx, excluded=frozenset(d.node_id for d in decisions)),
+                    )
+                )
+            except InsufficientResourcesError as exc:
+                raise InsufficientResourcesError(
+                    f"a {req.nodes}-node group of {req.whole_gpus} GPU(s) per node does not fit: "
+                    f"only {part} node(s) can take a part; nothing was allocated",
+                    reasons=exc.reasons,
+                ) from exc
+        return decisions
+
+    def _preempt(
+        self, req: Requirements, cons: Constraints, ctx: Context, priority: int
+    ) -> tuple[Decision, tuple[GroupRecord, ...]] | None:
+        candidates: dict[str, list[GroupRecord]] = {}
+        for node_id, gids in self._preemptible.items():
+            victims = [self._records[g] for g in gids if self._records[g].priority < priority]
+            if victims:
+                candidates[node_id] = victims
+        found = find_victims(self._cluster, req, cons, ctx, candidates)
+        return (found.decision, found.victims) if found else None
 
     def _match_carved(self, req: Requirements, cons: Constraints) -> GroupRecord | None:
+        """A pre-carved free group of exactly the requested size that meets the constraints."""
+        if req.nodes > 1:
+            return None
         for gid in self._carved_free:
             r = self._records[gid]
-            if req.share_milli:
-                if len(r.devices) != 1 or r.devices[0].share_milli != req.share_milli:
-                    continue
-            elif len(r.devices) != req.whole_gpus or any(d.share_milli != MILLI for d in r.devices):
-                continue
-            if r.cpus_milli < req.cpus_milli or r.memory_mib < req.memory_mib:
-                continue
-            if cons.node_id is not None and r.node_id != cons.node_id:
-                continue
-            spec = self._specs.get(r.node_id)
-            if spec is None:
-                continue
-            if any(spec.labels.get(k) != v for k, v in cons.labels.items()):
-                continue
-            gpus = [spec.gpus[d.index] for d in r.devices]
-            if req.models and not all(any(m in g.name.lower() for m in req.models) for g in gpus):
-                continue
-            if req.gpu_memory_mib is not None and any(d.memory_mib < req.gpu_memory_mib for d in r.devices):
-                continue
-            if any(self._unhealthy.get((r.node_id, d.index)) for d in r.devices):
-                continue
-            topo = spec.effective_topology
-            idx = [d.index for d in r.devices]
-            if cons.nvlink and not all(topo.is_nvlink(a, b) for a in idx for b in idx if a < b):
-                continue
-            if cons.same_numa and len({topo.numa_node(i) for i in idx}) > 1:
-                continue
-            return r
+            if self._fits(r, req, exact=True) and self._satisfies(r, req, cons):
+                return r
         return None
+
+    def _satisfies(self, r: GroupRecord, req: Requirements, cons: Constraints) -> bool:
+        """Whether an existing group meets the request's placement constraints."""
+        if cons.node_id is not None and r.node_id != cons.node_id:
+            return False
+        if cons.pool is not None and r.node_id not in self._pool_members[cons.pool]:
+            return False
+        spec = self._specs.get(r.node_id)
+        if spec is None or any(spec.labels.get(k) != v for k, v in cons.labels.items()):
+            return False
+        gpus = [spec.gpus[d.index] for d in r.devices]
+        if req.models and not all(any(m in g.name.lower() for m in req.models) for g in gpus):
+            return False
+        if req.gpu_memory_mib is not None and any(d.memory_mib < req.gpu_memory_mib for d in r.devices):
+            return False
+        if any(self._unhealthy.get((r.node_id, d.index)) for d in r.devices):
+            return False
+        topo = spec.effective_topology
+        idx = [d.index for d in r.devices]
+        if cons.nvlink and not all(topo.is_nvlink(a, b) for a in idx for b in idx if a < b):
+            return False
+        return not (cons.same_numa and len({topo.numa_node(i) for i in idx}) > 1)
 
     async def _materialise(self, rec: GroupRecord) -> None:
         resources = self._view(rec).resources
@@ -513,35 +960,82 @@ class ComputeGroupManager:
         self._require_open()
         gid = _check_group_id(group_id)
         prior = await self._release(gid)
-        if prior is None:
+        if not prior:
             return False
+        first = prior[0]
         try:
-            await self.provider.deallocate_resources(prior.component or "", [gid])
+            await self.provider.deallocate_resources(first.component or "", [r.id for r in prior])
         except Exception as exc:  # the state is released already; report, do not undo
             log.warning("provider could not undo group %s: %s", gid, exc)
-            self._emit(Event("provider-error", gid, prior.node_id, prior.component, str(exc)))
-        self._emit(Event("released", gid, prior.node_id, prior.component))
+            self._emit(Event("provider-error", gid, first.node_id, first.component, str(exc)))
+        self._emit(Event("released", first.gang_id or first.id, first.node_id, first.component))
         return True
 
-    async def _release(self, gid: str) -> GroupRecord | None:
-        prior: GroupRecord | None = None
+    def _parts(self, gid: str) -> list[GroupRecord]:
+        """The records behind a group id: one, or every part of a multi-node group."""
+        r = self._records.get(gid)
+        gang = gid if gid in self._gangs else (r.gang_id if r is not None else None)
+        if gang is not None and gang in self._gangs:
+            return sorted((self._records[p] for p in self._gangs[gang]), key=lambda x: x.id)
+        if r is None:
+            raise NotFoundError(f"group_id: no compute group {gid!r}")
+        return [r]
+
+    def _promotions(self, released: list[GroupRecord], now: float) -> list[GroupRecord]:
+        """Waiting preemptors whose last victim is among ``released`` and that now fit: allocate them."""
+        out: list[GroupRecord] = []
+        gone = {r.id for r in released}
+        for waiter_id in {r.preempted_by for r in released if r.preempted_by}:
+            assert waiter_id is not None
+            waiter = self._records.get(waiter_id)
+            if waiter is None or not waiter.pending or waiter.state is AllocationState.RELEASED:
+                continue
+            if self._victims.get(waiter_id, set()) - gone:
+                continue
+            node = self._cluster.by_id.get(waiter.node_id)
+            if node is None:
+                continue
+            trial = node.without([r for r in released if r.node_id == waiter.node_id and r.holds_capacity])
+            fits = (
+                trial.cpu_free >= waiter.cpus_milli
+                and trial.mem_free >= waiter.memory_mib
+                and all(trial.gpu_used[d.index] + d.share_milli <= MILLI for d in waiter.devices)
+            )
+            if fits:
+                out.append(waiter.replace(state=AllocationState.ALLOCATED, pending=False, updated_at=now))
+        return out
+
+    async def _release(self, gid: str) -> list[GroupRecord]:
+        """Release a group (every part of a multi-node one); returns the records as they were, and
+        allocates waiting preemptors whose victims are now all gone."""
+        prior: list[GroupRecord] = []
+        promoted: list[GroupRecord] = []
         async with self._lock:
 
             def build() -> tuple[list[GroupRecord], list[str]]:
-                nonlocal prior
-                r = self._records.get(gid)
-                if r is None:
-                    raise NotFoundError(f"group_id: no compute group {gid!r}")
-                prior = None
-                if r.component is None or r.state is AllocationState.RELEASED:
+                nonlocal prior, promoted
+                now = self._clock()
+                parts = self._parts(gid)
+                prior = [r for r in parts if r.component is not None and r.state is not AllocationState.RELEASED]
+                if not prior:
                     return [], []
-                prior = r
-                if r.carved:
-                    state = AllocationState.DRAINING if r.state is AllocationState.DRAINING else AllocationState.FREE
-                    return [r.replace(state=state, component=None, request_id=None)], []
-                return [r.replace(state=AllocationState.RELEASED)], []
+                ups = []
+                for r in prior:
+                    if r.carved:
+                        state = (
+                            AllocationState.DRAINING if r.state is AllocationState.DRAINING else AllocationState.FREE
+                        )
+                        ups.append(r.replace(state=state, component=None, request_id=None, updated_at=now))
+                    else:
+                        ups.append(r.replace(state=AllocationState.RELEASED, updated_at=now))
+                promoted = self._promotions(prior, now)
+                return ups + promoted, []
 
             await self._commit(build)
+        for waiter in promoted:
+            log.info("preemptor %s of %s is allocated: its victims have drained", waiter.id, waiter.component)
+            await self._materialise(waiter)
+            self._emit(Event("allocated", waiter.id, waiter.node_id, waiter.component, "after preemption"))
         return prior
 
     async def drain_compute_group(self, group_id: str) -> bool:
@@ -554,18 +1048,15 @@ class ComputeGroupManager:
         async with self._lock:
 
             def build() -> tuple[list[GroupRecord], list[str]]:
-                r = self._records.get(gid)
-                if r is None:
-                    raise NotFoundError(f"group_id: no compute group {gid!r}")
-                if r.state is AllocationState.RELEASED:
+                parts = self._parts(gid)
+                if all(r.state is AllocationState.RELEASED for r in parts):
                     raise ConflictError(f"group {gid} is released; there is nothing to drain")
-                if r.state is AllocationState.DRAINING:
-                    return [], []
-                return [r.replace(state=AllocationState.DRAINING)], []
+                live = [r for r in parts if r.state not in (AllocationState.RELEASED, AllocationState.DRAINING)]
+                return [r.replace(state=AllocationState.DRAINING) for r in live], []
 
             changed = await self._commit(build) or []
         if changed:
-            self._emit(Event("drained", gid, changed[0].node_id, changed[0].component))
+            self._emit(Event("drained", changed[0].gang_id or gid, changed[0].node_id, changed[0].component))
         return bool(changed)
 
     async def get_allocation_summary(self) -> dict[str, Any]:
@@ -599,8 +1090,32 @@ class ComputeGroupManager:
             "free_cpus": sum(st.cpu_free for st in nodes) / MILLI,
             "groups": by_state,
             "components": dict(sorted(components.items())),
+            "pools": self._pool_summary(records),
             "revision": self._rev,
         }
+
+    def _pool_summary(self, records: Sequence[GroupRecord]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, members in self._pool_members.items():
+            held = [r for r in records if r.node_id in members]
+            comps: Counter[str] = Counter()
+            tenants: Counter[str] = Counter()
+            for r in held:
+                milli = sum(d.share_milli for d in r.devices)
+                if r.component is not None:
+                    comps[r.component] += milli
+                if r.tenant is not None:
+                    tenants[r.tenant] += milli
+            out[name] = {
+                "nodes": len(members),
+                "priority": self.pools[name].priority,
+                "total_gpus": self._pool_gpus[name],
+                "allocated_gpus": sum(comps.values()) / MILLI,
+                "free_gpus": round(sum(self._cluster.by_id[n].gpus_free() for n in members), 3),
+                "components": {k: v / MILLI for k, v in sorted(comps.items())},
+                "tenants": {k: v / MILLI for k, v in sorted(tenants.items())},
+            }
+        return out
 
     async def get_component_allocations(self, component_name: str) -> list[ComputeGroup]:
         """Groups a component owns (allocated, reserved or draining)."""
@@ -610,7 +1125,7 @@ class ComputeGroupManager:
             await self._refresh()
             records = [r for r in self._records.values() if r.component == component and r.state in _OWNED]
         records.sort(key=lambda r: (r.created_at, r.id))
-        return [self._view(r) for r in records]
+        return self._views(records)
 
     # -- health -----------------------------------------------------------------------
     async def refresh_health(self) -> list[Event]:

@@ -25,6 +25,7 @@ __all__ = [
     "ComputeNode",
     "Constraints",
     "DeviceShare",
+    "GangComputeGroup",
     "GpuSpec",
     "GroupRecord",
     "NodeSpec",
@@ -152,8 +153,10 @@ class Requirements:
     gpu_model: str | tuple[str, ...] | None = None
     cpus: int | float = 0
     memory_mib: int = 0
+    pool: str | None = None
+    nodes: int = 1
 
-    KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib")
+    KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes")
 
     def __post_init__(self) -> None:
         g = _number("requirements.gpus", self.gpus)
@@ -184,6 +187,15 @@ class Requirements:
                 )
         _milli("requirements.cpus", _number("requirements.cpus", self.cpus))
         _number("requirements.memory_mib", self.memory_mib, integer=True)
+        if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
+            raise InvalidRequestError(f"requirements.pool: {self.pool!r} is not a pool name", key="requirements.pool")
+        _number("requirements.nodes", self.nodes, integer=True)
+        if self.nodes < 1 or self.nodes > 4096:
+            raise InvalidRequestError(f"requirements.nodes: {self.nodes!r} is not in 1..4096", key="requirements.nodes")
+        if self.nodes > 1 and g < 1:
+            raise InvalidRequestError(
+                "requirements.nodes: a multi-node group needs whole gpus per node", key="requirements.nodes"
+            )
         if g == 0 and self.cpus == 0 and self.memory_mib == 0:
             raise InvalidRequestError(
                 "requirements: nothing requested; give gpus, cpus or memory_mib", key="requirements"
@@ -242,6 +254,10 @@ class Requirements:
             out["cpus"] = self.cpus
         if self.memory_mib:
             out["memory_mib"] = self.memory_mib
+        if self.pool:
+            out["pool"] = self.pool
+        if self.nodes != 1:
+            out["nodes"] = self.nodes
         return out
 
 
@@ -683,6 +699,66 @@ class ComputeGroup:
 
     def __hash__(self) -> int:
         return hash(self._record.id)
+
+
+class GangComputeGroup(ComputeGroup):
+    """One compute group that spans nodes (e.g. 2 nodes x 8 GPUs for a multi-node engine).
+
+    ``node_id``, ``env`` and ``record`` are those of the first part; ``parts`` lists every
+    node's part; ``envs`` maps each node to the environment of its part.
+    """
+
+    __slots__ = ("_gang_id", "_parts", "_specs")
+
+    def __init__(
+        self,
+        gang_id: str,
+        parts: list[GroupRecord],
+        specs: Mapping[str, NodeSpec],
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        super().__init__(parts[0], specs.get(parts[0].node_id), telemetry)
+        self._gang_id = gang_id
+        self._parts = parts
+        self._specs = specs
+
+    @property
+    def id(self) -> str:
+        return self._gang_id
+
+    @property
+    def parts(self) -> list[ComputeGroup]:
+        """The per-node groups, in order."""
+        return [ComputeGroup(p, self._specs.get(p.node_id), self._telemetry) for p in self._parts]
+
+    @property
+    def part_records(self) -> list[GroupRecord]:
+        return list(self._parts)
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        """Totals plus ``nodes``: each part's node_id, gpu_indices and gpu_uuids."""
+        parts = [p.resources for p in self.parts]
+        out = dict(parts[0])
+        out["gpus"] = sum(p["gpus"] for p in parts)
+        out["node_ids"] = [p["node_id"] for p in parts]
+        out["nodes"] = parts
+        out["gpu_uuids"] = [u for p in parts for u in p["gpu_uuids"]]
+        return out
+
+    @property
+    def envs(self) -> dict[str, dict[str, str]]:
+        """Per node, the environment of that node's part."""
+        return {p.node_id: group_env(p) for p in self._parts}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["id"] = self._gang_id
+        out["envs"] = self.envs
+        return out
+
+    def __repr__(self) -> str:
+        return f"GangComputeGroup(id={self._gang_id!r}, nodes={[p.node_id for p in self._parts]})"
 
 
 class ComputeNode:
