@@ -1,23 +1,41 @@
-"""This machine: GPUs through NVML, CPUs and memory from the OS.
+"""This machine: GPUs through NVML (or ``nvidia-smi``), CPUs and memory from the OS.
 
-A machine without an NVIDIA driver comes up as one CPU-only node, and the
-inventory's notes say why no GPU was found.
+Discovery tries NVML first, then the ``nvidia-smi`` executable; a machine with
+neither comes up as one CPU-only node, and the inventory's notes say why no GPU
+was found. The NVML source stays open while the provider is, so that
+:meth:`sample_health` can report utilization and health (XIDs, double-bit ECC
+errors, uncorrectable remapped rows, lost GPUs) every monitoring round.
+
+A recorded machine replays through the same code:
+``LocalComputeResourceProvider.from_recording("tests/fixtures/nvml/hgx_h100_8_nvswitch.json")``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from computegroups.model import MILLI, GpuSpec, NodeSpec
-from computegroups.providers.base import ComputeResourceProvider, Inventory
+from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
 from computegroups.providers.materialise import EnvMaterialiser
-from computegroups.providers.nvml import NvmlSource, NvmlUnavailable, RealNvml, discover_gpus
+from computegroups.providers.nvidia_smi import NvidiaSmi, NvidiaSmiUnavailable
+from computegroups.providers.nvml import (
+    HealthTracker,
+    NvmlSource,
+    NvmlUnavailable,
+    RealNvml,
+    ReplayNvml,
+    discover_gpus,
+    discover_machine,
+    schedulable_devices,
+)
 from computegroups.topology import Topology
 
-__all__ = ["LocalComputeResourceProvider"]
+__all__ = ["LocalComputeResourceProvider", "discover_gpus"]
 
 
 def _memory_mib() -> int:
@@ -42,41 +60,141 @@ def _cpus() -> int:
 
 
 class LocalComputeResourceProvider(ComputeResourceProvider):
-    """Discovers this machine; workloads are isolated by environment (CUDA_VISIBLE_DEVICES)."""
+    """Discovers this machine; workloads are isolated by environment (CUDA_VISIBLE_DEVICES).
+
+    ``nvml``: a factory for the NVML source (default :class:`RealNvml`; a
+    :class:`ReplayNvml` replays a recorded machine). ``nvidia_smi``: the
+    executable to fall back on when NVML is unavailable (None: no fallback).
+    ``cpus``/``memory_mib`` override what the OS reports (useful with recordings).
+    """
 
     name = "local"
 
-    def __init__(self, node_id: str | None = None, nvml: Callable[[], NvmlSource] | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str | None = None,
+        nvml: Callable[[], NvmlSource] | None = None,
+        *,
+        nvidia_smi: str | None = "nvidia-smi",
+        cpus: int | None = None,
+        memory_mib: int | None = None,
+    ) -> None:
         self.node_id = node_id or socket.gethostname()
         self._nvml_factory: Callable[[], NvmlSource] = nvml or RealNvml
+        self._nvidia_smi = nvidia_smi
+        self._cpus = cpus
+        self._memory_mib = memory_mib
         self._materialised = EnvMaterialiser()
         self._notes: list[str] = []
+        self._source: NvmlSource | NvidiaSmi | None = None
+        self._parents: list[int] = []  # node device index -> NVML GPU index
+        self._tracker = HealthTracker()
+        self.backend = "none"
+
+    @classmethod
+    def from_recording(
+        cls, path: str | os.PathLike[str], node_id: str | None = None, **kwargs: Any
+    ) -> LocalComputeResourceProvider:
+        """A provider replaying a recorded machine (see :class:`ReplayNvml`); no real GPU is touched."""
+        replay = ReplayNvml(path)
+        return cls(node_id or Path(path).stem, lambda: replay, nvidia_smi=None, **kwargs)
+
+    @property
+    def source(self) -> NvmlSource | NvidiaSmi | None:
+        """The open NVML (or nvidia-smi) source, after discovery."""
+        return self._source
 
     async def discover_resources(self) -> Inventory:
         notes: list[str] = []
         gpus: list[GpuSpec] = []
         topo: Topology | None = None
+        await self.close()
         try:
             source = self._nvml_factory()
         except NvmlUnavailable as exc:
-            notes.append(f"no NVIDIA GPU found: {exc}")
+            notes.append(f"NVML unavailable: {exc}")
+            gpus, topo = self._discover_smi(notes)
         else:
             try:
-                gpus, topo = discover_gpus(source)
-            finally:
+                machine = discover_machine(source)
+                gpus, topo = schedulable_devices(machine)
+                self._parents = [next(g.index for g in machine.gpus if g.pci_bus_id == d.pci_bus_id) for d in gpus]
+            except BaseException:
                 source.close()
-            if not gpus:
-                notes.append("no NVIDIA GPU found: NVML reports 0 devices")
+                raise
+            self._source = source
+            self.backend = "nvml"
+            if machine.mig:
+                notes.append(
+                    "MIG devices are scheduled in place of their GPUs: "
+                    + ", ".join(f"GPU {i}: {len(m)}" for i, m in sorted(machine.mig.items()))
+                )
+        if not gpus:
+            notes.append("no NVIDIA GPU found")
         node = NodeSpec(
             id=self.node_id,
             gpus=tuple(gpus),
             topology=topo if gpus else None,
-            cpus_milli=_cpus() * MILLI,
-            memory_mib=_memory_mib(),
+            cpus_milli=(self._cpus if self._cpus is not None else _cpus()) * MILLI,
+            memory_mib=self._memory_mib if self._memory_mib is not None else _memory_mib(),
             labels={"kubernetes.io/hostname": self.node_id},
         )
         self._notes = notes
         return Inventory((node,), source="local", notes=tuple(notes))
+
+    def _discover_smi(self, notes: list[str]) -> tuple[list[GpuSpec], Topology | None]:
+        if self._nvidia_smi is None:
+            return [], None
+        try:
+            smi = NvidiaSmi(self._nvidia_smi)
+            gpus, topo, smi_notes = smi.discover()
+        except NvidiaSmiUnavailable as exc:
+            notes.append(f"nvidia-smi fallback unavailable: {exc}")
+            return [], None
+        notes.append("discovered through nvidia-smi (NVML library not loadable)")
+        notes.extend(smi_notes)
+        self._source = smi
+        self._parents = list(range(len(gpus)))
+        self.backend = "nvidia-smi"
+        return gpus, topo
+
+    async def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+    async def sample_health(self) -> Sequence[DeviceHealth]:
+        """One monitoring round: utilization and health of every device (a MIG device shares its GPU's)."""
+        if self._source is None:
+            return ()
+        samples = {int(s["index"]): s for s in await asyncio.to_thread(self._source.sample)}
+        verdicts = {i: self._tracker.assess(s) for i, s in samples.items()}
+        out: list[DeviceHealth] = []
+        for index, parent in enumerate(self._parents):
+            s = samples.get(parent)
+            if s is None:
+                out.append(DeviceHealth(self.node_id, index, False, "GPU is missing from the sample"))
+                continue
+            healthy, reason = verdicts[parent]
+            out.append(
+                DeviceHealth(
+                    self.node_id,
+                    index,
+                    healthy,
+                    reason,
+                    gpu_util=s.get("gpu_util"),
+                    memory_used_mib=s.get("memory_used_mib"),
+                    extra={k: v for k, v in s.items() if k not in ("index", "gpu_util", "memory_used_mib")},
+                )
+            )
+        return out
+
+    def clear_device_health(self, node_id: str, index: int) -> bool:
+        """Accept the errors seen so far on a device (an operator checked it); False if not ours."""
+        if node_id != self.node_id or not 0 <= index < len(self._parents):
+            return False
+        self._tracker.clear(self._parents[index])
+        return True
 
     async def allocate_resources(self, component_name: str, resources: dict[str, Any]) -> dict[str, Any]:
         return self._materialised.allocate(component_name, resources)
@@ -88,6 +206,7 @@ class LocalComputeResourceProvider(ComputeResourceProvider):
         return {
             "provider": self.name,
             "node": self.node_id,
+            "backend": self.backend,
             "notes": list(self._notes),
             "materialised": dict(self._materialised.active),
         }
