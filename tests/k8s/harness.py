@@ -31,6 +31,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -402,6 +403,18 @@ class _Proc:
     log: Path
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGKILL the child when the process that started
+    it dies, so even a SIGKILLed pytest leaves no control plane behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: rely on stop()
+        pass
+
+
 def _log_tail(path: Path, n: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -518,6 +531,7 @@ class ControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 start_new_session=True,  # own process group
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         p = _Proc(name, popen, log)
         self.procs.append(p)

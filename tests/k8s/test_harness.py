@@ -282,7 +282,13 @@ def test_independent_control_plane_stops_without_leftovers(k8s_cluster: ControlP
         assert cp.server != k8s_cluster.server
         assert cp.client().get("/version")["gitVersion"].startswith("v1.34.")
         pids = [p.popen.pid for p in cp.procs]
-        assert [p.name for p in cp.procs] == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+        assert [p.name for p in cp.procs] == [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kwok",
+        ]
         assert set(cp.leftover_processes()) >= set(pids)
     finally:
         cp.stop()
