@@ -47,6 +47,7 @@ from computegroups.model import (
     Scope,
     group_env,
 )
+from computegroups.monitor import Hook, Monitor, reconcile
 from computegroups.placement.cluster import Cluster
 from computegroups.placement.engine import Decision, place
 from computegroups.placement.plugins import Context
@@ -126,6 +127,8 @@ class ComputeGroupManager:
         max_attempts: int = 64,
         pools: Sequence[Pool | Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
+        monitor_interval: float | None = None,
+        reconcile_on_start: bool = True,
     ) -> None:
         if not isinstance(provider, ComputeResourceProvider):
             raise InvalidRequestError(
@@ -166,6 +169,12 @@ class ComputeGroupManager:
         self._nominated: dict[str, dict[str, tuple[int, int]]] = {}  # node -> preemptor -> (gpu mask, priority)
         self._preemptible: dict[str, dict[str, None]] = {}  # node -> preemptible allocated groups
         self._gangs: dict[str, list[str]] = {}  # gang id -> part ids
+        # Monitoring and reconciliation (computegroups.monitor): hooks return the events they caused.
+        self.monitor_interval = monitor_interval
+        self.reconcile_on_start = reconcile_on_start
+        self.monitor_hooks: list[Hook] = []
+        self.reconcile_hooks: list[Hook] = []
+        self.monitor: Monitor | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> ComputeGroupManager:
@@ -191,12 +200,23 @@ class ComputeGroupManager:
         for note in self.inventory.notes:
             log.info("discovery: %s", note)
         self._entered = True
+        try:
+            if self.reconcile_on_start:
+                await self.reconcile()
+            if self.monitor_interval is not None:
+                self.monitor = Monitor(self, self.monitor_interval)
+                self.monitor.start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._entered = False
+        if self.monitor is not None:
+            await self.monitor.stop()
         try:
             await self.store.close()
         finally:
@@ -1153,6 +1173,29 @@ class ComputeGroupManager:
         for e in events:
             self._emit(e)
         return events
+
+    async def clear_device_health(self, node_id: str, index: int) -> bool:
+        """Operator override: mark a device healthy again (the provider accepts the errors seen so far).
+
+        Returns False if the device was not marked unhealthy. New errors mark it unhealthy again.
+        """
+        self._require_open()
+        clear = getattr(self.provider, "clear_device_health", None)
+        if clear is not None:
+            clear(node_id, index)
+        async with self._lock:
+            reason = self._unhealthy.pop((node_id, index), None)
+            if reason is not None:
+                self._cluster.set_unhealthy(node_id, index, False)
+        if reason is None:
+            return False
+        self._emit(Event("device-healthy", None, node_id, None, f"GPU {index}: cleared by operator (was: {reason})"))
+        return True
+
+    async def reconcile(self) -> list[Event]:
+        """Correct the state against reality (vanished or unhealthy devices, gone processes); see monitor.py."""
+        self._require_open()
+        return await reconcile(self)
 
     def unhealthy_devices(self) -> dict[tuple[str, int], str]:
         """Devices currently marked unhealthy, with the reason."""

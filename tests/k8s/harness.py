@@ -537,6 +537,9 @@ class ControlPlane:
         self.procs.append(p)
         return p
 
+    def _where(self) -> str:
+        return f"work dir {self.workdir}, kept if COMPUTEGROUPS_K8S_KEEP=1"
+
     def _wait(self, proc: _Proc, check: Callable[[], Any], timeout: float) -> None:
         t0 = time.monotonic()
         deadline = t0 + timeout
@@ -544,7 +547,8 @@ class ControlPlane:
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
                 raise ControlPlaneError(
-                    f"{proc.name} exited with {proc.popen.returncode}; log tail:\n{_log_tail(proc.log)}"
+                    f"{proc.name} exited with {proc.popen.returncode} ({self._where()}); "
+                    f"log tail:\n{_log_tail(proc.log)}"
                 )
             try:
                 if check():
@@ -554,7 +558,8 @@ class ControlPlane:
                 last_err = e
             time.sleep(0.1)
         raise ControlPlaneError(
-            f"{proc.name} not ready after {timeout}s (last error: {last_err}); log tail:\n{_log_tail(proc.log)}"
+            f"{proc.name} not ready after {timeout}s (last error: {last_err}; {self._where()}); "
+            f"log tail:\n{_log_tail(proc.log)}"
         )
 
     def _start(self, timeout: float) -> None:

@@ -1,0 +1,133 @@
+"""The manager's monitor and reconciler: keep the state in step with the hardware and the processes.
+
+:class:`Monitor` runs one round every ``interval_s`` while a manager is open
+(``ComputeGroupManager(provider, state, monitor_interval=5.0)``): it samples
+device health and utilization (so ``group.utilization`` and
+``node.utilization`` are live), releases expired reservations, and runs the
+registered monitor hooks (the local runtime registers one that notices exited
+workers).
+
+:func:`reconcile` runs once when a manager opens, and whenever called: it
+compares the persisted state with what is really there and corrects it, each
+correction logged and emitted as an event:
+
+* a group holding a device that vanished (the node is still there but the GPU
+  with that UUID is gone) is released: ``group-device-vanished``;
+* a group holding a device that is unhealthy is reported, not released (its
+  owner decides): ``group-unhealthy``;
+* reconcile hooks add their own corrections (the local runtime releases
+  allocations whose worker process is gone and stops workers whose group is gone).
+
+Health states of a device: ``healthy``; ``unhealthy`` (a critical XID, a
+double-bit ECC error, uncorrectable remapped rows, a failed remapping, or a lost
+GPU), on which nothing new is placed; back to ``healthy`` when the provider
+reports it healthy again or an operator clears it
+(:meth:`ComputeGroupManager.clear_device_health`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from computegroups.model import AllocationState
+
+if TYPE_CHECKING:
+    from computegroups.manager import ComputeGroupManager, Event
+
+__all__ = ["Hook", "Monitor", "reconcile"]
+
+log = logging.getLogger("computegroups.monitor")
+
+#: A monitor or reconcile hook: called with the manager, returns the events it caused.
+Hook = Callable[["ComputeGroupManager"], Awaitable[Sequence["Event"]]]
+
+
+class Monitor:
+    """One monitoring round every ``interval_s`` seconds, in a background task of the manager's loop."""
+
+    def __init__(self, manager: ComputeGroupManager, interval_s: float) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"monitor_interval: {interval_s!r} is not a number of seconds > 0")
+        self.manager = manager
+        self.interval_s = interval_s
+        self.rounds = 0
+        self.errors = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> list[Event]:
+        """One round: health and utilization, expired reservations, then each monitor hook."""
+        mgr = self.manager
+        events = list(await mgr.refresh_health())
+        expire: Any = getattr(mgr, "expire_reservations", None)
+        if expire is not None:
+            await expire()
+        for hook in list(mgr.monitor_hooks):
+            events.extend(await hook(mgr))
+        self.rounds += 1
+        return events
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed round must not end monitoring
+                self.errors += 1
+                log.exception("monitor round failed")
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        """Start the background task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="computegroups-monitor")
+
+    async def stop(self) -> None:
+        """Stop the background task and wait for it (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def reconcile(manager: ComputeGroupManager) -> list[Event]:
+    """Correct the persisted state against reality once; returns the events of the corrections."""
+    from computegroups.manager import Event
+
+    events: list[Event] = list(await manager.refresh_health())
+    corrections: list[Event] = []
+    specs = {n.id: n for n in manager.node_specs()}
+    unhealthy = manager.unhealthy_devices()
+    for g in await manager.list_compute_groups():
+        spec = specs.get(g.node_id)
+        if spec is None:
+            continue  # a node this manager does not discover (another provider's); not ours to judge
+        devices = g.record.devices
+        vanished = [d for d in devices if d.index >= len(spec.gpus) or spec.gpus[d.index].uuid != d.uuid]
+        if vanished:
+            what = ", ".join(f"GPU {d.index} ({d.uuid})" for d in vanished)
+            if g.component is not None:
+                await manager.deallocate_compute_group(g.id)
+            elif g.record.state is AllocationState.FREE:
+                await manager.delete_compute_group(g.id)
+            corrections.append(
+                Event("group-device-vanished", g.id, g.node_id, g.component, f"released: {what} is gone")
+            )
+            continue
+        bad = [
+            f"GPU {d.index}: {unhealthy[(g.node_id, d.index)]}" for d in devices if (g.node_id, d.index) in unhealthy
+        ]
+        if bad:
+            corrections.append(Event("group-unhealthy", g.id, g.node_id, g.component, "; ".join(bad)))
+    for e in corrections:
+        log.warning("reconcile: %s %s: %s", e.kind, e.group_id, e.detail)
+        manager._emit(e)
+    events.extend(corrections)
+    for hook in list(manager.reconcile_hooks):
+        events.extend(await hook(manager))
+    return events
