@@ -4,6 +4,8 @@ Invariants checked after every step:
   * no device is allocated beyond its capacity, and a whole GPU has at most one group;
   * the manager's occupancy indexes equal occupancy recomputed from the records;
   * owned groups have a component, free pre-carved groups have none, draining groups get no new owner;
+  * reservations and allocations never count the same capacity twice; expired reservations are released;
+  * quotas are never exceeded; preemption never touches a non-preemptible group;
   * totals add up: allocated + reserved + free == total GPUs;
   * a restart on the same store sees exactly the same groups (SQLite runs).
 """
@@ -22,20 +24,43 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from computegroups import (
     ComputeGroupManager,
-    ComputeGroupsError,
     ConflictError,
     InsufficientResourcesError,
     SimulatedComputeResourceProvider,
 )
+from computegroups.errors import PreemptionPendingError
 from computegroups.model import MILLI, AllocationState
 from computegroups.placement.cluster import Cluster
 
 SPEC = {
     "nodes": [
-        {"id": "pairs", "preset": "pcie-a6000-nvlink-pairs", "cpus": 16, "memory_mib": 65536},
-        {"id": "dgx", "preset": "dgx-h100", "cpus": 16, "memory_mib": 65536},
+        {
+            "id": "pairs",
+            "preset": "pcie-a6000-nvlink-pairs",
+            "cpus": 16,
+            "memory_mib": 65536,
+            "labels": {"tier": "gold"},
+        },
+        {"id": "dgx", "preset": "dgx-h100", "cpus": 16, "memory_mib": 65536, "labels": {"tier": "gold"}},
         {"id": "cpu", "preset": "cpu-only", "cpus": 8, "memory_mib": 32768},
     ]
+}
+POOLS = [
+    {
+        "name": "gold",
+        "selector": {"tier": "gold"},
+        "quotas": {
+            "components": {"a": {"max_gpus": 5}},
+            "tenants": {"t": {"max_share": 0.25}},
+            "default_component": {"max_gpus": 9},
+        },
+    }
+]
+QUOTA_LIMITS = {
+    ("gold", "component", "a"): 5000,
+    ("gold", "component", "b"): 9000,
+    ("gold", "component", "c"): 9000,
+    ("gold", "tenant", "t"): 4000,
 }
 
 sizes = st.sampled_from([1, 1, 2, 2, 4, 8, 0.25, 0.5, 0.75, 0.125])
@@ -46,6 +71,12 @@ constraints = st.fixed_dictionaries(
         "same_numa": st.booleans(),
         "strategy": st.sampled_from(["binpack", "spread"]),
         "node_id": st.sampled_from(["pairs", "dgx", "cpu"]),
+        "pool": st.just("gold"),
+        "tenant": st.just("t"),
+        "priority": st.integers(0, 3),
+        "preemptible": st.booleans(),
+        "affinity": st.sampled_from([["a"], [{"component": "b", "required": False}]]),
+        "anti_affinity": st.sampled_from([["c"], [{"component": "a", "scope": "nvlink_domain"}]]),
     },
 )
 
@@ -61,11 +92,17 @@ class Machine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.tmp = tempfile.TemporaryDirectory()
         self.state: Any = str(Path(self.tmp.name) / "s.db") if self.persistent else ":memory:"
+        self.now = 1_000_000.0
         self.mgr = self._open()
-        self.owned: dict[str, str] = {}  # group id -> component, as the test expects it
 
     def _open(self) -> ComputeGroupManager:
-        mgr = ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), self.state, tombstone_limit=20)
+        mgr = ComputeGroupManager(
+            SimulatedComputeResourceProvider.from_spec(SPEC),
+            self.state,
+            tombstone_limit=20,
+            pools=POOLS,
+            clock=lambda: self.now,
+        )
         self.loop.run_until_complete(mgr.__aenter__())
         return mgr
 
@@ -85,18 +122,50 @@ class Machine(RuleBasedStateMachine):
         cpus=st.sampled_from([0, 0, 1, 4]),
     )
     def allocate(self, component: str, gpus: float, cons: dict[str, Any], cpus: int) -> str:
+        before = self.run(self.mgr.get_allocation_summary())
         try:
             g = self.run(self.mgr.allocate_compute_group(component, {"gpus": gpus, "cpus": cpus}, cons))
+        except PreemptionPendingError as exc:
+            for vid in exc.victims:
+                v = self.run(self.mgr.get_compute_group(vid))
+                assert v.record.preemptible and v.record.priority < cons.get("priority", 0)
+                assert v.allocation_state == "draining"
+            return exc.group_id
         except InsufficientResourcesError:
+            assert self.run(self.mgr.get_allocation_summary()) == before
             return "none"
         assert g.component == component and g.allocation_state == "allocated"
         if cons.get("nvlink") and gpus >= 2:
             assert g.topology["nvlink"]
         if cons.get("same_numa"):
             assert len(g.topology["numa_nodes"]) <= 1
-        assert g.id not in self.owned
-        self.owned[g.id] = component
         return g.id
+
+    @rule(target=groups, component=st.sampled_from(["a", "b"]), gpus=sizes, ttl=st.sampled_from([5, 30, 300]))
+    def reserve(self, component: str, gpus: float, ttl: int) -> str:
+        try:
+            g = self.run(self.mgr.reserve_compute_group(component, {"gpus": gpus}, ttl_seconds=ttl))
+        except InsufficientResourcesError:
+            return "none"
+        assert g.allocation_state == "reserved" and g.record.expires_at == self.now + ttl
+        return g.id
+
+    @rule(target=groups, gpus=st.sampled_from([1, 4, 8]))
+    def gang(self, gpus: int) -> str:
+        try:
+            g = self.run(self.mgr.allocate_compute_group("c", {"gpus": gpus, "nodes": 2}))
+        except InsufficientResourcesError:
+            return "none"
+        assert len(set(g.resources["node_ids"])) == 2
+        return g.id
+
+    @rule(seconds=st.sampled_from([1, 10, 100]))
+    def time_passes(self, seconds: int) -> None:
+        self.now += seconds
+        self.run(self.mgr.expire_reservations())
+        for r in self.mgr._records.values():
+            if r.state is AllocationState.RESERVED and r.expires_at is not None:
+                assert r.expires_at > self.now
 
     @rule(target=groups, gpus=st.sampled_from([1, 2, 0.5]))
     def create(self, gpus: float) -> str:
@@ -111,9 +180,9 @@ class Machine(RuleBasedStateMachine):
     def release(self, gid: str) -> None:
         if gid == "none":
             return
-        was_owned = gid in self.owned
+        g = self.run(self.mgr.get_compute_group(gid))
+        was_owned = g.component is not None and g.allocation_state != "released"
         assert self.run(self.mgr.deallocate_compute_group(gid)) is was_owned
-        self.owned.pop(gid, None)
         assert self.run(self.mgr.deallocate_compute_group(gid)) is False  # idempotent
 
     @rule(gid=groups)
@@ -127,20 +196,19 @@ class Machine(RuleBasedStateMachine):
             return
         g = self.run(self.mgr.get_compute_group(gid))
         assert g.allocation_state == "draining"
-        assert g.component == self.owned.get(gid)
 
     @rule(gid=consumes(groups))
     def delete(self, gid: str) -> None:
         if gid == "none":
             return
+        g = self.run(self.mgr.get_compute_group(gid))
         try:
-            self.run(self.mgr.delete_compute_group(gid))
+            done = self.run(self.mgr.delete_compute_group(gid))
         except ConflictError:
-            assert gid in self.owned
+            assert g.component is not None and g.allocation_state != "released"
             return
-        except ComputeGroupsError:
-            raise
-        assert gid not in self.owned
+        assert done is (g.allocation_state != "released")
+        assert g.component is None or not done
 
     @rule()
     def restart(self) -> None:
@@ -183,8 +251,23 @@ class Machine(RuleBasedStateMachine):
         for free in range(fresh.max_gpus + 1):
             assert fresh.bucket(free) == mgr._cluster.bucket(free)
         assert fresh.partial() == mgr._cluster.partial()
-        owned = {r.id: r.component for r in records if r.component is not None}
-        assert owned == self.owned
+        for r in mgr._records.values():
+            if r.preempted_by is not None:
+                assert r.preemptible, "preemption touched a non-preemptible group"
+            if r.pending and r.state is not AllocationState.RELEASED:
+                assert r.state is AllocationState.RESERVED
+        # Quotas are never exceeded: recompute usage from the records.
+        usage: dict[tuple[str, str, str], int] = defaultdict(int)
+        for r in mgr._records.values():
+            if r.state is AllocationState.RELEASED or r.pool is None or r.component is None:
+                continue
+            milli = sum(d.share_milli for d in r.devices)
+            usage[(r.pool, "component", r.component)] += milli
+            if r.tenant:
+                usage[(r.pool, "tenant", r.tenant)] += milli
+        for key, used_milli in usage.items():
+            assert used_milli <= QUOTA_LIMITS[key], key
+            assert mgr._usage[key] == used_milli
 
     @invariant()
     def totals_add_up(self) -> None:

@@ -569,21 +569,18 @@ class ComputeGroupManager:
         async with self._lock:
 
             def build() -> tuple[list[GroupRecord], list[str]]:
-                r = self._records.get(gid)
-                if r is None:
-                    raise NotFoundError(f"group_id: no compute group {gid!r}")
-                if r.state is AllocationState.RELEASED:
-                    return [], []
-                if r.component is not None:
-                    raise ConflictError(
-                        f"group {gid} is {r.state.value} by {r.component}; deallocate it before deleting"
-                    )
-                return [], [gid]
+                live = [r for r in self._parts(gid) if r.state is not AllocationState.RELEASED]
+                for r in live:
+                    if r.component is not None:
+                        raise ConflictError(
+                            f"group {gid} is {r.state.value} by {r.component}; deallocate it before deleting"
+                        )
+                return [], [r.id for r in live]
 
-            r = self._records.get(gid)
+            node = self._parts(gid)[0].node_id
             done = await self._commit(build) is not None
-        if done and r is not None:
-            self._emit(Event("deleted", gid, r.node_id))
+        if done:
+            self._emit(Event("deleted", gid, node))
         return done
 
     async def allocate_compute_group(
