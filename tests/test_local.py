@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -69,9 +70,17 @@ async def test_mig_devices_are_scheduled_in_place_of_their_gpu() -> None:
         assert any("MIG devices" in n for n in mgr.inventory.notes)
         (node,) = await mgr.list_compute_nodes()
         assert node.resources["gpus"] == 4
-        g = await mgr.allocate_compute_group("small", {"gpus": 1, "gpu_memory_mib": 15000})
+        # MIG devices go only to requests that name their profile.
+        with pytest.raises(InsufficientResourcesError, match="mig_profile"):
+            await mgr.allocate_compute_group("small", {"gpus": 1})
+        g = await mgr.allocate_compute_group("small", {"mig_profile": "2g.20gb"})
         assert g.env["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
-        assert g.resources["gpu_memory_mib"][0] >= 15000
+        assert g.resources["gpu_memory_mib"] == [19968] and g.resources["mig_profiles"] == ["2g.20gb"]
+        assert g.resources["gpu_indices"] == [0]  # nvidia-smi's index of the parent GPU
+        pair = await mgr.allocate_compute_group("tiny", {"mig_profile": "1g.10gb", "gpus": 2})
+        assert len(set(pair.env["CUDA_VISIBLE_DEVICES"].split(","))) == 2
+        with pytest.raises(InsufficientResourcesError, match=re.escape("0 of 2 1g.10gb MIG devices free")):
+            await mgr.allocate_compute_group("tiny", {"mig_profile": "1g.10gb"})
 
 
 # -- the nvidia-smi fallback, replayed by a fake executable ------------------------------

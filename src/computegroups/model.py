@@ -73,6 +73,14 @@ class GpuSpec:
     numa_node: int | None = None
     compute_capability: str = ""
     nvlink_domain: str = ""  # NVLink clique/partition id where known
+    mig_profile: str = ""  # a MIG device (e.g. "3g.40gb"); given only to requests naming its profile
+    parent_index: int | None = None  # nvidia-smi's index of the physical GPU, where it differs from ``index``
+    parent_uuid: str = ""  # a MIG device's physical GPU
+
+    @property
+    def smi_index(self) -> int:
+        """The index nvidia-smi shows for this device (its parent GPU's, for a MIG device)."""
+        return self.parent_index if self.parent_index is not None else self.index
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -155,11 +163,24 @@ class Requirements:
     memory_mib: int = 0
     pool: str | None = None
     nodes: int = 1
+    mig_profile: str | None = None
 
-    KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes")
+    KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes", "mig_profile")
 
     def __post_init__(self) -> None:
+        if self.mig_profile is not None:
+            if not isinstance(self.mig_profile, str) or not _MIG_PROFILE.match(self.mig_profile):
+                raise InvalidRequestError(
+                    f"requirements.mig_profile: {self.mig_profile!r} is not a MIG profile such as '1g.10gb'",
+                    key="requirements.mig_profile",
+                )
+            if self.gpus == 0:
+                object.__setattr__(self, "gpus", 1)  # one MIG device unless more are asked for
         g = _number("requirements.gpus", self.gpus)
+        if self.mig_profile is not None and (g < 1 or g != int(g)):
+            raise InvalidRequestError(
+                "requirements.gpus: with mig_profile, gpus counts whole MIG devices", key="requirements.gpus"
+            )
         if g >= 1 and g != int(g):
             raise InvalidRequestError(
                 f"requirements.gpus: {self.gpus!r} is not allowed; use an int for whole GPUs "
@@ -258,6 +279,8 @@ class Requirements:
             out["pool"] = self.pool
         if self.nodes != 1:
             out["nodes"] = self.nodes
+        if self.mig_profile:
+            out["mig_profile"] = self.mig_profile
         return out
 
 
@@ -309,6 +332,7 @@ class AffinityRule:
         return {"component": self.component, "scope": self.scope.value, "required": self.required}
 
 
+_MIG_PROFILE = re.compile(r"^\d+g\.\d+gb(\+me)?$", re.IGNORECASE)
 _LABEL_KEY = re.compile(r"^([A-Za-z0-9.\-]+/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
 
 
@@ -602,15 +626,20 @@ class ComputeGroup:
     def resources(self) -> dict[str, Any]:
         """Resources in this group: node_id, gpus, gpu_indices, gpu_uuids, and cpus / memory_mib where held."""
         r = self._record
+        node = self._node
         out: dict[str, Any] = {
             "node_id": r.node_id,
             "gpus": r.gpus,
-            "gpu_indices": [d.index for d in r.devices],
+            "gpu_indices": [node.gpus[d.index].smi_index if node else d.index for d in r.devices],
             "gpu_uuids": [d.uuid for d in r.devices],
             "gpu_memory_mib": [d.memory_mib for d in r.devices],
         }
-        if self._node is not None and r.devices:
-            out["gpu_model"] = self._node.gpus[r.devices[0].index].name
+        if node is not None and r.devices:
+            out["gpu_model"] = node.gpus[r.devices[0].index].name
+            migs = [node.gpus[d.index] for d in r.devices if node.gpus[d.index].mig_profile]
+            if migs:
+                out["mig_profiles"] = [g.mig_profile for g in migs]
+                out["mig_parent_uuids"] = [g.parent_uuid for g in migs]
         if r.cpus_milli:
             out["cpus"] = r.cpus_milli / MILLI
         if r.memory_mib:

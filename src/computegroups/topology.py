@@ -127,6 +127,23 @@ class Topology:
         links = [[link] * n for _ in range(n)]
         return cls(links, [numa_node] * n, None, name=name or f"uniform-{n}-{link}")
 
+    def project(self, parents: Sequence[int], *, name: str = "") -> Topology:
+        """The topology of devices carved from these GPUs (device k lives on GPU ``parents[k]``).
+
+        Two devices on one GPU (MIG devices) are joined as PIX, the nearest link without
+        NVLink; devices on different GPUs inherit their GPUs' link.
+        """
+        links = [
+            ["X" if a == b else ("PIX" if pa == pb else self.link(pa, pb)) for b, pb in enumerate(parents)]
+            for a, pa in enumerate(parents)
+        ]
+        return Topology(
+            links,
+            [self.numa_node(p) for p in parents],
+            [self.cpu_affinity(p) for p in parents],
+            name=name or f"{self.name}-projected",
+        )
+
     # -- queries --------------------------------------------------------------
     def link(self, i: int, j: int) -> str:
         """The link between GPUs i and j as nvidia-smi names it (``"X"`` for i == j)."""

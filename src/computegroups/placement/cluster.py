@@ -26,6 +26,7 @@ class NodeState:
         "free_mask",
         "gpu_mem_used",
         "gpu_used",
+        "has_mig",
         "mem_used",
         "ordinal",
         "spec",
@@ -42,6 +43,7 @@ class NodeState:
         self.mem_used = 0
         self.unhealthy_mask = 0
         self.cordoned = False
+        self.has_mig = any(g.mig_profile for g in spec.gpus)
         self.free_mask = (1 << n) - 1  # wholly free and healthy GPUs
 
     @property
@@ -87,6 +89,7 @@ class NodeState:
         copy.mem_used = self.mem_used
         copy.unhealthy_mask = self.unhealthy_mask
         copy.cordoned = self.cordoned
+        copy.has_mig = self.has_mig
         for r in records:
             copy.add(r, -1)
         return copy

@@ -163,6 +163,9 @@ class CapacityFilter:
         if k:
             free = (node.free_mask & eligible).bit_count()
             if free < k:
+                if req.mig_profile:
+                    total = eligible.bit_count()
+                    return f"{free} of {total} {req.mig_profile} MIG devices free, {k} requested"
                 return f"{free} of {node.gpu_count} GPUs free, {k} requested"
         elif share_target(node, req, eligible) is None:
             return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
@@ -171,6 +174,10 @@ class CapacityFilter:
 
 def _model_reason(node: NodeState, req: Requirements) -> str:
     gpu = node.spec.gpus[0]
+    if req.mig_profile:
+        return f"no MIG device of profile {req.mig_profile}"
+    if all(g.mig_profile for g in node.spec.gpus):
+        return "only MIG devices; ask for one with mig_profile"
     if req.models and not any(m in gpu.name.lower() for m in req.models):
         return f"GPU model {gpu.name} is not {'|'.join(req.models)}"
     return f"GPU memory {gpu.memory_mib} MiB < {req.gpu_memory_mib} MiB"
@@ -180,10 +187,13 @@ def eligible_mask(node: NodeState, req: Requirements) -> int:
     """GPUs of the node whose model and memory satisfy the request (healthy or not)."""
     models = req.models
     need = req.gpu_memory_mib
-    if not models and need is None:
+    profile = req.mig_profile.lower() if req.mig_profile else ""
+    if not models and need is None and not profile and not node.has_mig:
         return (1 << node.gpu_count) - 1
     mask = 0
     for g in node.spec.gpus:
+        if g.mig_profile.lower() != profile:
+            continue  # MIG devices go only to requests naming their profile, and only they do
         if models and not any(m in g.name.lower() for m in models):
             continue
         if need is not None and req.whole_gpus and g.memory_mib < need:

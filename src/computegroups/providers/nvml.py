@@ -41,6 +41,7 @@ Recording format (``computegroups/nvml-recording/1``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -653,30 +654,16 @@ def schedulable_devices(machine: Machine) -> tuple[list[GpuSpec], Topology]:
                         pci_bus_id=g.pci_bus_id,
                         numa_node=g.numa_node,
                         compute_capability=g.compute_capability,
+                        mig_profile=m.profile,
+                        parent_index=g.index,
+                        parent_uuid=g.uuid,
                     )
                 )
                 parents.append(g.index)
         elif machine.mig_mode.get(g.index) != 1:
-            out.append(
-                GpuSpec(
-                    index=len(out),
-                    uuid=g.uuid,
-                    name=g.name,
-                    memory_mib=g.memory_mib,
-                    pci_bus_id=g.pci_bus_id,
-                    numa_node=g.numa_node,
-                    compute_capability=g.compute_capability,
-                )
-            )
+            out.append(dataclasses.replace(g, index=len(out), parent_index=g.index))
             parents.append(g.index)
-    topo = machine.topology
-    links = [
-        ["X" if a == b else ("PIX" if pa == pb else topo.link(pa, pb)) for b, pb in enumerate(parents)]
-        for a, pa in enumerate(parents)
-    ]
-    return out, Topology(
-        links, [topo.numa_node(p) for p in parents], [topo.cpu_affinity(p) for p in parents], name="nvml-mig"
-    )
+    return out, machine.topology.project(parents, name="nvml-mig")
 
 
 # -- health ---------------------------------------------------------------------------
