@@ -278,3 +278,35 @@ async def test_gang_is_refused_whole_when_only_one_node_fits(two_dgx: ComputeGro
     with pytest.raises(InsufficientResourcesError, match="only 1 node"):
         await two_dgx.allocate_compute_group("engine", {"gpus": 8, "nodes": 2})
     assert await two_dgx.get_allocation_summary() == before
+
+
+# -- MIG -------------------------------------------------------------------------------
+async def test_simulated_mig_devices_by_profile() -> None:
+    provider = SimulatedComputeResourceProvider.from_spec(
+        spec({"id": "mig", "preset": "hgx-a100", "mig": {0: ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]}})
+    )
+    async with ComputeGroupManager(provider, ":memory:") as mgr:
+        (node,) = await mgr.list_compute_nodes()
+        assert node.resources["gpus"] == 11  # 7 whole GPUs + 4 MIG devices of GPU 0
+        g = await mgr.allocate_compute_group("embed", {"mig_profile": "3g.40gb"})
+        assert g.env["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
+        assert g.resources["gpu_indices"] == [0] and g.resources["mig_profiles"] == ["3g.40gb"]
+        assert g.resources["mig_parent_uuids"] == [node.spec.gpus[0].parent_uuid]
+        whole = await mgr.allocate_compute_group("tp7", {"gpus": 7})
+        assert sorted(whole.resources["gpu_indices"]) == list(range(1, 8))  # never a MIG device
+        with pytest.raises(InsufficientResourcesError):
+            await mgr.allocate_compute_group("more", {"gpus": 1})
+        two = await mgr.allocate_compute_group("small", {"mig_profile": "1g.10gb", "gpus": 2})
+        assert len(two.resources["gpu_uuids"]) == 2
+
+
+@pytest.mark.parametrize("layout", [{9: ["1g.10gb"]}, {0: ["4g.40gb", "4g.40gb"]}, {0: ["big"]}, {0: []}])
+async def test_bad_mig_layouts(layout: dict[int, list[str]]) -> None:
+    with pytest.raises(InvalidRequestError, match="mig"):
+        SimulatedComputeResourceProvider.from_spec(spec({"id": "m", "preset": "hgx-a100", "mig": layout}))
+
+
+@pytest.mark.parametrize("req", [{"mig_profile": "big"}, {"mig_profile": "1g.10gb", "gpus": 0.5}])
+async def test_bad_mig_requests(one_dgx: ComputeGroupManager, req: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequestError, match="requirements"):
+        await one_dgx.allocate_compute_group("x", req)

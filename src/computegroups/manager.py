@@ -686,7 +686,11 @@ class ComputeGroupManager:
             priority=priority,
         )
 
-    def _check_quota(self, component: str, cons: Constraints, milli: int) -> None:
+    def _check_quota(self, component: str, cons: Constraints, milli: int, replacing: GroupRecord | None = None) -> None:
+        """Raise QuotaExceededError if ``milli`` more in ``cons.pool`` would pass a quota.
+
+        ``replacing``: a group whose own share is already counted and is being re-attributed.
+        """
         if cons.pool is None:
             return
         pool = self.pools[cons.pool]
@@ -699,6 +703,10 @@ class ComputeGroupManager:
             if limit is None:
                 continue
             held = self._usage[(cons.pool, kind, name)]
+            if replacing is not None and replacing.pool == cons.pool and replacing.component is not None:
+                owner = replacing.component if kind == "component" else replacing.tenant
+                if owner == name:
+                    held -= sum(d.share_milli for d in replacing.devices)
             if held + milli > limit:
                 raise QuotaExceededError(
                     f"pool {cons.pool}: {kind} {name} holds {held / MILLI:g} GPU(s); "
@@ -774,15 +782,12 @@ class ComputeGroupManager:
                 if state is AllocationState.ALLOCATED:
                     claimed = self._claim(component, req, cons)
                     if claimed is not None:
+                        owner = dataclasses.replace(
+                            cons, pool=claimed.pool or cons.pool, tenant=claimed.tenant or cons.tenant
+                        )
+                        self._check_quota(component, owner, sum(d.share_milli for d in claimed.devices), claimed)
                         return [
-                            claimed.replace(
-                                state=state,
-                                **{
-                                    **common,
-                                    "pool": claimed.pool or cons.pool,
-                                    "tenant": claimed.tenant or cons.tenant,
-                                },
-                            )
+                            claimed.replace(state=state, **{**common, "pool": owner.pool, "tenant": owner.tenant})
                         ], []
                     carved = self._match_carved(req, cons)
                     if carved is not None:

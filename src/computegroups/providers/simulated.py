@@ -11,6 +11,7 @@ Spec (a dict, or a YAML/JSON file)::
         cpus: 192
         memory_mib: 2097152
         labels: {zone: a}
+        mig: {0: [3g.40gb, 2g.20gb, 1g.10gb, 1g.10gb]}   # GPUs in MIG mode and their devices
 
 Presets: see :data:`PRESETS`. Simulated GPUs get UUIDs derived from the node id
 and index, so they are stable across runs and processes.
@@ -19,6 +20,7 @@ and index, so they are stable across runs and processes.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,7 +111,40 @@ def simulated_uuid(node_id: str, index: int) -> str:
     return "GPU-" + str(uuid.uuid5(_UUID_NAMESPACE, f"{node_id}/{index}"))
 
 
-_NODE_KEYS = ("id", "count", "preset", "topology", "gpu", "gpus", "cpus", "memory_mib", "labels")
+_NODE_KEYS = ("id", "count", "preset", "topology", "gpu", "gpus", "cpus", "memory_mib", "labels", "mig")
+_MIG_PROFILE = re.compile(r"^(\d+)g\.(\d+)gb(\+me)?$")
+
+
+def simulated_mig_uuid(node_id: str, index: int, slot: int) -> str:
+    """A stable MIG device UUID, formatted like NVML's."""
+    return "MIG-" + str(uuid.uuid5(_UUID_NAMESPACE, f"{node_id}/{index}/mig/{slot}"))
+
+
+def _mig_layout(value: object, gpu_count: int, where: str) -> dict[int, list[str]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"{where}.mig: not a mapping of GPU index to MIG profiles", key="mig")
+    out: dict[int, list[str]] = {}
+    for k, profiles in value.items():
+        try:
+            index = int(k)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"{where}.mig: {k!r} is not a GPU index", key="mig") from None
+        if not 0 <= index < gpu_count:
+            raise InvalidRequestError(f"{where}.mig: GPU {index} does not exist", key="mig")
+        if not isinstance(profiles, list) or not profiles:
+            raise InvalidRequestError(f"{where}.mig.{index}: not a list of profiles", key="mig")
+        slices = 0
+        for p in profiles:
+            m = _MIG_PROFILE.match(p) if isinstance(p, str) else None
+            if m is None:
+                raise InvalidRequestError(f"{where}.mig.{index}: {p!r} is not a MIG profile like 1g.10gb", key="mig")
+            slices += int(m.group(1))
+        if slices > 7:
+            raise InvalidRequestError(f"{where}.mig.{index}: more than 7 compute slices", key="mig")
+        out[index] = list(profiles)
+    return out
 
 
 def _int(entry: Mapping[str, Any], key: str, default: int, where: str) -> int:
@@ -161,27 +196,51 @@ def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[N
             raise InvalidRequestError(f"{where}.labels: not a mapping", key="labels")
         count = _int(entry, "count", 1, where)
         base_id = str(entry.get("id") or f"node{n}")
+        mig = _mig_layout(entry.get("mig"), gpu_count, where)
+        if mig and topology is None:
+            topology = Topology.uniform(gpu_count, "SYS")
         for r in range(count):
             node_id = base_id if count == 1 else f"{base_id}-{r}"
             if node_id in seen:
                 raise InvalidRequestError(f"{where}.id: duplicate node id {node_id!r}", key="id")
             seen.add(node_id)
-            gpus = tuple(
-                GpuSpec(
-                    index=i,
+            gpus: list[GpuSpec] = []
+            parents: list[int] = []
+            for i in range(gpu_count):
+                whole = GpuSpec(
+                    index=len(gpus),
                     uuid=simulated_uuid(node_id, i),
                     name=model,
                     memory_mib=mem,
                     pci_bus_id=f"00000000:{0x10 + i:02X}:00.0",
                     numa_node=topology.numa_node(i) if topology else None,
+                    parent_index=i if mig else None,
                 )
-                for i in range(gpu_count)
-            )
+                if i not in mig:
+                    gpus.append(whole)
+                    parents.append(i)
+                    continue
+                for slot, profile in enumerate(mig[i]):
+                    gpus.append(
+                        GpuSpec(
+                            index=len(gpus),
+                            uuid=simulated_mig_uuid(node_id, i, slot),
+                            name=f"{model} MIG {profile}",
+                            memory_mib=int(_MIG_PROFILE.match(profile).group(2)) * 1024,  # type: ignore[union-attr]
+                            pci_bus_id=whole.pci_bus_id,
+                            numa_node=whole.numa_node,
+                            mig_profile=profile,
+                            parent_index=i,
+                            parent_uuid=whole.uuid,
+                        )
+                    )
+                    parents.append(i)
+            node_topology = topology.project(parents, name=f"{topology.name}-mig") if mig and topology else topology
             out.append(
                 NodeSpec(
                     id=node_id,
-                    gpus=gpus,
-                    topology=topology,
+                    gpus=tuple(gpus),
+                    topology=node_topology,
                     cpus_milli=round(float(cpus) * MILLI),
                     memory_mib=memory,
                     labels={str(k): str(v) for k, v in labels.items()},
