@@ -391,6 +391,14 @@ class LocalRuntime:
             changed = False
             for gid, g in held.items():
                 if WATCHER_PREFIX + gid in watchers:
+                    w = workers.get(gid)
+                    if w is None or w.state == "starting":
+                        # died between asking circus to start the worker and recording that it did
+                        w = w or Worker(gid, g.component or "", WATCHER_PREFIX + gid, [])
+                        w.state, w.updated_at = "running", time.time()
+                        w.pids = await self._circus("pids", w.watcher)
+                        workers[gid] = w
+                        changed = True
                     continue
                 await self.manager.deallocate_compute_group(gid)
                 w = workers.get(gid) or Worker(gid, g.component or "", WATCHER_PREFIX + gid, [])
