@@ -209,7 +209,11 @@ class LocalRuntime:
                 f"policy: {policy!r} is not one of {one_of([p.value for p in RestartPolicy])}", key="policy"
             )
         policy = RestartPolicy(policy)
-        executable = shutil.which(command[0]) or command[0]
+        executable = shutil.which(command[0], path=(env or os.environ).get("PATH"))
+        if executable is None:
+            raise InvalidRequestError(
+                f"command: {command[0]!r} is not an executable file or a program on PATH", key="command"
+            )
         cons: dict[str, Any] = (
             Constraints.parse(constraints).to_dict()
             if isinstance(constraints, Constraints)

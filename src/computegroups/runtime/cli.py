@@ -1,0 +1,250 @@
+"""``computegroups run / stop / ps / supervise``: the local runtime's commands.
+
+Wire them into the main command group with :func:`register`::
+
+    from computegroups.runtime.cli import register
+    register(cli)
+
+The commands expect ``click_ctx.obj`` to have ``manager() -> ComputeGroupManager``
+and ``json: bool`` (the main CLI's Context does). Exit codes follow the main CLI:
+2 bad input or unknown id, 3 insufficient resources, 4 conflict, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import click
+
+from computegroups.errors import (
+    ComputeGroupsError,
+    ConflictError,
+    InsufficientResourcesError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from computegroups.manager import ComputeGroupManager
+from computegroups.runtime.circus import CircusDaemon
+from computegroups.runtime.local import LocalRuntime, RestartPolicy
+
+__all__ = ["ps_command", "register", "run_command", "stop_command", "supervise_command"]
+
+T = TypeVar("T")
+_CODES: list[tuple[type[ComputeGroupsError], int]] = [
+    (InvalidRequestError, 2),
+    (NotFoundError, 2),
+    (InsufficientResourcesError, 3),
+    (ConflictError, 4),
+]
+
+
+class CliContext(Protocol):
+    json: bool
+
+    def manager(self) -> ComputeGroupManager: ...
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"computegroups: {message}", err=True)
+    sys.exit(code)
+
+
+def _with_runtime(
+    ctx: CliContext, runtime_dir: str | None, body: Callable[[LocalRuntime], Awaitable[T]], **mgr_kwargs: Any
+) -> T:
+    async def go() -> T:
+        mgr = ctx.manager()
+        for key, value in mgr_kwargs.items():
+            setattr(mgr, key, value)
+        runtime = LocalRuntime(mgr, CircusDaemon(runtime_dir))
+        async with mgr:
+            return await body(runtime)
+
+    try:
+        return asyncio.run(go())
+    except ComputeGroupsError as exc:
+        _fail(str(exc), next((c for cls, c in _CODES if isinstance(exc, cls)), 1))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+def _emit(ctx: CliContext, data: Any, human: Callable[[], None]) -> None:
+    if ctx.json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        human()
+
+
+_runtime_dir = click.option(
+    "--runtime-dir",
+    metavar="DIR",
+    envvar="COMPUTEGROUPS_RUNTIME_DIR",
+    help="Folder of the circus daemon (default: $XDG_RUNTIME_DIR/computegroups or /tmp/computegroups-UID).",
+)
+
+
+@click.command("run")
+@click.argument("component")
+@click.option("--gpus", type=float, default=0, show_default=True, help="Whole GPUs (int) or a share of one (<1).")
+@click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: the memory it needs).")
+@click.option("--gpu-model", help="Substring of the GPU product name.")
+@click.option("--cpus", type=float, help="CPU cores to hold.")
+@click.option("--memory-mib", type=int, help="Host memory to hold.")
+@click.option("--node", "node_id", help="Only this node.")
+@click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink.")
+@click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node.")
+@click.option("--strategy", type=click.Choice(["binpack", "spread"]), help="Node choice.")
+@click.option(
+    "--policy",
+    type=click.Choice([p.value for p in RestartPolicy]),
+    default="release",
+    show_default=True,
+    help="When the worker exits: release its group, or restart it on the same group.",
+)
+@click.option("--mps", is_flag=True, help="For a share of a GPU: set the CUDA MPS thread and memory limits.")
+@_runtime_dir
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def run_command(
+    ctx: CliContext,
+    component: str,
+    gpus: float,
+    gpu_memory_mib: int | None,
+    gpu_model: str | None,
+    cpus: float | None,
+    memory_mib: int | None,
+    node_id: str | None,
+    nvlink: bool,
+    same_numa: bool,
+    strategy: str | None,
+    policy: str,
+    mps: bool,
+    runtime_dir: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Allocate a group for COMPONENT and run COMMAND on it under circus; prints the group id.
+
+    \b
+    computegroups run decode --gpus 2 --nvlink -- python -m my.server --port 8000
+    """
+    argv = list(command[1:] if command and command[0] == "--" else command)
+    if not argv:
+        _fail("run: give the command after --, e.g. computegroups run decode --gpus 1 -- python serve.py", 2)
+    req: dict[str, Any] = {"gpus": int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus}
+    for key, value in (("gpu_memory_mib", gpu_memory_mib), ("gpu_model", gpu_model), ("cpus", cpus)):
+        if value is not None:
+            req[key] = value
+    if memory_mib is not None:
+        req["memory_mib"] = memory_mib
+    cons: dict[str, Any] = {}
+    if node_id:
+        cons["node_id"] = node_id
+    if nvlink:
+        cons["nvlink"] = True
+    if same_numa:
+        cons["same_numa"] = True
+    if strategy:
+        cons["strategy"] = strategy
+
+    async def body(rt: LocalRuntime) -> dict[str, Any]:
+        group, worker = await rt.run(component, req, argv, cons, policy=policy, mps=mps)
+        return {"group": group.to_dict(), "worker": worker.to_dict()}
+
+    out = _with_runtime(ctx, runtime_dir, body)
+    _emit(ctx, out, lambda: click.echo(out["group"]["id"]))
+
+
+@click.command("stop")
+@click.argument("group_id")
+@_runtime_dir
+@click.pass_obj
+def stop_command(ctx: CliContext, group_id: str, runtime_dir: str | None) -> None:
+    """Stop GROUP_ID's worker gracefully and release the group."""
+    done = _with_runtime(ctx, runtime_dir, lambda rt: rt.stop(group_id))
+    _emit(
+        ctx,
+        {"group_id": group_id, "stopped": done},
+        lambda: click.echo(f"{group_id}: {'stopped and released' if done else 'nothing to stop'}"),
+    )
+
+
+@click.command("ps")
+@click.option("--all", "show_all", is_flag=True, help="Include workers that ended.")
+@_runtime_dir
+@click.pass_obj
+def ps_command(ctx: CliContext, show_all: bool, runtime_dir: str | None) -> None:
+    """Components, groups, pids and state of the workers (exits are noticed first)."""
+    rows = _with_runtime(ctx, runtime_dir, lambda rt: rt.ps())
+    if not show_all:
+        rows = [r for r in rows if r["state"] in ("starting", "running")]
+
+    def human() -> None:
+        table = [
+            [
+                r["component"],
+                r["group_id"],
+                r["state"],
+                r["group_state"],
+                ",".join(map(str, r["pids"])) or "-",
+                str(r["restarts"]),
+                r["policy"],
+                ",".join(map(str, r["gpu_indices"])) or "-",
+                " ".join(r["command"])[:60],
+                r["note"],
+            ]
+            for r in rows
+        ]
+        headers = [
+            "COMPONENT",
+            "GROUP",
+            "STATE",
+            "GROUP_STATE",
+            "PIDS",
+            "RESTARTS",
+            "POLICY",
+            "GPUS",
+            "COMMAND",
+            "NOTE",
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=False)]
+        for row in [headers, *table]:
+            click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+    _emit(ctx, rows, human)
+
+
+@click.command("supervise")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between monitoring rounds.")
+@click.option("--duration", type=float, help="Stop after this many seconds (default: until interrupted).")
+@_runtime_dir
+@click.pass_obj
+def supervise_command(ctx: CliContext, interval: float, duration: float | None, runtime_dir: str | None) -> None:
+    """Keep a manager open: sample health and use, notice exited workers, release expired reservations."""
+
+    async def body(rt: LocalRuntime) -> int:
+        mgr = rt.manager
+
+        async def printer() -> None:
+            async for e in mgr.events():
+                click.echo(f"{e.kind} group={e.group_id or '-'} node={e.node_id or '-'} {e.detail}".rstrip())
+
+        task = asyncio.get_running_loop().create_task(printer())
+        try:
+            await asyncio.sleep(duration if duration is not None else float("inf"))
+        finally:
+            task.cancel()
+        return mgr.monitor.rounds if mgr.monitor is not None else 0
+
+    rounds = _with_runtime(ctx, runtime_dir, body, monitor_interval=interval)
+    if ctx.json:
+        click.echo(json.dumps({"rounds": rounds}))
+
+
+def register(group: click.Group) -> None:
+    """Add ``run``, ``stop``, ``ps`` and ``supervise`` to a click group (the main ``computegroups`` CLI)."""
+    for command in (run_command, stop_command, ps_command, supervise_command):
+        group.add_command(command)
