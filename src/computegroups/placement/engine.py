@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from computegroups.errors import InsufficientResourcesError
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
+from computegroups.placement import fragmentation
 from computegroups.placement.cluster import Cluster, NodeState
 from computegroups.placement.plugins import (
     EMPTY_CONTEXT,
@@ -123,6 +124,10 @@ def place(
         scores = (strategy_plugin(cons.strategy), _TOPOLOGY)
         if ctx.prefer_near or ctx.prefer_away:
             scores = (*scores, _PREFERRED)
+        frag = fragmentation.for_cluster(cluster, req)
+        if frag is not None and cons.strategy is Strategy.BINPACK:
+            scores = (*scores, frag)
+            limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
     reasons: Counter[str] = Counter()
     best: tuple[float, NodeState, Pick] | None = None
     feasible = visited = 0

@@ -28,19 +28,22 @@ variety of requests; node fragmentation values are cached by node occupancy.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from computegroups.model import MILLI, Requirements
 
-if TYPE_CHECKING:  # placement.cluster imports this module
-    from computegroups.placement.cluster import NodeState
+if TYPE_CHECKING:
+    from computegroups.placement.cluster import Cluster, NodeState
     from computegroups.placement.plugins import Pick
 
-__all__ = ["FragmentationScore", "Shape", "WorkloadMix", "node_fragmentation"]
+__all__ = ["FRAGMENTATION_LIMIT", "FragmentationScore", "Shape", "WorkloadMix", "for_cluster", "node_fragmentation"]
 
 #: Fragmentation changes are scaled against the capacity of an 8-GPU node.
 SCALE_MILLI = 8 * MILLI
+#: Feasible candidates the engine scores when fragmentation scoring is engaged (it needs a wider look).
+FRAGMENTATION_LIMIT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,16 @@ class WorkloadMix:
             self._cache.clear()
 
     @property
+    def engaged(self) -> bool:
+        """Whether fragmentation can differ between placements that bin-pack rates alike.
+
+        With whole-GPU requests only (no shares, host resources or model
+        constraints), a node's fragment is its partly used GPUs, which bin-pack
+        by free-GPU count already keeps few; scoring it would only cost time.
+        """
+        return any(s.share_milli or s.cpus_milli or s.memory_mib or s.models for s, _ in self._weighted)
+
+    @property
     def shapes(self) -> tuple[tuple[Shape, float], ...]:
         """The scored shapes and their weights (summing to 1; empty before any GPU request)."""
         return self._weighted
@@ -177,26 +190,31 @@ def _free_after(node: NodeState, pick: Pick | None) -> tuple[int, ...]:
 class FragmentationScore:
     """Rates a placement by how little it increases the node's expected fragmentation (0..100).
 
-    50 means no change; each 1/8 of a node's worth of GPU capacity newly
-    stranded (or recovered) moves the score by 6.25. Part of the default
-    bin-pack pipeline; with no GPU request seen yet every placement scores 50.
+    50 means no change; each GPU's worth of capacity newly stranded (or
+    recovered) moves the score by 6.25. Part of the default bin-pack pipeline
+    once the workload mix engages it (see :attr:`WorkloadMix.engaged`). Its
+    weight (20) lets it overrule bin-pack (a whole 8-GPU node of difference is
+    100 points) where placements strand different amounts, while the topology
+    score (weight 2, up to 200 points) still wins between an NVLink and a PCIe
+    set unless the fragmentation at stake exceeds about 1.6 GPUs.
     """
 
     name = "fragmentation"
 
-    def __init__(self, mix: WorkloadMix, weight: int = 4) -> None:
+    def __init__(self, mix: WorkloadMix, weight: int = 20) -> None:
         self.mix = mix
         self.weight = weight
+        self._names: dict[int, str] = {}
 
     def delta(self, node: NodeState, req: Requirements, pick: Pick) -> float:
         """Increase of the node's expected fragment (thousandths of a GPU) if ``pick`` is placed."""
         mix = self.mix
         if not mix.shapes or node.gpu_count == 0:
             return 0.0
-        gpus = node.spec.gpus
-        name = gpus[0].name.lower()
-        if any(g.name != gpus[0].name for g in gpus):
-            name = " ".join(g.name.lower() for g in gpus)  # mixed node: a model matches if any GPU is one
+        name = self._names.get(node.ordinal)
+        if name is None:
+            # A mixed node matches a model if any of its GPUs is one.
+            name = self._names[node.ordinal] = " ".join(sorted({g.name.lower() for g in node.spec.gpus}))
         before = mix.fragmentation(_free_after(node, None), node.cpu_free, node.mem_free, name)
         after = mix.fragmentation(
             _free_after(node, pick), node.cpu_free - req.cpus_milli, node.mem_free - req.memory_mib, name
@@ -208,4 +226,22 @@ class FragmentationScore:
         return 50.0 * (1.0 - max(-1.0, min(1.0, x)))
 
     def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
-        return 100.0
+        # A placement can lower a node's fragment by at most the GPU capacity it takes.
+        consumed = req.whole_gpus * MILLI + req.share_milli
+        return 50.0 * (1.0 + min(1.0, consumed / SCALE_MILLI))
+
+
+_PLUGINS: weakref.WeakKeyDictionary[Cluster, FragmentationScore] = weakref.WeakKeyDictionary()
+
+
+def for_cluster(cluster: Cluster, req: Requirements) -> FragmentationScore | None:
+    """Count ``req`` in the cluster's workload mix; return the cluster's plugin if the mix engages it.
+
+    The mix is kept beside the cluster (not in it): it is a statistic of
+    demand, not occupancy, and is the only thing placement updates.
+    """
+    plugin = _PLUGINS.get(cluster)
+    if plugin is None:
+        plugin = _PLUGINS[cluster] = FragmentationScore(WorkloadMix())
+    plugin.mix.observe(req)
+    return plugin if plugin.mix.engaged else None
