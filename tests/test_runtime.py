@@ -200,3 +200,8 @@ def test_the_control_socket_is_private_and_there_is_no_multicast(daemon: CircusD
     ini = (daemon.dir / "circus.ini").read_text()
     assert "multicast_endpoint =\n" in ini and "tcp://" not in ini
     assert daemon.endpoint.startswith("ipc://")
+    import psutil
+
+    pid = daemon.pid()
+    assert pid is not None
+    assert psutil.Process(pid).net_connections(kind="inet") == []  # no TCP, no UDP multicast
