@@ -112,3 +112,45 @@ def test_demo_runs() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "NV4" in out.stdout and "refused" in out.stdout and "0 allocated" in out.stdout
+
+
+def test_reserve_pools_priority_affinity_gang_and_mig(tmp_path: Path) -> None:
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        "nodes:\n"
+        "  - {id: dgx, count: 2, preset: dgx-h100, labels: {tier: serving}}\n"
+        "  - {id: mig, preset: hgx-a100, mig: {0: [3g.40gb, 3g.40gb]}}\n"
+        "pools:\n"
+        "  - name: serving\n"
+        "    selector: {tier: serving}\n"
+        "    quotas: {components: {decode: {max_gpus: 4}}}\n"
+    )
+    state = tmp_path / "s.db"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return cg("--spec", str(spec), "--json", *args, state=state)
+
+    r = run("reserve", "decode", "--gpus", "4", "--pool", "serving", "--ttl", "60")
+    assert r.returncode == 0, r.stderr
+    rid = json.loads(r.stdout)["id"]
+    assert json.loads(r.stdout)["allocation_state"] == "reserved"
+    claimed = run("allocate", "decode-1", "--gpus", "4", "--reservation", rid)
+    assert claimed.returncode == 0 and json.loads(claimed.stdout)["id"] == rid
+    over = run("allocate", "decode", "--gpus", "1", "--pool", "serving")
+    assert over.returncode == 0  # decode-1 claimed it, so decode holds nothing yet
+    quota = run("allocate", "decode", "--gpus", "4", "--pool", "serving")
+    assert quota.returncode == 3 and "quota" in quota.stderr
+    near = run("allocate", "router", "--cpus", "2", "--affinity", "decode-1")
+    assert json.loads(near.stdout)["node_id"] == json.loads(claimed.stdout)["node_id"]
+    bad = run("allocate", "router", "--cpus", "2", "--affinity", "decode-1:far")
+    assert bad.returncode == 2 and "far" in bad.stderr
+    mig = run("allocate", "embed", "--mig-profile", "3g.40gb")
+    assert json.loads(mig.stdout)["env"]["CUDA_VISIBLE_DEVICES"].startswith("MIG-")
+    low = run("allocate", "batch", "--gpus", "8", "--node", "dgx-1", "--priority", "1", "--preemptible")
+    assert low.returncode == 0, low.stderr
+    gang = run("allocate", "engine", "--gpus", "8", "--nodes", "2", "--priority", "5")
+    assert gang.returncode == 3  # gangs do not preempt
+    urgent = run("allocate", "urgent", "--gpus", "8", "--node", "dgx-1", "--priority", "5", "--request-id", "u")
+    assert urgent.returncode == 3 and "preempting 1 group" in urgent.stderr
+    summary = json.loads(run("summary").stdout)
+    assert summary["pools"]["serving"]["components"]["decode"] == 1

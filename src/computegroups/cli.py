@@ -27,7 +27,7 @@ from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode
 from computegroups.providers.base import ComputeResourceProvider
 from computegroups.providers.local import LocalComputeResourceProvider
-from computegroups.providers.simulated import SimulatedComputeResourceProvider
+from computegroups.providers.simulated import SimulatedComputeResourceProvider, load_spec
 
 __all__ = ["EXIT_CODES", "cli", "main"]
 
@@ -44,11 +44,14 @@ T = TypeVar("T")
 class Context:
     """Options shared by every command."""
 
-    def __init__(self, state: str | None, spec: str | None, simulate: bool, as_json: bool) -> None:
+    def __init__(
+        self, state: str | None, spec: str | None, simulate: bool, as_json: bool, pools: str | None = None
+    ) -> None:
         self.state = state
         self.spec = spec
         self.simulate = simulate
         self.json = as_json
+        self.pools_file = pools
 
     def provider(self) -> ComputeResourceProvider:
         if self.spec:
@@ -57,8 +60,19 @@ class Context:
             return SimulatedComputeResourceProvider.from_spec(None)
         return LocalComputeResourceProvider()
 
+    def pools(self) -> list[Any]:
+        """Pool definitions: the ``pools:`` of --pools FILE, else of the --spec file."""
+        source = self.pools_file or self.spec
+        if not source:
+            return []
+        data, _ = load_spec(source)
+        pools = data.get("pools", []) if isinstance(data, dict) else []
+        if not isinstance(pools, list):
+            raise InvalidRequestError(f"{source}: 'pools' is not a list", key="pools")
+        return pools
+
     def manager(self) -> ComputeGroupManager:
-        return ComputeGroupManager(self.provider(), self.state)
+        return ComputeGroupManager(self.provider(), self.state, pools=self.pools())
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -125,15 +139,18 @@ _GROUP_HEADERS = ["GROUP", "NODE", "COMPONENT", "STATE", "GPUS", "INDICES", "LIN
 )
 @click.option("--spec", metavar="FILE", help="Simulate the cluster described by this YAML/JSON spec.")
 @click.option("--simulate", is_flag=True, help="Simulate the built-in demo cluster instead of this machine.")
+@click.option("--pools", metavar="FILE", help="YAML/JSON file whose 'pools:' defines pools (default: the spec's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.version_option(package_name="computegroups")
 @click.pass_context
-def cli(click_ctx: click.Context, state: str | None, spec: str | None, simulate: bool, as_json: bool) -> None:
+def cli(
+    click_ctx: click.Context, state: str | None, spec: str | None, simulate: bool, pools: str | None, as_json: bool
+) -> None:
     """Discover GPUs and CPUs, and allocate topology-aware compute groups.
 
     Without --spec or --simulate, this machine is discovered through NVML.
     """
-    click_ctx.obj = Context(state, spec, simulate, as_json)
+    click_ctx.obj = Context(state, spec, simulate, as_json, pools)
 
 
 def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
@@ -211,57 +228,114 @@ def _requirements(
     return req
 
 
-@cli.command()
-@click.argument("component")
-@click.option("--gpus", type=float, help="Whole GPUs (2) or a share of one GPU (0.25).")
-@click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: memory it needs).")
-@click.option("--gpu-model", help="Case-insensitive substring of the GPU product name.")
-@click.option("--cpus", type=float, help="CPU cores to hold.")
-@click.option("--memory-mib", type=int, help="Host memory to hold.")
-@click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink.")
-@click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node.")
-@click.option("--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True)
-@click.option("--node", "node_id", help="Only this node.")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Node label selector (repeatable).")
-@click.option("--request-id", help="Idempotency key: a retry returns the same group.")
-@click.pass_obj
-def allocate(
-    ctx: Context,
-    component: str,
-    gpus: float | None,
-    gpu_memory_mib: int | None,
-    gpu_model: str | None,
-    cpus: float | None,
-    memory_mib: int | None,
-    nvlink: bool,
-    same_numa: bool,
-    strategy: str,
-    node_id: str | None,
-    labels: tuple[str, ...],
-    request_id: str | None,
-) -> None:
-    """Allocate a compute group to COMPONENT and print it."""
-    req = _requirements(gpus, gpu_memory_mib, gpu_model, cpus, memory_mib)
-    cons: dict[str, Any] = {"strategy": strategy, "nvlink": nvlink, "same_numa": same_numa}
-    if node_id:
-        cons["node_id"] = node_id
-    if request_id:
-        cons["request_id"] = request_id
-    if labels:
+def _request_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by allocate and reserve: requirements and constraints."""
+    options = [
+        click.option("--gpus", type=float, help="Whole GPUs (2) or a share of one GPU (0.25)."),
+        click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: memory it needs)."),
+        click.option("--gpu-model", help="Case-insensitive substring of the GPU product name."),
+        click.option("--mig-profile", help="A MIG device of this profile (e.g. 1g.10gb)."),
+        click.option("--nodes", type=int, help="Spread one group over this many nodes (gpus per node)."),
+        click.option("--cpus", type=float, help="CPU cores to hold."),
+        click.option("--memory-mib", type=int, help="Host memory to hold."),
+        click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink."),
+        click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node."),
+        click.option("--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True),
+        click.option("--node", "node_id", help="Only this node."),
+        click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Node label selector (repeatable)."),
+        click.option("--pool", help="Place in this pool (its quotas apply)."),
+        click.option("--tenant", help="The tenant whose pool quota this counts against."),
+        click.option("--priority", type=int, help="Higher wins; may preempt preemptible lower-priority groups."),
+        click.option("--preemptible", is_flag=True, help="May be preempted by higher-priority requests."),
+        click.option(
+            "--affinity",
+            multiple=True,
+            metavar="COMPONENT[:SCOPE][:preferred]",
+            help="Place near this component (scope node or nvlink_domain; repeatable).",
+        ),
+        click.option(
+            "--anti-affinity",
+            multiple=True,
+            metavar="COMPONENT[:SCOPE][:preferred]",
+            help="Place away from this component (repeatable).",
+        ),
+        click.option("--request-id", help="Idempotency key: a retry returns the same group."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _rule(text: str, flag: str) -> dict[str, Any]:
+    parts = text.split(":")
+    rule: dict[str, Any] = {"component": parts[0]}
+    for extra in parts[1:]:
+        if extra in ("node", "nvlink_domain"):
+            rule["scope"] = extra
+        elif extra in ("preferred", "required"):
+            rule["required"] = extra == "required"
+        else:
+            fail(f"{flag}: {extra!r} in {text!r} is not node, nvlink_domain, preferred or required", 2)
+    return rule
+
+
+def _request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    req = _requirements(opts["gpus"], opts["gpu_memory_mib"], opts["gpu_model"], opts["cpus"], opts["memory_mib"])
+    if opts["mig_profile"]:
+        req["mig_profile"] = opts["mig_profile"]
+    if opts["nodes"] is not None:
+        req["nodes"] = opts["nodes"]
+    cons: dict[str, Any] = {"strategy": opts["strategy"], "nvlink": opts["nvlink"], "same_numa": opts["same_numa"]}
+    for key in ("node_id", "request_id", "pool", "tenant", "priority"):
+        if opts[key] is not None:
+            cons[key] = opts[key]
+    if opts["preemptible"]:
+        cons["preemptible"] = True
+    if opts["affinity"]:
+        cons["affinity"] = [_rule(t, "--affinity") for t in opts["affinity"]]
+    if opts["anti_affinity"]:
+        cons["anti_affinity"] = [_rule(t, "--anti-affinity") for t in opts["anti_affinity"]]
+    if opts["labels"]:
         parsed = {}
-        for item in labels:
+        for item in opts["labels"]:
             if "=" not in item:
                 fail(f"--label: {item!r} is not KEY=VALUE", 2)
             k, v = item.split("=", 1)
             parsed[k] = v
         cons["labels"] = parsed
-    g = with_manager(ctx, lambda m: m.allocate_compute_group(component, req, cons))
+    return req, cons
 
+
+def _show_group(ctx: Context, g: ComputeGroup) -> None:
     def human() -> None:
         _table([_group_row(g)], _GROUP_HEADERS)
         click.echo(f"CUDA_VISIBLE_DEVICES={g.env['CUDA_VISIBLE_DEVICES']}")
 
     emit(ctx, g.to_dict(), human)
+
+
+@cli.command()
+@click.argument("component")
+@_request_options
+@click.option("--reservation", "reservation_id", help="Claim this reservation (a group id from 'reserve').")
+@click.pass_obj
+def allocate(ctx: Context, /, component: str, reservation_id: str | None, **opts: Any) -> None:
+    """Allocate a compute group to COMPONENT and print it."""
+    req, cons = _request(opts)
+    if reservation_id:
+        cons["reservation_id"] = reservation_id
+    _show_group(ctx, with_manager(ctx, lambda m: m.allocate_compute_group(component, req, cons)))
+
+
+@cli.command()
+@click.argument("component")
+@_request_options
+@click.option("--ttl", type=float, default=300.0, show_default=True, help="Seconds until the reservation expires.")
+@click.pass_obj
+def reserve(ctx: Context, /, component: str, ttl: float, **opts: Any) -> None:
+    """Reserve capacity for COMPONENT's planned scale-up; claim it with 'allocate --reservation ID'."""
+    req, cons = _request(opts)
+    _show_group(ctx, with_manager(ctx, lambda m: m.reserve_compute_group(component, req, cons, ttl_seconds=ttl)))
 
 
 @cli.command()
@@ -311,6 +385,11 @@ def summary(ctx: Context) -> None:
         click.echo(f"{'groups':16} " + (", ".join(f"{k}={v}" for k, v in sorted(s["groups"].items())) or "none"))
         for comp, n in s["components"].items():
             click.echo(f"  {comp:14} {n:g} GPU(s)")
+        for name, p in s.get("pools", {}).items():
+            click.echo(
+                f"pool {name}: {p['allocated_gpus']:g} of {p['total_gpus']} GPUs allocated, "
+                f"{p['free_gpus']:g} free, priority {p['priority']}"
+            )
 
     emit(ctx, s, human)
 
