@@ -137,6 +137,18 @@ def _number(key: str, value: object, *, integer: bool = False) -> float:
     return value
 
 
+def _known_keys(value: object, prefix: str, typename: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A mapping's items, refusing a non-mapping or any key not in ``keys``."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"{prefix}: {type(value).__name__} is not a mapping or {typename}", key=prefix)
+    unknown = sorted(str(k) for k in value if k not in keys)
+    if unknown:
+        raise InvalidRequestError(
+            f"{prefix}.{unknown[0]}: unknown key; allowed: {one_of(keys)}", key=f"{prefix}.{unknown[0]}"
+        )
+    return dict(value)
+
+
 def _milli(key: str, value: float) -> int:
     scaled = value * MILLI
     rounded = round(scaled)
@@ -227,17 +239,7 @@ class Requirements:
         """Build from a dict (or return a Requirements as is); unknown keys are refused."""
         if isinstance(value, Requirements):
             return value
-        if not isinstance(value, Mapping):
-            raise InvalidRequestError(
-                f"requirements: {type(value).__name__} is not a mapping or Requirements", key="requirements"
-            )
-        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
-        if unknown:
-            raise InvalidRequestError(
-                f"requirements.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}",
-                key=f"requirements.{unknown[0]}",
-            )
-        kwargs = dict(value)
+        kwargs = _known_keys(value, "requirements", "Requirements", cls.KEYS)
         if isinstance(kwargs.get("gpu_model"), list):
             kwargs["gpu_model"] = tuple(kwargs["gpu_model"])
         return cls(**kwargs)
@@ -431,17 +433,7 @@ class Constraints:
             return cls()
         if isinstance(value, Constraints):
             return value
-        if not isinstance(value, Mapping):
-            raise InvalidRequestError(
-                f"constraints: {type(value).__name__} is not a mapping or Constraints", key="constraints"
-            )
-        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
-        if unknown:
-            raise InvalidRequestError(
-                f"constraints.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}",
-                key=f"constraints.{unknown[0]}",
-            )
-        return cls(**value)
+        return cls(**_known_keys(value, "constraints", "Constraints", cls.KEYS))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy.value}
