@@ -1,0 +1,104 @@
+"""``python -m bench [SECTION ...] [--light] [--out DIR]``: run benchmarks, write results, tables and plots.
+
+Sections: speed, ray, topology, packing, openb, memory; ``all`` (the default)
+runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
+so; it checks that every benchmark runs and never judges a time.
+
+Results go to ``DIR/benchmarks/results/*.json`` (one file per section, so sections can be
+run separately), and ``DIR/benchmarks/results.md`` plus PNG plots are rebuilt
+from whatever results are there. ``DIR`` defaults to a new temporary folder;
+``python -m bench all --out docs`` rewrites the committed tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common, report
+
+SECTIONS = ("speed", "ray", "topology", "packing", "openb", "memory")
+
+
+def _save(out: Path, name: str, data: Any) -> None:
+    d = out / "benchmarks" / "results"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def run_section(name: str, light: bool, workers: int) -> Any:
+    if name == "speed":
+        from bench import speed
+
+        if light:
+            return speed.run(clusters=(1, 100), sizes=(1, 8), cycles=300, sqlite_cycles=100, warmup=30)
+        return speed.run()
+    if name == "ray":
+        from bench import ray_speed
+
+        if light:
+            return {"error": "skipped in --light mode"}
+        return ray_speed.run()
+    if name == "topology":
+        from bench import topology_quality
+
+        return topology_quality.run()
+    if name == "packing":
+        from bench import packing
+
+        if light:
+            return {
+                "rows": packing.run(clusters=(2,), events=400, loads=(1.1,), seeds=(1,)),
+                "curve": packing.utilisation_curve(nodes=2, events=400),
+            }
+        return {"rows": packing.run(), "curve": packing.utilisation_curve()}
+    if name == "openb":
+        from bench import openb
+
+        results = openb.run(("default",), (42,), limit_tasks=1500, workers=1) if light else openb.run(workers=workers)
+        return {
+            "light": light,
+            "summary": openb.summarise(results),
+            "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in results],
+        }
+    if name == "memory":
+        from bench import memory
+
+        return memory.run(nodes=100 if light else 10_000)
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sections", nargs="*", default=["all"], help="all, or any of " + ", ".join(SECTIONS))
+    parser.add_argument("--light", action="store_true", help="CI mode: small and quick, no Ray")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary one)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the openb replay")
+    parser.add_argument("--report-only", action="store_true", help="rebuild tables and plots from saved results")
+    args = parser.parse_args(argv)
+    sections = list(SECTIONS) if "all" in args.sections else args.sections
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; allowed: all, {', '.join(SECTIONS)}")
+    out: Path = args.out or Path(tempfile.mkdtemp(prefix="computegroups-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        _save(out, "machine", common.machine() | {"light": args.light, "argv": sys.argv[1:]})
+        for name in sections:
+            t0 = time.perf_counter()
+            print(f"== {name}", flush=True)
+            data = run_section(name, args.light, args.workers)
+            _save(out, name, data)
+            print(f"== {name}: {time.perf_counter() - t0:.1f}s", flush=True)
+    path = report.write(out)
+    print(f"results: {out / 'benchmarks' / 'results'}; tables: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The fragmentation-aware score: its arithmetic, the learned workload mix, and its place in bin-pack."""
+
+from __future__ import annotations
+
+import pytest
+
+from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
+from computegroups.model import AllocationState, Constraints, GroupRecord, Requirements
+from computegroups.placement import Cluster, place
+from computegroups.placement.fragmentation import (
+    FragmentationScore,
+    Shape,
+    WorkloadMix,
+    for_cluster,
+    node_fragmentation,
+)
+from computegroups.placement.plugins import Pick
+from computegroups.providers.simulated import nodes_from_spec
+
+HALF = Shape(0, 500, 0, 0)
+WHOLE2 = Shape(2, 0, 0, 0)
+CPU8_GPU1 = Shape(1, 0, 8000, 0)
+T4 = Shape(1, 0, 0, 0, ("t4",))
+
+
+@pytest.mark.parametrize(
+    ("free", "cpu_free", "shapes", "expected"),
+    [
+        # A share of 0.5 can use GPUs with >= 500 free; the 300 left on the first GPU is its fragment.
+        ((300, 1000), 64000, ((HALF, 1.0),), 300.0),
+        # Nothing fits: all free capacity is fragment.
+        ((300, 400), 64000, ((HALF, 1.0),), 700.0),
+        # Two whole GPUs: partly used GPUs are fragment while two whole ones are free...
+        ((300, 1000, 1000), 64000, ((WHOLE2, 1.0),), 300.0),
+        # ...and everything once fewer than two are.
+        ((300, 1000), 64000, ((WHOLE2, 1.0),), 1300.0),
+        # Too few CPUs left strands the GPUs.
+        ((1000, 1000), 4000, ((CPU8_GPU1, 1.0),), 2000.0),
+        # The wrong model strands them too; weights average the shapes.
+        ((1000, 1000), 64000, ((T4, 0.5), (HALF, 0.5)), 1000.0),
+        # A full node has no fragment.
+        ((0, 0), 0, ((HALF, 1.0),), 0.0),
+    ],
+)
+def test_node_fragmentation_table(
+    free: tuple[int, ...], cpu_free: int, shapes: tuple[tuple[Shape, float], ...], expected: float
+) -> None:
+    assert node_fragmentation(free, cpu_free, 1 << 20, "nvidia a100", shapes) == pytest.approx(expected)
+
+
+def test_mix_keeps_the_most_common_shapes_normalised() -> None:
+    mix = WorkloadMix(top=2)
+    for _ in range(6):
+        mix.observe(Requirements(gpus=1))
+    for _ in range(3):
+        mix.observe(Requirements(gpus=0.5))
+    mix.observe(Requirements(gpus=2))
+    mix.observe(Requirements(cpus=4))  # CPU-only requests are counted but not scored
+    shapes = dict(mix.shapes)
+    assert set(shapes) == {Shape(1, 0, 0, 0), Shape(0, 500, 0, 0)}
+    assert sum(shapes.values()) == pytest.approx(1.0)
+    assert shapes[Shape(1, 0, 0, 0)] == pytest.approx(6 / 9)
+
+
+def test_whole_gpu_only_demand_does_not_engage_the_score() -> None:
+    cluster = Cluster(nodes_from_spec({"nodes": [{"id": "n", "count": 2, "preset": "dgx-h100"}]}))
+    for k in (1, 2, 4, 8):
+        assert for_cluster(cluster, Requirements(gpus=k)) is None
+    assert for_cluster(cluster, Requirements(gpus=0.5)) is not None
+
+
+def test_score_is_50_when_nothing_changes_and_bounded() -> None:
+    cluster = Cluster(nodes_from_spec({"nodes": [{"id": "n", "preset": "dgx-h100"}]}))
+    mix = WorkloadMix.of({WHOLE2: 1.0})
+    plugin = FragmentationScore(mix)
+    node = cluster.nodes[0]
+    req = Requirements(gpus=2)
+    d = place(cluster, req, Constraints(), scores=(plugin,))
+    pick = Pick(d.devices, None)
+    assert plugin.score(node, req, pick) == pytest.approx(50.0)
+    assert plugin.score(node, req, pick) <= plugin.bound(node.free_count, 8, req)
+
+
+async def test_cpu_only_request_avoids_stranding_a_nodes_gpus() -> None:
+    # Node "small" has few CPUs: taking 8 of them would leave its 7 free GPUs unusable for
+    # the 1-GPU + 8-CPU workers this cluster has been asked for. Bin-pack alone rates both nodes alike.
+    spec = {
+        "nodes": [
+            {"id": "small", "preset": "dgx-h100", "cpus": 16},
+            {"id": "big", "preset": "dgx-h100", "cpus": 128},
+        ]
+    }
+    async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(spec), ":memory:") as mgr:
+        for node in ("small", "big"):
+            await mgr.allocate_compute_group("worker", {"gpus": 1, "cpus": 8}, {"node_id": node})
+        g = await mgr.allocate_compute_group("etl", {"cpus": 8})
+        assert g.node_id == "big"
+
+
+def test_share_prefers_the_node_it_does_not_fragment() -> None:
+    # Node a: seven GPUs taken and half of the eighth; node b: seven taken, the eighth free.
+    # A 0.3 share on a would leave 0.2 of a GPU that this workload's 0.5 shares cannot use;
+    # on b it leaves 0.7, which they can. Bin-pack alone prefers the fuller node a.
+    spec = {"nodes": [{"id": "a", "gpus": 8, "cpus": 64}, {"id": "b", "gpus": 8, "cpus": 64}]}
+    cluster = Cluster(nodes_from_spec(spec))
+    for n, (node, req) in enumerate(
+        [("a", Requirements(gpus=7)), ("a", Requirements(gpus=0.5)), ("b", Requirements(gpus=7))]
+    ):
+        d = place(cluster, req, Constraints(node_id=node))
+        cluster.apply(GroupRecord(f"g{n}", node, AllocationState.ALLOCATED, "c", d.devices))
+    for _ in range(20):
+        for_cluster(cluster, Requirements(gpus=0.5))
+    assert place(cluster, Requirements(gpus=0.3), Constraints()).node_id == "b"
+    # Without the fragmentation score, bin-pack takes the fuller node.
+    from computegroups.placement.plugins import BinPackScore, TopologyScore
+
+    assert (
+        place(cluster, Requirements(gpus=0.3), Constraints(), scores=(BinPackScore(), TopologyScore())).node_id == "a"
+    )
