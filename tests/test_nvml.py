@@ -64,6 +64,8 @@ def test_machine_has_mig_devices_and_p2p_status() -> None:
     assert [d.uuid[:4] for d in devices] == ["MIG-"] * 4
     assert [d.memory_mib for d in devices] == [40192, 19968, 9728, 9728]
     assert topo.gpu_count == 4 and topo.link(0, 1) == "PIX" and topo.numa_node(3) == 0
+    assert [d.mig_profile for d in devices] == ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+    assert {d.smi_index for d in devices} == {0} and devices[0].parent_uuid == m.gpus[0].uuid
     pairs = discover_machine(ReplayNvml(NVML_FIXTURES / "rtx_a6000_8_nvlink_pairs.json"))
     assert pairs.p2p[(0, 1)]["nvlink"] == 0 and pairs.p2p[(0, 2)]["nvlink"] != 0
     assert schedulable_devices(pairs)[1] is pairs.topology

@@ -205,3 +205,33 @@ def test_the_control_socket_is_private_and_there_is_no_multicast(daemon: CircusD
     pid = daemon.pid()
     assert pid is not None
     assert psutil.Process(pid).net_connections(kind="inet") == []  # no TCP, no UDP multicast
+
+
+async def test_workers_of_a_killed_daemon_are_ended_before_their_groups_are_released(tmp_path: Path) -> None:
+    import signal
+
+    folder = Path(tempfile.mkdtemp(prefix="cgkill-", dir="/tmp"))
+    daemon = CircusDaemon(folder, check_delay=0.1)
+    try:
+        provider = LocalComputeResourceProvider.from_recording(NVML / "a100_mig.json", "mig")
+        mgr = ComputeGroupManager(provider, tmp_path / "state.db")
+        rt = LocalRuntime(mgr, daemon, graceful_timeout_s=2)
+        async with mgr:
+            out = tmp_path / "w.json"
+            group, _ = await rt.run(
+                "svc", {"gpus": 1, "mig_profile": "1g.10gb"}, [sys.executable, str(reporter(tmp_path)), str(out)]
+            )
+            pid = (await wait_file(out))["pid"]
+            daemon_pid = daemon.pid()
+            assert daemon_pid is not None
+            os.kill(daemon_pid, signal.SIGKILL)
+            while alive(daemon_pid):
+                await asyncio.sleep(0.02)
+            assert alive(pid)  # orphaned, still on the GPU
+            events = await mgr.reconcile()
+            assert ("reconcile-released", group.id) in {(e.kind, e.group_id) for e in events}
+            assert not alive(pid)
+            assert (await mgr.get_compute_group(group.id)).allocation_state == "released"
+    finally:
+        daemon.quit()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -387,6 +387,12 @@ class LocalRuntime:
             workers = self._load()
             running = await asyncio.to_thread(self.daemon.is_running)
             watchers = {n for n in await self._circus("watchers") if n.startswith(WATCHER_PREFIX)} if running else set()
+            if not running:
+                # The daemon is gone (killed?): its workers may still run, unsupervised. End them
+                # before their groups are released, so no device ends up with two users.
+                for w in workers.values():
+                    if not w.ended and w.pids:
+                        await asyncio.to_thread(_end_worker_processes, w, self.graceful_timeout_s)
             held = {
                 g.id: g
                 for g in await self.manager.list_compute_groups()
@@ -395,13 +401,13 @@ class LocalRuntime:
             changed = False
             for gid, g in held.items():
                 if WATCHER_PREFIX + gid in watchers:
-                    w = workers.get(gid)
-                    if w is None or w.state == "starting":
+                    known = workers.get(gid)
+                    if known is None or known.state == "starting":
                         # died between asking circus to start the worker and recording that it did
-                        w = w or Worker(gid, g.component or "", WATCHER_PREFIX + gid, [])
-                        w.state, w.updated_at = "running", time.time()
-                        w.pids = await self._circus("pids", w.watcher)
-                        workers[gid] = w
+                        adopted = known or Worker(gid, g.component or "", WATCHER_PREFIX + gid, [])
+                        adopted.state, adopted.updated_at = "running", time.time()
+                        adopted.pids = await self._circus("pids", adopted.watcher)
+                        workers[gid] = adopted
                         changed = True
                     continue
                 await self.manager.deallocate_compute_group(gid)
@@ -432,3 +438,28 @@ class LocalRuntime:
             if changed:
                 self._save(workers)
             return events
+
+
+def _end_worker_processes(w: Worker, timeout_s: float) -> None:
+    """Terminate, then kill, the recorded processes of a worker that lost its daemon.
+
+    A pid is only touched if its environment names the worker's group (pids get reused).
+    """
+    import psutil
+
+    procs = []
+    for pid in w.pids:
+        try:
+            p = psutil.Process(pid)
+            if p.environ().get("COMPUTEGROUPS_GROUP_ID") == w.group_id:
+                procs.append(p)
+        except (psutil.Error, OSError):
+            continue
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
