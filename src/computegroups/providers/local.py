@@ -118,7 +118,7 @@ class LocalComputeResourceProvider(ComputeResourceProvider):
             try:
                 machine = discover_machine(source)
                 gpus, topo = schedulable_devices(machine)
-                self._parents = [next(g.index for g in machine.gpus if g.pci_bus_id == d.pci_bus_id) for d in gpus]
+                self._parents = [d.smi_index for d in gpus]  # device -> NVML index of its GPU
             except BaseException:
                 source.close()
                 raise
