@@ -26,10 +26,12 @@ from computegroups.model import (
 from computegroups.providers import (
     ComputeResourceProvider,
     Inventory,
+    KubernetesComputeResourceProvider,
     LocalComputeResourceProvider,
     SimulatedComputeResourceProvider,
 )
 from computegroups.state import MemoryStateStore, SqliteStateStore, StateStore
+from computegroups.state.kubernetes import KubernetesStateStore
 from computegroups.topology import Topology, parse_nvidia_smi_topo
 
 __version__ = "0.1.0"
@@ -48,6 +50,8 @@ __all__ = [
     "InsufficientResourcesError",
     "InvalidRequestError",
     "Inventory",
+    "KubernetesComputeResourceProvider",
+    "KubernetesStateStore",
     "LocalComputeResourceProvider",
     "MemoryStateStore",
     "NodeSpec",

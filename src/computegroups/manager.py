@@ -183,6 +183,8 @@ class ComputeGroupManager:
             self.inventory = await self.provider.discover_resources()
             self._specs = {n.id: n for n in self.inventory.nodes}
             self._cluster = Cluster(self.inventory.nodes)
+            for node_id in self.inventory.cordoned:
+                self._cluster.set_cordoned(node_id, True)
             for name, pool in self.pools.items():
                 members = pool.members(self.inventory.nodes)
                 self._pool_members[name] = members
@@ -235,6 +237,8 @@ class ComputeGroupManager:
     def _apply_changes(self, changes: Changes) -> None:
         if changes.full:
             self._cluster = Cluster(self.inventory.nodes)
+            for node_id in self.inventory.cordoned:
+                self._cluster.set_cordoned(node_id, True)
             for node_id, index in self._unhealthy:
                 self._cluster.set_unhealthy(node_id, index, True)
             self._records.clear()

@@ -1,6 +1,7 @@
 """Providers: discovery and materialisation per environment."""
 
 from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
+from computegroups.providers.kubernetes import KubernetesComputeResourceProvider
 from computegroups.providers.local import LocalComputeResourceProvider
 from computegroups.providers.simulated import SimulatedComputeResourceProvider
 
@@ -8,6 +9,7 @@ __all__ = [
     "ComputeResourceProvider",
     "DeviceHealth",
     "Inventory",
+    "KubernetesComputeResourceProvider",
     "LocalComputeResourceProvider",
     "SimulatedComputeResourceProvider",
 ]

@@ -22,11 +22,15 @@ __all__ = ["ComputeResourceProvider", "DeviceHealth", "Inventory"]
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """What discovery found: nodes, and notes a person should read (why no GPU was found...)."""
+    """What discovery found: nodes, and notes a person should read (why no GPU was found...).
+
+    ``cordoned``: ids of nodes that take no new groups (a Kubernetes node cordoned or tainted).
+    """
 
     nodes: Sequence[NodeSpec]
     source: str
     notes: Sequence[str] = ()
+    cordoned: frozenset[str] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "notes": list(self.notes), "nodes": [n.id for n in self.nodes]}

@@ -1,0 +1,218 @@
+"""A small JSON client for the Kubernetes API over ``kubernetes_asyncio``.
+
+``kubernetes_asyncio`` supplies what is hard to get right: kubeconfig parsing
+(certificates, tokens, exec credential plugins, contexts), in-cluster
+configuration and an aiohttp transport. Requests go through its ``ApiClient``
+with ``_preload_content=False`` and plain dicts, so no generated model classes
+are built or needed (the ComputeGroup custom resource has none anyway).
+
+Errors are translated here, once: :class:`KubeError` carries the HTTP status,
+the verb and resource, and the API server's one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+__all__ = ["KubeClient", "KubeError", "Obj"]
+
+Obj = dict[str, Any]
+
+_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+class KubeError(Exception):
+    """An API request failed. ``status`` is the HTTP status (0: no answer), ``reason`` the API reason."""
+
+    def __init__(self, status: int, verb: str, resource: str, message: str, reason: str = "") -> None:
+        super().__init__(f"{verb} {resource}: {message}" if message else f"{verb} {resource}: HTTP {status}")
+        self.status = status
+        self.verb = verb
+        self.resource = resource
+        self.message = message
+        self.reason = reason
+
+    @property
+    def forbidden(self) -> bool:
+        return self.status in (401, 403)
+
+    def one_line(self) -> str:
+        """``forbidden: list nodes (...)`` - the verb and resource first, for people."""
+        if self.status == 403:
+            return f"forbidden: cannot {self.verb} {self.resource}: {self.message}"
+        if self.status == 401:
+            return f"unauthorized: cannot {self.verb} {self.resource}: the credentials were refused"
+        return str(self)
+
+
+def _resource_of(path: str) -> str:
+    """``/apis/g/v1/namespaces/ns/things/x/status`` -> ``things/status``; for messages only."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    if parts and parts[0] == "api":
+        parts = parts[2:]
+    elif parts and parts[0] == "apis":
+        group = parts[1]
+        parts = parts[3:]
+        if parts and parts[0] == "namespaces" and len(parts) > 2:
+            parts = parts[2:]
+        if parts:
+            parts[0] = f"{parts[0]}.{group}"
+        return parts[0] + ("/" + parts[2] if len(parts) > 2 else "") if parts else group
+    if parts and parts[0] == "namespaces" and len(parts) > 2:
+        parts = parts[2:]
+    if not parts:
+        return "namespaces"
+    return parts[0] + ("/" + parts[2] if len(parts) > 2 else "")
+
+
+class KubeClient:
+    """JSON requests against one API server. Use ``await KubeClient.create(...)``; close with ``close()``."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._api = api_client
+
+    @classmethod
+    async def create(
+        cls,
+        kubeconfig: str | os.PathLike[str] | None = None,
+        context: str | None = None,
+        *,
+        in_cluster: bool | None = None,
+    ) -> KubeClient:
+        """Configure from ``kubeconfig`` (a path), else in-cluster when running in a pod, else ``$KUBECONFIG``
+        / ``~/.kube/config``. ``in_cluster=True`` forces in-cluster configuration."""
+        try:
+            from kubernetes_asyncio import client, config
+        except ImportError as exc:  # the optional dependency is missing
+            raise KubeError(
+                0,
+                "import",
+                "kubernetes_asyncio",
+                "the Kubernetes provider needs kubernetes_asyncio; pip install 'computegroups[kubernetes]'",
+            ) from exc
+        cfg = client.Configuration()
+        try:
+            if in_cluster or (in_cluster is None and kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ):
+                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            else:
+                await config.load_kube_config(
+                    config_file=os.fspath(kubeconfig) if kubeconfig is not None else None,
+                    context=context,
+                    client_configuration=cfg,
+                )
+        except Exception as exc:  # kubernetes_asyncio raises ConfigException, OSError, ValueError...
+            where = os.fspath(kubeconfig) if kubeconfig is not None else "the default kubeconfig"
+            raise KubeError(0, "load", "configuration", f"{where}: {exc}") from exc
+        return cls(client.ApiClient(configuration=cfg))
+
+    async def close(self) -> None:
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        content_type: str = "application/json",
+        verb: str | None = None,
+    ) -> Obj:
+        """Send one request; return the decoded JSON object; raise :class:`KubeError` unless 2xx.
+
+        429 (too many requests, storage initializing) is retried for a few seconds, as
+        client-go does; so are 5xx answers to reads.
+        """
+        delay = 0.05
+        for attempt in range(12):
+            try:
+                return await self._request_once(method, path, body, params, content_type, verb)
+            except KubeError as exc:
+                retry = exc.status == 429 or (exc.status >= 500 and method == "GET")
+                if not retry or attempt == 11:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: Mapping[str, Any] | None,
+        content_type: str,
+        verb: str | None,
+    ) -> Obj:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        if self._api is None:
+            raise KubeError(0, _VERBS.get(method, method), _resource_of(path), "the client is closed")
+        verb = verb or _VERBS.get(method, method.lower())
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            resp = await self._api.call_api(
+                path,
+                method,
+                query_params=[(k, v) for k, v in (params or {}).items() if v is not None],
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=60,
+            )
+            status = resp.status
+            raw = await resp.read()
+            resp.release()
+        except ApiException as exc:
+            raise KubeError(int(exc.status or 0), verb, _resource_of(path), str(exc.reason or exc)) from exc
+        except Exception as exc:  # aiohttp.ClientError, OSError, timeouts
+            raise KubeError(0, verb, _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"message": raw[:200].decode(errors="replace")}
+        if not 200 <= status <= 299:
+            message = data.get("message", "") if isinstance(data, dict) else ""
+            reason = data.get("reason", "") if isinstance(data, dict) else ""
+            raise KubeError(status, verb, _resource_of(path), str(message), str(reason))
+        return data if isinstance(data, dict) else {"items": data}
+
+    async def get(self, path: str, **params: Any) -> Obj:
+        return await self.request("GET", path, params=params)
+
+    async def list(self, path: str, **params: Any) -> Obj:
+        """GET a collection (paged with ``limit``/``continue`` so big clusters come back whole)."""
+        items: list[Obj] = []
+        cont: str | None = None
+        while True:
+            page = await self.request("GET", path, params={**params, "limit": 500, "continue": cont}, verb="list")
+            items.extend(page.get("items") or [])
+            cont = (page.get("metadata") or {}).get("continue")
+            if not cont:
+                page["items"] = items
+                return page
+
+    async def post(self, path: str, body: Obj) -> Obj:
+        return await self.request("POST", path, body)
+
+    async def put(self, path: str, body: Obj) -> Obj:
+        return await self.request("PUT", path, body)
+
+    async def delete(self, path: str, body: Obj | None = None, **params: Any) -> Obj:
+        return await self.request("DELETE", path, body, params=params)
+
+    async def delete_collection(self, path: str, **params: Any) -> Obj:
+        return await self.request("DELETE", path, params=params, verb="deletecollection")
+
+
+def name_path(*segments: str) -> str:
+    """Join path segments, quoting each."""
+    return "/".join(quote(s, safe="") for s in segments)

@@ -1,0 +1,331 @@
+"""KubernetesComputeResourceProvider and KubernetesStateStore against a real API server.
+
+Everything runs as the ServiceAccount of the shipped RBAC (deploy/), not as cluster admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from computegroups import ComputeGroupManager, KubernetesComputeResourceProvider, ProviderError, StateError
+from computegroups.state.kubernetes import KubernetesStateStore
+
+from .harness import ApiError, ControlPlane, gpu_uuid
+
+pytestmark = pytest.mark.k8s
+
+REPO = Path(__file__).resolve().parents[2]
+_PATHS = {
+    "CustomResourceDefinition": "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+}
+_NS_PATHS = {
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+}
+
+
+def install_crds(cp: ControlPlane) -> None:
+    api = cp.client()
+    for doc in yaml.safe_load_all((REPO / "deploy" / "crds.yaml").read_text()):
+        try:
+            api.post(_PATHS["CustomResourceDefinition"], doc)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        api.wait_for(
+            f"{_PATHS['CustomResourceDefinition']}/{doc['metadata']['name']}",
+            lambda o: any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in (o.get("status") or {}).get("conditions") or []
+            ),
+            timeout=30,
+            what="CRD established",
+        )
+
+
+def deploy(cp: ControlPlane, namespace: str) -> Path:
+    """Apply deploy/ (CRDs once, RBAC into ``namespace``); return a kubeconfig of its ServiceAccount."""
+    install_crds(cp)
+    api = cp.client()
+    text = (REPO / "deploy" / "rbac.yaml").read_text()
+    text = text.replace("computegroups-discovery", f"computegroups-discovery-{namespace}")
+    text = text.replace("namespace: computegroups", f"namespace: {namespace}")
+    for doc in yaml.safe_load_all(text):
+        kind = doc["kind"]
+        if kind == "Namespace":
+            continue
+        path = _PATHS.get(kind) or _NS_PATHS[kind].format(ns=namespace)
+        try:
+            api.post(path, doc)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+    return cp.service_account_kubeconfig(namespace, "computegroups")
+
+
+def provider(kubeconfig: Path, namespace: str, selector: str, **kw: Any) -> KubernetesComputeResourceProvider:
+    return KubernetesComputeResourceProvider(kubeconfig, namespace=namespace, node_selector=selector, **kw)
+
+
+def make_nodes(cp: ControlPlane, n: int = 2, **kw: Any) -> tuple[list[str], str]:
+    """n fresh 8-GPU nodes labelled with a unique set label; returns (names, label selector)."""
+    tag = uuid.uuid4().hex[:6]
+    names = [f"cg-{tag}-{chr(ord('a') + i)}" for i in range(n)]
+    for name in names:
+        cp.make_gpu_node(name, labels={"computegroups-test": tag}, **kw)
+    return names, f"computegroups-test={tag}"
+
+
+@pytest.fixture
+def sa(k8s_cluster: ControlPlane, k8s_namespace: str) -> Path:
+    """deploy/ applied to ``k8s_namespace`` (CRDs, RBAC); a kubeconfig of its ServiceAccount."""
+    return deploy(k8s_cluster, k8s_namespace)
+
+
+@contextlib.asynccontextmanager
+async def manager(kubeconfig: Path, namespace: str, selector: str, **kw: Any) -> AsyncIterator[ComputeGroupManager]:
+    p = provider(kubeconfig, namespace, selector, **kw)
+    async with ComputeGroupManager(p, p.state_store()) as mgr:
+        yield mgr
+
+
+def live_groups(cp: ControlPlane, namespace: str) -> list[dict[str, Any]]:
+    items = cp.client().get(f"/apis/computegroups.dev/v1alpha1/namespaces/{namespace}/computegroups")["items"]
+    return [i for i in items if not i["spec"].get("deleted") and i["spec"]["record"]["state"] != "released"]
+
+
+# -- discovery ------------------------------------------------------------------------
+async def test_discovery_dra_and_counts(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    names, selector = make_nodes(k8s_cluster, 1, clique="fabric-1.0")
+    plain, plain_sel = make_nodes(k8s_cluster, 1, dra=False, gpus=4, product="NVIDIA-A100-SXM4-40GB", memory_mib=40960)
+    async with provider(sa, k8s_namespace, selector) as p:
+        inv = await p.discover_resources()
+    (node,) = inv.nodes
+    assert node.id == names[0] and len(node.gpus) == 8
+    assert [g.uuid for g in node.gpus] == [gpu_uuid(names[0], i) for i in range(8)]
+    assert node.gpus[0].name == "NVIDIA H100 80GB HBM3" and node.gpus[0].memory_mib == 81559
+    assert node.labels["nvidia.com/gpu.clique"] == "fabric-1.0"
+    assert node.topology is not None and node.topology.is_nvlink(0, 7)  # one NVLink clique
+    async with provider(sa, k8s_namespace, plain_sel) as p:
+        inv = await p.discover_resources()
+    (node,) = inv.nodes
+    assert node.topology is None and len(node.gpus) == 4
+    assert [g.uuid for g in node.gpus] == [f"k8s-{plain[0]}-gpu{i}" for i in range(4)]
+    assert node.gpus[0].name == "NVIDIA A100 SXM4 40GB" and node.gpus[0].memory_mib == 40960
+
+
+async def test_foreign_pods_cordon_and_health(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    names, selector = make_nodes(k8s_cluster, 2, dra=False)
+    api = k8s_cluster.client()
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "someone-else", "namespace": k8s_namespace},
+        "spec": {
+            "nodeName": names[0],
+            "containers": [{"name": "x", "image": "x", "resources": {"limits": {"nvidia.com/gpu": "3"}}}],
+        },
+    }
+    api.post(f"/api/v1/namespaces/{k8s_namespace}/pods", pod)
+    api.patch(f"/api/v1/nodes/{names[1]}", {"spec": {"unschedulable": True}})
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        by_id = {n.id: n for n in mgr.node_specs()}
+        assert len(by_id[names[0]].gpus) == 5  # 8 less the 3 another pod holds
+        assert names[1] in mgr.inventory.cordoned
+        g = await mgr.allocate_compute_group("x", {"gpus": 4})
+        assert g.node_id == names[0]  # the cordoned node takes nothing new
+        with pytest.raises(Exception, match="cordon"):
+            await mgr.allocate_compute_group("y", {"gpus": 2})
+        health = await mgr.provider.sample_health()
+        assert len(health) == 13 and all(h.healthy for h in health)
+
+
+async def test_node_not_ready_marks_gpus_unhealthy(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    names, selector = make_nodes(k8s_cluster, 1, dra=False)
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        assert not await mgr.refresh_health()
+        api = k8s_cluster.client()
+        # kwok keeps fake nodes Ready; stop it managing this one, then report it NotReady.
+        api.patch(f"/api/v1/nodes/{names[0]}", {"metadata": {"annotations": {"kwok.x-k8s.io/node": None}}})
+        node = api.get(f"/api/v1/nodes/{names[0]}")
+        for c in node["status"]["conditions"]:
+            if c["type"] == "Ready":
+                c.update(status="False", reason="KubeletNotReady")
+        api.put(f"/api/v1/nodes/{names[0]}/status", node)
+        events = await mgr.refresh_health()
+        assert len(events) == 8 and all(e.kind == "device-unhealthy" for e in events)
+        assert "KubeletNotReady" in events[0].detail
+        with pytest.raises(Exception, match=r"no node can take"):
+            await mgr.allocate_compute_group("x", {"gpus": 1})
+
+
+# -- materialisation --------------------------------------------------------------------
+async def test_run_pod_dra_claims_exact_devices(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    k8s_cluster.ensure_gpu_device_class()
+    _, selector = make_nodes(k8s_cluster, 1)
+    api = k8s_cluster.client()
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        await mgr.allocate_compute_group("warm", {"gpus": 1})
+        g = await mgr.allocate_compute_group("decode", {"gpus": 2})
+        p = mgr.provider
+        assert isinstance(p, KubernetesComputeResourceProvider)
+        made = await p.run_pod(g, "busybox", ["sleep", "3600"])
+        name = made["metadata"]["name"]
+        pod = api.wait_for(
+            f"/api/v1/namespaces/{k8s_namespace}/pods/{name}",
+            lambda o: o.get("status", {}).get("phase") == "Running",
+            timeout=60,
+            what="pod Running",
+        )
+        assert pod["spec"]["nodeName"] == g.node_id
+        claim = api.get(f"/apis/resource.k8s.io/v1/namespaces/{k8s_namespace}/resourceclaims/{name}")
+        results = claim["status"]["allocation"]["devices"]["results"]
+        assert sorted(r["device"] for r in results) == sorted(f"gpu-{i}" for i in g.resources["gpu_indices"])
+        assert await mgr.deallocate_compute_group(g.id)
+        gone = api.get(f"/api/v1/namespaces/{k8s_namespace}/pods", labelSelector=f"computegroups.dev/group={g.id}")
+        assert all(p.get("metadata", {}).get("deletionTimestamp") for p in gone["items"])
+
+
+async def test_run_pod_device_plugin_counts(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    names, selector = make_nodes(k8s_cluster, 1, dra=False)
+    api = k8s_cluster.client()
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        g = await mgr.allocate_compute_group("decode", {"gpus": 3})
+        made = await mgr.provider.run_pod(g, "busybox", ["true"])  # type: ignore[attr-defined]
+        c = made["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "3"
+        pod = api.wait_for(
+            f"/api/v1/namespaces/{k8s_namespace}/pods/{made['metadata']['name']}",
+            lambda o: o.get("spec", {}).get("nodeName"),
+            timeout=60,
+            what="pod scheduled",
+        )
+        assert pod["spec"]["nodeName"] == names[0]
+        assert await mgr.deallocate_compute_group(g.id)
+
+
+# -- permissions ------------------------------------------------------------------------
+async def test_without_rights_a_clear_error(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    _, selector = make_nodes(k8s_cluster, 1, dra=False)
+    nobody = k8s_cluster.service_account_kubeconfig(k8s_namespace, "nobody")
+    with pytest.raises(ProviderError) as err:
+        async with provider(nobody, k8s_namespace, selector) as p:
+            await p.discover_resources()
+    msg = str(err.value)
+    assert "\n" not in msg and "forbidden: cannot list nodes" in msg, msg
+    store = KubernetesStateStore(nobody, namespace=k8s_namespace)
+    with pytest.raises(StateError) as serr:
+        await store.open()
+    assert "\n" not in str(serr.value) and "computegroupledgers.computegroups.dev" in str(serr.value)
+    assert "forbidden: cannot get" in str(serr.value)
+
+
+# -- two processes ------------------------------------------------------------------------
+WORKER = """
+import asyncio, json, sys
+from computegroups import ComputeGroupManager, InsufficientResourcesError, KubernetesComputeResourceProvider
+
+async def main(kubeconfig, ns, selector, who):
+    p = KubernetesComputeResourceProvider(kubeconfig, namespace=ns, node_selector=selector)
+    got = []
+    async with ComputeGroupManager(p, p.state_store()) as mgr:
+        for n in range(40):
+            try:
+                g = await mgr.allocate_compute_group(f"{who}-{n}", {"gpus": 1 + n % 2})
+            except InsufficientResourcesError:
+                break
+            got.append([g.node_id, g.resources["gpu_indices"]])
+    print(json.dumps(got))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_two_processes_never_share_a_gpu(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    _, selector = make_nodes(k8s_cluster, 2, dra=False)
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(sa), k8s_namespace, selector, who],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for who in ("a", "b")
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    elapsed = time.monotonic() - start
+    claimed = [(node, i) for got in outs for node, idx in got for i in idx]
+    assert len(claimed) == len(set(claimed)) == 16, (outs, elapsed)
+    assert outs[0] and outs[1]  # both processes got some
+    # And from the custom resources afterwards:
+    groups = live_groups(k8s_cluster, k8s_namespace)
+    from_crs = [(g["spec"]["nodeName"], d[0]) for g in groups for d in g["spec"]["record"]["devices"]]
+    assert sorted(from_crs) == sorted(claimed)
+    ledger = k8s_cluster.client().get(
+        f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroupledgers/default"
+    )
+    assert ledger["spec"]["revision"] == len(groups)
+
+
+async def test_store_contract(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    from tests import conformance
+
+    await conformance.check_store(lambda: KubernetesStateStore(sa, namespace=k8s_namespace, name="contract"))
+
+
+async def test_crash_between_commit_and_group_objects(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    """A commit whose writer dies after the ledger update is seen whole by readers and finished by the next writer."""
+    from tests.conformance import _record
+
+    store = KubernetesStateStore(sa, namespace=k8s_namespace, name="crash")
+    await store.open()
+    rev = (await store.changes_since(-1)).revision
+
+    async def die(change: Any) -> None:
+        raise asyncio.CancelledError  # the process "dies" right after the commit point
+
+    store._apply = die  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await store.commit(rev, [_record("g1"), _record("g2", index=1)])
+    await store.close()
+    api = k8s_cluster.client()
+    assert not [
+        i
+        for i in api.get(f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups")["items"]
+        if i["metadata"]["labels"].get("computegroups.dev/store") == "crash"
+    ]
+    other = KubernetesStateStore(sa, namespace=k8s_namespace, name="crash")
+    await other.open()
+    try:
+        seen = await other.changes_since(rev)
+        assert seen.revision == rev + 1 and sorted(r.id for r in seen.upserts) == ["g1", "g2"]
+        await other.commit(rev + 1, [], ["g1"])
+        names = sorted(
+            (i["spec"]["id"], bool(i["spec"].get("deleted")))
+            for i in api.get(f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups")["items"]
+            if i["metadata"]["labels"].get("computegroups.dev/store") == "crash"
+        )
+        assert names == [("g1", True), ("g2", False)]
+    finally:
+        await other.close()
