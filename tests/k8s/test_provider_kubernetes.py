@@ -196,6 +196,8 @@ async def test_run_pod_dra_claims_exact_devices(k8s_cluster: ControlPlane, k8s_n
         claim = api.get(f"/apis/resource.k8s.io/v1/namespaces/{k8s_namespace}/resourceclaims/{name}")
         results = claim["status"]["allocation"]["devices"]["results"]
         assert sorted(r["device"] for r in results) == sorted(f"gpu-{i}" for i in g.resources["gpu_indices"])
+        cr = api.get(f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups/{g.id}")
+        assert cr["status"] == {"pod": name, "resourceClaim": name}
         assert await mgr.deallocate_compute_group(g.id)
         gone = api.get(f"/api/v1/namespaces/{k8s_namespace}/pods", labelSelector=f"computegroups.dev/group={g.id}")
         assert all(p.get("metadata", {}).get("deletionTimestamp") for p in gone["items"])

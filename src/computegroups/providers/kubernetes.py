@@ -15,6 +15,7 @@ pod from it; releasing the group deletes the pod and the claim.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -365,7 +366,17 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             },
             "spec": spec,
         }
-        return await self._call(client.post(f"/api/v1/namespaces/{self.namespace}/pods", pod))
+        made = await self._call(client.post(f"/api/v1/namespaces/{self.namespace}/pods", pod))
+        status = {"pod": made["metadata"]["name"], **({"resourceClaim": _object_name(record.id)} if dra else {})}
+        with contextlib.suppress(KubeError):  # for `kubectl get computegroups -o wide`; the pod exists anyway
+            await client.request(
+                "PATCH",
+                f"/apis/computegroups.dev/v1alpha1/namespaces/{self.namespace}/computegroups/"
+                f"{cr_name(record.id, self.store_name)}/status",
+                {"status": status},
+                content_type="application/merge-patch+json",
+            )
+        return made
 
     async def get_resource_state(self) -> dict[str, Any]:
         return {
