@@ -300,10 +300,10 @@ class ComputeGroupManager:
             bucket = self._reservations.setdefault(r.component, {})
             if sign > 0:
                 bucket[r.id] = None
-                if r.expires_at is not None:
-                    heapq.heappush(self._expiry, (r.expires_at, r.id))
             else:
                 bucket.pop(r.id, None)
+        if sign > 0 and r.expires_at is not None and not r.pending:
+            heapq.heappush(self._expiry, (r.expires_at, r.id))  # a drained reservation expires too
         if r.pending:
             noms = self._nominated.setdefault(r.node_id, {})
             if sign > 0:
@@ -382,7 +382,8 @@ class ComputeGroupManager:
         while heap and heap[0][0] <= now:
             at, gid = heapq.heappop(heap)
             r = self._records.get(gid)
-            if r is not None and r.state is AllocationState.RESERVED and r.expires_at == at and not r.pending:
+            live = r is not None and r.state in (AllocationState.RESERVED, AllocationState.DRAINING)
+            if live and r is not None and r.expires_at == at and not r.pending:
                 due.append(r)
         return due
 
@@ -1077,6 +1078,8 @@ class ComputeGroupManager:
                 parts = self._parts(gid)
                 if all(r.state is AllocationState.RELEASED for r in parts):
                     raise ConflictError(f"group {gid} is released; there is nothing to drain")
+                if any(r.pending for r in parts):
+                    raise ConflictError(f"group {gid} waits for preempted groups; release it to cancel the request")
                 live = [r for r in parts if r.state not in (AllocationState.RELEASED, AllocationState.DRAINING)]
                 return [r.replace(state=AllocationState.DRAINING) for r in live], []
 
