@@ -7,22 +7,16 @@ Exit codes: 0 success; 1 an unexpected failure underneath (state, provider);
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from computegroups.errors import (
-    ComputeGroupsError,
-    ConflictError,
-    InsufficientResourcesError,
-    InvalidRequestError,
-    NotFoundError,
-)
+from computegroups._cliutil import EXIT_CODES, fail, run
+from computegroups._cliutil import emit as _emit
+from computegroups.errors import InvalidRequestError
 from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode
 from computegroups.providers.base import ComputeResourceProvider
@@ -30,13 +24,6 @@ from computegroups.providers.local import LocalComputeResourceProvider
 from computegroups.providers.simulated import SimulatedComputeResourceProvider, load_spec
 
 __all__ = ["EXIT_CODES", "cli", "main"]
-
-EXIT_CODES: dict[type[ComputeGroupsError], int] = {
-    InvalidRequestError: 2,
-    NotFoundError: 2,
-    InsufficientResourcesError: 3,
-    ConflictError: 4,
-}
 
 T = TypeVar("T")
 
@@ -75,22 +62,6 @@ class Context:
         return ComputeGroupManager(self.provider(), self.state, pools=self.pools())
 
 
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"computegroups: {message}", err=True)
-    sys.exit(code)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine, turning library errors into one line and an exit code."""
-    try:
-        return asyncio.run(coro)
-    except ComputeGroupsError as exc:
-        code = next((c for cls, c in EXIT_CODES.items() if isinstance(exc, cls)), 1)
-        fail(str(exc), code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-
-
 def with_manager(ctx: Context, body: Callable[[ComputeGroupManager], Awaitable[T]]) -> T:
     async def go() -> T:
         async with ctx.manager() as mgr:
@@ -100,10 +71,7 @@ def with_manager(ctx: Context, body: Callable[[ComputeGroupManager], Awaitable[T
 
 
 def emit(ctx: Context, data: Any, human: Callable[[], None]) -> None:
-    if ctx.json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        human()
+    _emit(ctx.json, data, human)
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> None:
@@ -423,6 +391,14 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 
+
+def _register_extensions() -> None:
+    from computegroups.runtime.cli import register as register_runtime
+
+    register_runtime(cli)
+
+
+_register_extensions()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import click
 
-from computegroups.errors import (
-    ComputeGroupsError,
-    ConflictError,
-    InsufficientResourcesError,
-    InvalidRequestError,
-    NotFoundError,
-)
+from computegroups._cliutil import emit, fail, run
 from computegroups.manager import ComputeGroupManager
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.local import LocalRuntime, RestartPolicy
@@ -34,23 +27,12 @@ from computegroups.runtime.local import LocalRuntime, RestartPolicy
 __all__ = ["ps_command", "register", "run_command", "stop_command", "supervise_command"]
 
 T = TypeVar("T")
-_CODES: list[tuple[type[ComputeGroupsError], int]] = [
-    (InvalidRequestError, 2),
-    (NotFoundError, 2),
-    (InsufficientResourcesError, 3),
-    (ConflictError, 4),
-]
 
 
 class CliContext(Protocol):
     json: bool
 
     def manager(self) -> ComputeGroupManager: ...
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"computegroups: {message}", err=True)
-    sys.exit(code)
 
 
 def _with_runtime(
@@ -64,19 +46,11 @@ def _with_runtime(
         async with mgr:
             return await body(runtime)
 
-    try:
-        return asyncio.run(go())
-    except ComputeGroupsError as exc:
-        _fail(str(exc), next((c for cls, c in _CODES if isinstance(exc, cls)), 1))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    return run(go())
 
 
 def _emit(ctx: CliContext, data: Any, human: Callable[[], None]) -> None:
-    if ctx.json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        human()
+    emit(ctx.json, data, human)
 
 
 _runtime_dir = click.option(
@@ -133,7 +107,7 @@ def run_command(
     """
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
-        _fail("run: give the command after --, e.g. computegroups run decode --gpus 1 -- python serve.py", 2)
+        fail("run: give the command after --, e.g. computegroups run decode --gpus 1 -- python serve.py", 2)
     req: dict[str, Any] = {"gpus": int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus}
     for key, value in (("gpu_memory_mib", gpu_memory_mib), ("gpu_model", gpu_model), ("cpus", cpus)):
         if value is not None:
