@@ -396,6 +396,9 @@ def _register_extensions() -> None:
     from computegroups.runtime.cli import register as register_runtime
 
     register_runtime(cli)
+    from computegroups.integrations.dynamo import register as register_dynamo
+
+    register_dynamo(cli)
 
 
 _register_extensions()

@@ -1,0 +1,162 @@
+"""``computegroups dynamo-actuate``: scale Dynamo workers from the planner's decisions in etcd.
+
+Wire it into the main command group with :func:`register` (the main CLI does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import signal
+from typing import Any
+
+import click
+
+from computegroups._cliutil import fail, run
+from computegroups.integrations.dynamo.actuator import DynamoActuator, parse_specs
+from computegroups.integrations.etcd import EtcdClient
+from computegroups.runtime.circus import CircusDaemon
+from computegroups.runtime.cli import CliContext
+from computegroups.runtime.local import LocalRuntime
+
+__all__ = ["dynamo_actuate_command", "register"]
+
+
+@click.command("dynamo-actuate")
+@click.option("--namespace", required=True, help="Dynamo namespace: the planner writes under v1/NAMESPACE/planner/.")
+@click.option(
+    "--etcd",
+    "etcd_url",
+    default="http://127.0.0.1:2379",
+    show_default=True,
+    envvar="ETCD_ENDPOINTS",
+    help="etcd endpoint (http://host:port; the first of a comma-separated list).",
+)
+@click.option(
+    "--prefill-gpus",
+    type=int,
+    default=1,
+    show_default=True,
+    help="GPUs per prefill worker (the planner's prefill_engine_num_gpu).",
+)
+@click.option(
+    "--decode-gpus",
+    type=int,
+    default=1,
+    show_default=True,
+    help="GPUs per decode worker (the planner's decode_engine_num_gpu).",
+)
+@click.option("--prefill-cmd", help="Prefill worker command (one shell-quoted string); omit to never scale prefill.")
+@click.option("--decode-cmd", help="Decode worker command (one shell-quoted string); omit to never scale decode.")
+@click.option("--gpu-model", help="Substring of the GPU product name.")
+@click.option("--node", "node_id", help="Only this node.")
+@click.option("--nvlink", is_flag=True, help="Every pair of a worker's GPUs joined by NVLink.")
+@click.option("--same-numa", is_flag=True, help="All of a worker's GPUs on one NUMA node.")
+@click.option("--strategy", type=click.Choice(["binpack", "spread"]), help="Node choice.")
+@click.option(
+    "--poll-interval",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds between reads of the keys (besides the watch).",
+)
+@click.option(
+    "--graceful-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds a stopped worker gets after SIGTERM before SIGKILL.",
+)
+@click.option("--lease-ttl", type=int, default=10, show_default=True, help="TTL of the acknowledgement's lease.")
+@click.option("--once", is_flag=True, help="Converge once on the current decision, acknowledge it, and exit.")
+@click.option(
+    "--runtime-dir",
+    metavar="DIR",
+    envvar="COMPUTEGROUPS_RUNTIME_DIR",
+    help="Folder of the circus daemon (default: $XDG_RUNTIME_DIR/computegroups or /tmp/computegroups-UID).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log each step.")
+@click.pass_obj
+def dynamo_actuate_command(
+    ctx: CliContext,
+    namespace: str,
+    etcd_url: str,
+    prefill_gpus: int,
+    decode_gpus: int,
+    prefill_cmd: str | None,
+    decode_cmd: str | None,
+    gpu_model: str | None,
+    node_id: str | None,
+    nvlink: bool,
+    same_numa: bool,
+    strategy: str | None,
+    poll_interval: float,
+    graceful_timeout: float,
+    lease_ttl: int,
+    once: bool,
+    runtime_dir: str | None,
+    verbose: bool,
+) -> None:
+    """Run Dynamo prefill/decode workers on compute groups, as many as the planner decides.
+
+    \b
+    computegroups dynamo-actuate --namespace dynamo --etcd http://127.0.0.1:2379 \\
+        --prefill-gpus 2 --decode-gpus 2 --nvlink \\
+        --prefill-cmd "python3 -m dynamo.vllm --model M --disaggregation-mode prefill --tensor-parallel-size 2" \\
+        --decode-cmd "python3 -m dynamo.vllm --model M --disaggregation-mode decode --tensor-parallel-size 2"
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not prefill_cmd and not decode_cmd:
+        fail("dynamo-actuate: give --prefill-cmd and/or --decode-cmd", 2)
+    req: dict[str, Any] = {"gpu_model": gpu_model} if gpu_model else {}
+    cons: dict[str, Any] = {}
+    if node_id:
+        cons["node_id"] = node_id
+    if nvlink:
+        cons["nvlink"] = True
+    if same_numa:
+        cons["same_numa"] = True
+    if strategy:
+        cons["strategy"] = strategy
+    specs = parse_specs(
+        prefill_gpus,
+        shlex.split(prefill_cmd) if prefill_cmd else None,
+        decode_gpus,
+        shlex.split(decode_cmd) if decode_cmd else None,
+        req,
+        cons,
+    )
+    etcd = EtcdClient(etcd_url.split(",")[0].strip())
+
+    async def body(rt: LocalRuntime) -> None:
+        actuator = DynamoActuator(rt, etcd, namespace, specs, poll_interval_s=poll_interval, lease_ttl_s=lease_ttl)
+        if once:
+            actuator.acquire()
+            try:
+                outcome = await actuator.step()
+            finally:
+                actuator.release_lock()
+            click.echo(f"{outcome}" if outcome is not None else "no decision yet")
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await actuator.run(stop)
+
+    async def go() -> None:
+        mgr = ctx.manager()
+        mgr.monitor_interval = None
+        runtime = LocalRuntime(mgr, CircusDaemon(runtime_dir), graceful_timeout_s=graceful_timeout)
+        async with mgr:
+            await body(runtime)
+
+    run(go())
+
+
+def register(group: click.Group) -> None:
+    """Add ``dynamo-actuate`` to a click group (the main ``computegroups`` CLI)."""
+    group.add_command(dynamo_actuate_command)
