@@ -264,6 +264,14 @@ def test_scaling_scenario_restart_and_sigkill(etcd_url: str, daemon: CircusDaemo
         assert {w.group_id for w in workers} == set(groups), (workers, groups)
         for w in workers:
             assert groups[w.group_id] == w.gpus
+        registry = json.loads((daemon.dir / "workers.json").read_text())
+        running = {
+            gid for gid, w in registry.items() if w["state"] == "running" and w["component"].startswith(f"dynamo/{ns}/")
+        }
+        assert running == set(groups), "the runtime's registry disagrees with the held groups"
+        assert {f"w-{gid}" for gid in groups} <= set(daemon.watchers())
+        for s in records(record_dir):  # every worker that ever ran is either counted or gone
+            assert alive(s.pid) == (s.group_id in groups), s
         assert etcd.get(root_key(ns) + "scaled_decision_id") == str(decision_id)
 
     actuator = start_actuator()
@@ -293,17 +301,17 @@ def test_scaling_scenario_restart_and_sigkill(etcd_url: str, daemon: CircusDaemo
         agree(1, 2, 0)
 
         # actuator SIGKILLed in the middle of scaling to 3 prefill + 1 decode, then restarted
-        seen = {s.pid for s in records(record_dir)}
+        terms = set(record_dir.glob("*.term"))
         planner.decide(3, 1, wait=False)
-        wait_until(
-            lambda: any(s.pid not in seen for s in records(record_dir)), 20, "the first new worker of the scale-up"
-        )
+        # kill right after the scale-down step (a decode stopped), while the scale-up is under way
+        wait_until(lambda: set(record_dir.glob("*.term")) != terms, 20, "the scale-down step")
         actuator.send_signal(signal.SIGKILL)
         actuator.wait(10)
+        at_kill = counts()
         actuator = start_actuator()
         planner.wait_ready(30)
         agree(3, 1, 1)
-        print(f"scale-up 0 -> 2+1 took {up_s:.2f}s")
+        print(f"scale-up 0 -> 2+1 took {up_s:.2f}s; workers when the actuator was killed: {at_kill}")
         planner.stop()
     finally:
         actuator.terminate()

@@ -435,9 +435,8 @@ class DynamoActuator:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
-            if self._lease:
-                # The acknowledgement stays until the lease's TTL runs out; a restart within it re-acks.
-                pass
+            # The lease is left to expire (not revoked): an actuator restarted within its TTL
+            # finds its acknowledgement still there, and the planner is not held up meanwhile.
             self.release_lock()
 
     async def _keepalive(self, stop: asyncio.Event) -> None:
