@@ -18,7 +18,7 @@ from computegroups.errors import (
     NotFoundError,
 )
 
-__all__ = ["EXIT_CODES", "emit", "exit_code", "fail", "run"]
+__all__ = ["EXIT_CODES", "emit", "exit_code", "fail", "parse_request", "request_options", "run"]
 
 #: Exit code per error class; anything else that the library raises on purpose is 1.
 EXIT_CODES: dict[type[ComputeGroupsError], int] = {
@@ -58,3 +58,100 @@ def emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
     else:
         human()
+
+
+def _requirements(
+    gpus: float | None, gpu_memory_mib: int | None, gpu_model: str | None, cpus: float | None, memory_mib: int | None
+) -> dict[str, Any]:
+    req: dict[str, Any] = {}
+    if gpus is not None:
+        req["gpus"] = int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus
+    if gpu_memory_mib is not None:
+        req["gpu_memory_mib"] = gpu_memory_mib
+    if gpu_model:
+        req["gpu_model"] = gpu_model
+    if cpus is not None:
+        req["cpus"] = cpus
+    if memory_mib is not None:
+        req["memory_mib"] = memory_mib
+    return req
+
+
+def request_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by allocate and reserve: requirements and constraints."""
+    options = [
+        click.option("--gpus", type=float, help="Whole GPUs (2) or a share of one GPU (0.25)."),
+        click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: memory it needs)."),
+        click.option("--gpu-model", help="Case-insensitive substring of the GPU product name."),
+        click.option("--mig-profile", help="A MIG device of this profile (e.g. 1g.10gb)."),
+        click.option("--nodes", type=int, help="Spread one group over this many nodes (gpus per node)."),
+        click.option("--cpus", type=float, help="CPU cores to hold."),
+        click.option("--memory-mib", type=int, help="Host memory to hold."),
+        click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink."),
+        click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node."),
+        click.option("--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True),
+        click.option("--node", "node_id", help="Only this node."),
+        click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Node label selector (repeatable)."),
+        click.option("--pool", help="Place in this pool (its quotas apply)."),
+        click.option("--tenant", help="The tenant whose pool quota this counts against."),
+        click.option("--priority", type=int, help="Higher wins; may preempt preemptible lower-priority groups."),
+        click.option("--preemptible", is_flag=True, help="May be preempted by higher-priority requests."),
+        click.option(
+            "--affinity",
+            multiple=True,
+            metavar="COMPONENT[:SCOPE][:preferred]",
+            help="Place near this component (scope node or nvlink_domain; repeatable).",
+        ),
+        click.option(
+            "--anti-affinity",
+            multiple=True,
+            metavar="COMPONENT[:SCOPE][:preferred]",
+            help="Place away from this component (repeatable).",
+        ),
+        click.option("--request-id", help="Idempotency key: a retry returns the same group."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def rule_option(text: str, flag: str) -> dict[str, Any]:
+    """``COMPONENT[:node|nvlink_domain][:preferred|required]`` as an affinity rule."""
+    parts = text.split(":")
+    rule: dict[str, Any] = {"component": parts[0]}
+    for extra in parts[1:]:
+        if extra in ("node", "nvlink_domain"):
+            rule["scope"] = extra
+        elif extra in ("preferred", "required"):
+            rule["required"] = extra == "required"
+        else:
+            fail(f"{flag}: {extra!r} in {text!r} is not node, nvlink_domain, preferred or required", 2)
+    return rule
+
+
+def parse_request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Requirements and constraints from the options of :func:`request_options`."""
+    req = _requirements(opts["gpus"], opts["gpu_memory_mib"], opts["gpu_model"], opts["cpus"], opts["memory_mib"])
+    if opts["mig_profile"]:
+        req["mig_profile"] = opts["mig_profile"]
+    if opts["nodes"] is not None:
+        req["nodes"] = opts["nodes"]
+    cons: dict[str, Any] = {"strategy": opts["strategy"], "nvlink": opts["nvlink"], "same_numa": opts["same_numa"]}
+    for key in ("node_id", "request_id", "pool", "tenant", "priority"):
+        if opts[key] is not None:
+            cons[key] = opts[key]
+    if opts["preemptible"]:
+        cons["preemptible"] = True
+    if opts["affinity"]:
+        cons["affinity"] = [rule_option(t, "--affinity") for t in opts["affinity"]]
+    if opts["anti_affinity"]:
+        cons["anti_affinity"] = [rule_option(t, "--anti-affinity") for t in opts["anti_affinity"]]
+    if opts["labels"]:
+        parsed = {}
+        for item in opts["labels"]:
+            if "=" not in item:
+                fail(f"--label: {item!r} is not KEY=VALUE", 2)
+            k, v = item.split("=", 1)
+            parsed[k] = v
+        cons["labels"] = parsed
+    return req, cons

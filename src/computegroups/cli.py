@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from computegroups._cliutil import EXIT_CODES, fail, run
+from computegroups._cliutil import EXIT_CODES, fail, parse_request, request_options, run
 from computegroups._cliutil import emit as _emit
 from computegroups.errors import InvalidRequestError
 from computegroups.manager import ComputeGroupManager
@@ -179,101 +179,6 @@ def groups(ctx: Context, component: str | None, state_filter: str | None, node_i
     emit(ctx, [g.to_dict() for g in found], lambda: _table([_group_row(g) for g in found], _GROUP_HEADERS))
 
 
-def _requirements(
-    gpus: float | None, gpu_memory_mib: int | None, gpu_model: str | None, cpus: float | None, memory_mib: int | None
-) -> dict[str, Any]:
-    req: dict[str, Any] = {}
-    if gpus is not None:
-        req["gpus"] = int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus
-    if gpu_memory_mib is not None:
-        req["gpu_memory_mib"] = gpu_memory_mib
-    if gpu_model:
-        req["gpu_model"] = gpu_model
-    if cpus is not None:
-        req["cpus"] = cpus
-    if memory_mib is not None:
-        req["memory_mib"] = memory_mib
-    return req
-
-
-def _request_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by allocate and reserve: requirements and constraints."""
-    options = [
-        click.option("--gpus", type=float, help="Whole GPUs (2) or a share of one GPU (0.25)."),
-        click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: memory it needs)."),
-        click.option("--gpu-model", help="Case-insensitive substring of the GPU product name."),
-        click.option("--mig-profile", help="A MIG device of this profile (e.g. 1g.10gb)."),
-        click.option("--nodes", type=int, help="Spread one group over this many nodes (gpus per node)."),
-        click.option("--cpus", type=float, help="CPU cores to hold."),
-        click.option("--memory-mib", type=int, help="Host memory to hold."),
-        click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink."),
-        click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node."),
-        click.option("--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True),
-        click.option("--node", "node_id", help="Only this node."),
-        click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Node label selector (repeatable)."),
-        click.option("--pool", help="Place in this pool (its quotas apply)."),
-        click.option("--tenant", help="The tenant whose pool quota this counts against."),
-        click.option("--priority", type=int, help="Higher wins; may preempt preemptible lower-priority groups."),
-        click.option("--preemptible", is_flag=True, help="May be preempted by higher-priority requests."),
-        click.option(
-            "--affinity",
-            multiple=True,
-            metavar="COMPONENT[:SCOPE][:preferred]",
-            help="Place near this component (scope node or nvlink_domain; repeatable).",
-        ),
-        click.option(
-            "--anti-affinity",
-            multiple=True,
-            metavar="COMPONENT[:SCOPE][:preferred]",
-            help="Place away from this component (repeatable).",
-        ),
-        click.option("--request-id", help="Idempotency key: a retry returns the same group."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _rule(text: str, flag: str) -> dict[str, Any]:
-    parts = text.split(":")
-    rule: dict[str, Any] = {"component": parts[0]}
-    for extra in parts[1:]:
-        if extra in ("node", "nvlink_domain"):
-            rule["scope"] = extra
-        elif extra in ("preferred", "required"):
-            rule["required"] = extra == "required"
-        else:
-            fail(f"{flag}: {extra!r} in {text!r} is not node, nvlink_domain, preferred or required", 2)
-    return rule
-
-
-def _request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    req = _requirements(opts["gpus"], opts["gpu_memory_mib"], opts["gpu_model"], opts["cpus"], opts["memory_mib"])
-    if opts["mig_profile"]:
-        req["mig_profile"] = opts["mig_profile"]
-    if opts["nodes"] is not None:
-        req["nodes"] = opts["nodes"]
-    cons: dict[str, Any] = {"strategy": opts["strategy"], "nvlink": opts["nvlink"], "same_numa": opts["same_numa"]}
-    for key in ("node_id", "request_id", "pool", "tenant", "priority"):
-        if opts[key] is not None:
-            cons[key] = opts[key]
-    if opts["preemptible"]:
-        cons["preemptible"] = True
-    if opts["affinity"]:
-        cons["affinity"] = [_rule(t, "--affinity") for t in opts["affinity"]]
-    if opts["anti_affinity"]:
-        cons["anti_affinity"] = [_rule(t, "--anti-affinity") for t in opts["anti_affinity"]]
-    if opts["labels"]:
-        parsed = {}
-        for item in opts["labels"]:
-            if "=" not in item:
-                fail(f"--label: {item!r} is not KEY=VALUE", 2)
-            k, v = item.split("=", 1)
-            parsed[k] = v
-        cons["labels"] = parsed
-    return req, cons
-
-
 def _show_group(ctx: Context, g: ComputeGroup) -> None:
     def human() -> None:
         _table([_group_row(g)], _GROUP_HEADERS)
@@ -284,12 +189,12 @@ def _show_group(ctx: Context, g: ComputeGroup) -> None:
 
 @cli.command()
 @click.argument("component")
-@_request_options
+@request_options
 @click.option("--reservation", "reservation_id", help="Claim this reservation (a group id from 'reserve').")
 @click.pass_obj
 def allocate(ctx: Context, /, component: str, reservation_id: str | None, **opts: Any) -> None:
     """Allocate a compute group to COMPONENT and print it."""
-    req, cons = _request(opts)
+    req, cons = parse_request(opts)
     if reservation_id:
         cons["reservation_id"] = reservation_id
     _show_group(ctx, with_manager(ctx, lambda m: m.allocate_compute_group(component, req, cons)))
@@ -297,12 +202,12 @@ def allocate(ctx: Context, /, component: str, reservation_id: str | None, **opts
 
 @cli.command()
 @click.argument("component")
-@_request_options
+@request_options
 @click.option("--ttl", type=float, default=300.0, show_default=True, help="Seconds until the reservation expires.")
 @click.pass_obj
 def reserve(ctx: Context, /, component: str, ttl: float, **opts: Any) -> None:
     """Reserve capacity for COMPONENT's planned scale-up; claim it with 'allocate --reservation ID'."""
-    req, cons = _request(opts)
+    req, cons = parse_request(opts)
     _show_group(ctx, with_manager(ctx, lambda m: m.reserve_compute_group(component, req, cons, ttl_seconds=ttl)))
 
 

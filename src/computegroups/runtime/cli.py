@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import click
 
-from computegroups._cliutil import emit, fail, run
+from computegroups._cliutil import emit, fail, parse_request, request_options, run
 from computegroups.manager import ComputeGroupManager
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.local import LocalRuntime, RestartPolicy
@@ -63,15 +63,7 @@ _runtime_dir = click.option(
 
 @click.command("run")
 @click.argument("component")
-@click.option("--gpus", type=float, default=0, show_default=True, help="Whole GPUs (int) or a share of one (<1).")
-@click.option("--gpu-memory-mib", type=int, help="Minimum memory per GPU (for a share: the memory it needs).")
-@click.option("--gpu-model", help="Substring of the GPU product name.")
-@click.option("--cpus", type=float, help="CPU cores to hold.")
-@click.option("--memory-mib", type=int, help="Host memory to hold.")
-@click.option("--node", "node_id", help="Only this node.")
-@click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink.")
-@click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node.")
-@click.option("--strategy", type=click.Choice(["binpack", "spread"]), help="Node choice.")
+@request_options
 @click.option(
     "--policy",
     type=click.Choice([p.value for p in RestartPolicy]),
@@ -85,22 +77,17 @@ _runtime_dir = click.option(
 @click.pass_obj
 def run_command(
     ctx: CliContext,
+    /,
     component: str,
-    gpus: float,
-    gpu_memory_mib: int | None,
-    gpu_model: str | None,
-    cpus: float | None,
-    memory_mib: int | None,
-    node_id: str | None,
-    nvlink: bool,
-    same_numa: bool,
-    strategy: str | None,
     policy: str,
     mps: bool,
     runtime_dir: str | None,
     command: tuple[str, ...],
+    **opts: Any,
 ) -> None:
     """Allocate a group for COMPONENT and run COMMAND on it under circus; prints the group id.
+
+    Takes the same requirement and constraint options as ``allocate``.
 
     \b
     computegroups run decode --gpus 2 --nvlink -- python -m my.server --port 8000
@@ -108,21 +95,7 @@ def run_command(
     argv = list(command[1:] if command and command[0] == "--" else command)
     if not argv:
         fail("run: give the command after --, e.g. computegroups run decode --gpus 1 -- python serve.py", 2)
-    req: dict[str, Any] = {"gpus": int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus}
-    for key, value in (("gpu_memory_mib", gpu_memory_mib), ("gpu_model", gpu_model), ("cpus", cpus)):
-        if value is not None:
-            req[key] = value
-    if memory_mib is not None:
-        req["memory_mib"] = memory_mib
-    cons: dict[str, Any] = {}
-    if node_id:
-        cons["node_id"] = node_id
-    if nvlink:
-        cons["nvlink"] = True
-    if same_numa:
-        cons["same_numa"] = True
-    if strategy:
-        cons["strategy"] = strategy
+    req, cons = parse_request(opts)
 
     async def body(rt: LocalRuntime) -> dict[str, Any]:
         group, worker = await rt.run(component, req, argv, cons, policy=policy, mps=mps)
