@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from computegroups.model import MILLI, GpuSpec, NodeSpec
-from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
-from computegroups.providers.materialise import EnvMaterialiser
+from computegroups.providers.base import DeviceHealth, Inventory
+from computegroups.providers.materialise import EnvironmentProvider
 from computegroups.providers.nvidia_smi import NvidiaSmi, NvidiaSmiUnavailable
 from computegroups.providers.nvml import (
     HealthTracker,
@@ -59,7 +59,7 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-class LocalComputeResourceProvider(ComputeResourceProvider):
+class LocalComputeResourceProvider(EnvironmentProvider):
     """Discovers this machine; workloads are isolated by environment (CUDA_VISIBLE_DEVICES).
 
     ``nvml``: a factory for the NVML source (default :class:`RealNvml`; a
@@ -84,7 +84,7 @@ class LocalComputeResourceProvider(ComputeResourceProvider):
         self._nvidia_smi = nvidia_smi
         self._cpus = cpus
         self._memory_mib = memory_mib
-        self._materialised = EnvMaterialiser()
+        super().__init__()
         self._notes: list[str] = []
         self._source: NvmlSource | NvidiaSmi | None = None
         self._parents: list[int] = []  # node device index -> NVML GPU index
@@ -195,12 +195,6 @@ class LocalComputeResourceProvider(ComputeResourceProvider):
             return False
         self._tracker.clear(self._parents[index])
         return True
-
-    async def allocate_resources(self, component_name: str, resources: dict[str, Any]) -> dict[str, Any]:
-        return self._materialised.allocate(component_name, resources)
-
-    async def deallocate_resources(self, component_name: str, resource_ids: list[str]) -> bool:
-        return self._materialised.deallocate(component_name, resource_ids)
 
     async def get_resource_state(self) -> dict[str, Any]:
         return {

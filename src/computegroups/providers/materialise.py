@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EnvMaterialiser"]
+from computegroups.providers.base import ComputeResourceProvider
+
+__all__ = ["EnvMaterialiser", "EnvironmentProvider"]
 
 
 class EnvMaterialiser:
@@ -24,3 +26,20 @@ class EnvMaterialiser:
                 del self.active[gid]
                 changed = True
         return changed
+
+
+class EnvironmentProvider(ComputeResourceProvider):
+    """A provider whose workloads are isolated by environment alone (local and simulated machines).
+
+    Materialising a group records it and returns its environment; processes, if any, are the
+    runtime's business (``computegroups.runtime``).
+    """
+
+    def __init__(self) -> None:
+        self._materialised = EnvMaterialiser()
+
+    async def allocate_resources(self, component_name: str, resources: dict[str, Any]) -> dict[str, Any]:
+        return self._materialised.allocate(component_name, resources)
+
+    async def deallocate_resources(self, component_name: str, resource_ids: list[str]) -> bool:
+        return self._materialised.deallocate(component_name, resource_ids)

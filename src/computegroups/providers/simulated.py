@@ -32,8 +32,8 @@ import yaml
 
 from computegroups.errors import InvalidRequestError, one_of
 from computegroups.model import MILLI, GpuSpec, NodeSpec
-from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
-from computegroups.providers.materialise import EnvMaterialiser
+from computegroups.providers.base import DeviceHealth, Inventory
+from computegroups.providers.materialise import EnvironmentProvider
 from computegroups.topology import Topology, parse_nvidia_smi_topo
 
 __all__ = ["PRESETS", "Preset", "SimulatedComputeResourceProvider", "simulated_uuid"]
@@ -272,14 +272,14 @@ DEFAULT_SPEC: dict[str, Any] = {
 }
 
 
-class SimulatedComputeResourceProvider(ComputeResourceProvider):
+class SimulatedComputeResourceProvider(EnvironmentProvider):
     """Nodes from a spec; materialisation is the environment alone."""
 
     name = "simulated"
 
     def __init__(self, nodes: list[NodeSpec]) -> None:
         self._nodes = nodes
-        self._materialised = EnvMaterialiser()
+        super().__init__()
         self._health: dict[tuple[str, int], DeviceHealth] = {}
 
     @classmethod
@@ -294,12 +294,6 @@ class SimulatedComputeResourceProvider(ComputeResourceProvider):
 
     async def discover_resources(self) -> Inventory:
         return Inventory(tuple(self._nodes), source="simulated")
-
-    async def allocate_resources(self, component_name: str, resources: dict[str, Any]) -> dict[str, Any]:
-        return self._materialised.allocate(component_name, resources)
-
-    async def deallocate_resources(self, component_name: str, resource_ids: list[str]) -> bool:
-        return self._materialised.deallocate(component_name, resource_ids)
 
     async def get_resource_state(self) -> dict[str, Any]:
         return {
