@@ -383,8 +383,8 @@ class DynamoActuator:
                 # The planner's keys ended with its lease: let the next planner wait for a real ack.
                 log.info("dynamo %s: planner keys are gone; withdrawing scaled_decision_id", self.namespace)
                 await self.etcd.adelete(self.root + "scaled_decision_id")
-            if decision.num_prefill_workers is None and decision.num_decode_workers is None:
-                return None
+            # No decision yet, or the planner's first one is being written (decision_id comes last).
+            return None
         elif self._last_seen is not None and decision.decision_id < self._last_seen:
             detail = f"namespace {self.namespace}: decision_id went from {self._last_seen} to {decision.decision_id}"
             log.warning("planner restart: %s", detail)
