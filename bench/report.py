@@ -42,7 +42,7 @@ def write(out: Path) -> Path:
             f"{'light mode' if m.get('light') else 'full run'} (`python -m bench {' '.join(m.get('argv', []))}`).\n"
         )
     ray = data.get("ray") or {}
-    ray_p50 = {r["k"]: r["p50_us"] for r in ray.get("rows", [])}
+    ray_p50 = {r["k"]: r["p50_us"] for r in ray.get("rows", []) if r.get("mode", "settled") == "settled"}
     if "speed" in data:
         rows = []
         for r in data["speed"]:
@@ -88,8 +88,11 @@ def write(out: Path) -> Path:
             parts.append(f"Ray {ray.get('version')}, `ray.init` took {ray.get('start_s', 0):.1f} s.\n")
             parts.append(
                 _table(
-                    ["GPUs/group", "cycles", "p50 µs", "p99 µs", "cycles/s"],
-                    [[r["k"], r["cycles"], r["p50_us"], r["p99_us"], r["per_s"]] for r in ray["rows"]],
+                    ["GPUs/group", "mode", "cycles", "p50 µs", "p99 µs", "cycles/s"],
+                    [
+                        [r["k"], r.get("mode", "settled"), r["cycles"], r["p50_us"], r["p99_us"], r["per_s"]]
+                        for r in ray["rows"]
+                    ],
                 )
                 + "\n"
             )
@@ -196,6 +199,8 @@ def write(out: Path) -> Path:
 
 
 def _plots(data: dict[str, Any], bdir: Path) -> None:
+    ray_rows = (data.get("ray") or {}).get("rows", [])
+    ray_p50 = {r["k"]: r["p50_us"] for r in ray_rows if r.get("mode", "settled") == "settled"}
     try:
         import matplotlib
 
@@ -213,7 +218,7 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
                 xs = [r["nodes"] for r in rs]
                 (line,) = ax.plot(xs, [r["p50_us"] for r in rs], marker="o", label=f"{k} GPU p50")
                 ax.plot(xs, [r["p99_us"] for r in rs], ls="--", color=line.get_color(), label=f"{k} GPU p99")
-            for k, p50 in sorted({r["k"]: r["p50_us"] for r in (data.get("ray") or {}).get("rows", [])}.items()):
+            for k, p50 in sorted(ray_p50.items()):
                 ax.axhline(p50, color="grey", lw=0.8, ls=":")
                 ax.annotate(f"Ray p50 k={k}", (1, p50), fontsize=7, color="grey")
             ax.set_xscale("log")

@@ -132,9 +132,13 @@ def place(
     best: tuple[float, NodeState, Pick] | None = None
     feasible = visited = 0
     n_max = cluster.max_gpus
+    bounds: dict[int, float] = {}  # a bound depends on the node only through its free count
     for node in candidates(cluster, req, cons, ctx):
         if best is not None:
-            bound = sum(p.weight * p.bound(node.free_count, n_max, req) for p in scores)
+            free = node.free_count
+            bound = bounds.get(free)
+            if bound is None:
+                bound = bounds[free] = sum(p.weight * p.bound(free, n_max, req) for p in scores)
             if bound <= best[0]:
                 break
         visited += 1
