@@ -77,7 +77,7 @@ def test_keys_and_names() -> None:
 def _etcd_binary() -> Path | None:
     explicit = os.environ.get("COMPUTEGROUPS_ETCD_BIN")
     if explicit:
-        return Path(explicit)
+        return Path(explicit) if os.access(explicit, os.X_OK) else None
     script = REPO / "scripts" / "k8s-testenv" / "build"
     if script.exists():
         done = subprocess.run(["bash", str(script), "--print-bin-dir"], capture_output=True, text=True, check=False)
