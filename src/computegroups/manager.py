@@ -401,7 +401,7 @@ class ComputeGroupManager:
         self._apply_changes(Changes(rev, released, []))
         for r in due:
             log.info("reservation %s of %s expired; its capacity returns", r.id, r.component)
-            self._emit(Event("reservation-expired", r.id, r.node_id, r.component))
+            self.emit(Event("reservation-expired", r.id, r.node_id, r.component))
         return len(due)
 
     async def expire_reservations(self) -> int:
@@ -418,7 +418,8 @@ class ComputeGroupManager:
             return total
 
     # -- events ---------------------------------------------------------------------
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
+        """Publish an event: to every ``events()`` stream, the recent-events log and the debug log."""
         self.recent_events.append(event)
         log.debug("event %s", event)
         for q in self._subscribers:
@@ -561,7 +562,7 @@ class ComputeGroupManager:
                 return [rec], []
 
             (rec,) = await self._commit(build) or []
-        self._emit(Event("created", rec.id, rec.node_id))
+        self.emit(Event("created", rec.id, rec.node_id))
         return self._view(rec)
 
     async def delete_compute_group(self, group_id: str) -> bool:
@@ -585,7 +586,7 @@ class ComputeGroupManager:
             node = self._parts(gid)[0].node_id
             done = await self._commit(build) is not None
         if done:
-            self._emit(Event("deleted", gid, node))
+            self.emit(Event("deleted", gid, node))
         return done
 
     async def allocate_compute_group(
@@ -848,7 +849,7 @@ class ComputeGroupManager:
             waiting, victims = pending
             for vid in victims:
                 victim = self._records.get(vid)
-                self._emit(
+                self.emit(
                     Event(
                         "preempted",
                         vid,
@@ -869,7 +870,7 @@ class ComputeGroupManager:
                 await self._materialise(rec)
         kind = "allocated" if state is AllocationState.ALLOCATED else "reserved"
         first = committed[0]
-        self._emit(Event(kind, first.gang_id or first.id, first.node_id, component))
+        self.emit(Event(kind, first.gang_id or first.id, first.node_id, component))
         return self._view_id(first.gang_id or first.id)
 
     async def _reused(self, gid: str) -> ComputeGroup:
@@ -994,8 +995,8 @@ class ComputeGroupManager:
             await self.provider.deallocate_resources(first.component or "", [r.id for r in prior])
         except Exception as exc:  # the state is released already; report, do not undo
             log.warning("provider could not undo group %s: %s", gid, exc)
-            self._emit(Event("provider-error", gid, first.node_id, first.component, str(exc)))
-        self._emit(Event("released", first.gang_id or first.id, first.node_id, first.component))
+            self.emit(Event("provider-error", gid, first.node_id, first.component, str(exc)))
+        self.emit(Event("released", first.gang_id or first.id, first.node_id, first.component))
         return True
 
     def _parts(self, gid: str) -> list[GroupRecord]:
@@ -1062,7 +1063,7 @@ class ComputeGroupManager:
         for waiter in promoted:
             log.info("preemptor %s of %s is allocated: its victims have drained", waiter.id, waiter.component)
             await self._materialise(waiter)
-            self._emit(Event("allocated", waiter.id, waiter.node_id, waiter.component, "after preemption"))
+            self.emit(Event("allocated", waiter.id, waiter.node_id, waiter.component, "after preemption"))
         return prior
 
     async def drain_compute_group(self, group_id: str) -> bool:
@@ -1085,7 +1086,7 @@ class ComputeGroupManager:
 
             changed = await self._commit(build) or []
         if changed:
-            self._emit(Event("drained", changed[0].gang_id or gid, changed[0].node_id, changed[0].component))
+            self.emit(Event("drained", changed[0].gang_id or gid, changed[0].node_id, changed[0].component))
         return bool(changed)
 
     async def get_allocation_summary(self) -> dict[str, Any]:
@@ -1146,6 +1147,16 @@ class ComputeGroupManager:
             }
         return out
 
+    def held_by(self, component_name: str) -> list[ComputeGroup]:
+        """Groups a component owns as of the last catch-up with the store (synchronous, no I/O).
+
+        For callers that cannot await (a planner's synchronous hooks); prefer
+        ``get_component_allocations``, which reads the store first.
+        """
+        records = [r for r in self._records.values() if r.component == component_name and r.state in _OWNED]
+        records.sort(key=lambda r: (r.created_at, r.id))
+        return self._views(records)
+
     async def get_component_allocations(self, component_name: str) -> list[ComputeGroup]:
         """Groups a component owns (allocated, reserved or draining)."""
         self._require_open()
@@ -1180,7 +1191,7 @@ class ComputeGroupManager:
                     self._cluster.set_unhealthy(h.node_id, h.index, False)
                     events.append(Event("device-healthy", None, h.node_id, None, f"GPU {h.index}"))
         for e in events:
-            self._emit(e)
+            self.emit(e)
         return events
 
     async def clear_device_health(self, node_id: str, index: int) -> bool:
@@ -1198,7 +1209,7 @@ class ComputeGroupManager:
                 self._cluster.set_unhealthy(node_id, index, False)
         if reason is None:
             return False
-        self._emit(Event("device-healthy", None, node_id, None, f"GPU {index}: cleared by operator (was: {reason})"))
+        self.emit(Event("device-healthy", None, node_id, None, f"GPU {index}: cleared by operator (was: {reason})"))
         return True
 
     async def reconcile(self) -> list[Event]:

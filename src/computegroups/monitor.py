@@ -126,7 +126,7 @@ async def reconcile(manager: ComputeGroupManager) -> list[Event]:
             corrections.append(Event("group-unhealthy", g.id, g.node_id, g.component, "; ".join(bad)))
     for e in corrections:
         log.warning("reconcile: %s %s: %s", e.kind, e.group_id, e.detail)
-        manager._emit(e)
+        manager.emit(e)
     events.extend(corrections)
     for hook in list(manager.reconcile_hooks):
         events.extend(await hook(manager))

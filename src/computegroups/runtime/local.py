@@ -180,7 +180,7 @@ class LocalRuntime:
     def _emit(self, kind: str, w: Worker, detail: str) -> Event:
         node = next((n.id for n in self.manager.node_specs()), None)
         e = Event(kind, w.group_id, node, w.component, detail)
-        self.manager._emit(e)
+        self.manager.emit(e)
         return e
 
     # -- run / stop / ps ----------------------------------------------------------------

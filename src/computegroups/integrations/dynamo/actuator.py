@@ -350,7 +350,7 @@ class DynamoActuator:
                 log.info(
                     "dynamo %s: decision %s now fully met: %s", self.namespace, outcome.decision_id, outcome.running
                 )
-                self.manager._emit(
+                self.manager.emit(
                     Event(
                         "dynamo-converged",
                         None,
@@ -371,7 +371,7 @@ class DynamoActuator:
                 f"{outcome.reasons.get(role, '')}; will keep trying as capacity frees"
             )
             log.warning("shortfall: %s", detail)
-            self.manager._emit(Event("dynamo-shortfall", None, None, self.component(role), detail))
+            self.manager.emit(Event("dynamo-shortfall", None, None, self.component(role), detail))
 
     # -- one round: read, converge, acknowledge --------------------------------------------------
     async def step(self) -> Outcome | None:
@@ -388,7 +388,7 @@ class DynamoActuator:
         elif self._last_seen is not None and decision.decision_id < self._last_seen:
             detail = f"namespace {self.namespace}: decision_id went from {self._last_seen} to {decision.decision_id}"
             log.warning("planner restart: %s", detail)
-            self.manager._emit(Event("dynamo-planner-restart", None, None, None, detail))
+            self.manager.emit(Event("dynamo-planner-restart", None, None, None, detail))
         if decision.decision_id is not None and decision.decision_id != self._last_seen:
             self._last_seen = decision.decision_id
             self._save_state(decision_id=decision.decision_id)

@@ -142,13 +142,11 @@ class ComputeGroupsConnector:
         return self.model_name
 
     def _held_gpus(self, role: str) -> int | None:
-        outcome_rows = [
-            r
-            for r in self.actuator.manager._records.values()
-            if r.component == self.actuator.component(role) and r.state.value == "allocated"
+        held = [
+            g for g in self.actuator.manager.held_by(self.actuator.component(role)) if g.allocation_state == "allocated"
         ]
-        if outcome_rows:
-            return len(outcome_rows[-1].devices)
+        if held:
+            return len(held[-1].record.devices)
         spec = self.specs.get(role)
         return spec.gpus if spec is not None else None
 
