@@ -145,9 +145,9 @@ def write(out: Path) -> Path:
             [
                 r["trace"],
                 r["seeds"],
-                r["ours_100"],
-                r["ours_130"],
-                r["min_130"],
+                f"{r['ours_100']:.2f}",
+                f"{r['ours_130']:.2f}",
+                f"{r['min_130']:.2f}",
                 f"{r['bestfit'][0]:.2f} / {r['bestfit'][1]:.2f}",
                 f"{r['fgd'][0]:.2f} / {r['fgd'][1]:.2f}",
                 f"{r['vs_fgd_130']:+.2f}",
@@ -235,7 +235,10 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
         c = data["packing"]["curve"]
         fig, ax = plt.subplots(figsize=(9, 3.5))
         for name, pts in c["curves"].items():
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], lw=0.8, label=name)
+            w = 200  # moving average over 200 events, so the two policies can be told apart
+            ys = [100 * p[1] for p in pts]
+            avg = [sum(ys[max(0, i - w) : i + 1]) / (i + 1 - max(0, i - w)) for i in range(len(ys))]
+            ax.plot([p[0] for p in pts], avg, lw=1, label=f"{name} (mean of last {w} events)")
         ax.set_xlabel("time")
         ax.set_ylabel("% of GPUs held")
         ax.set_title(f"LLM-serving replay, {c['nodes']} nodes, offered load {c['load']}, seed {c['seed']}")
