@@ -74,12 +74,13 @@ class WorkloadMix:
     so the mix follows a workload that changes.
     """
 
-    __slots__ = ("_cache", "_counts", "_since", "_total", "_weighted", "horizon", "top")
+    __slots__ = ("_cache", "_counts", "_shape_of", "_since", "_total", "_weighted", "horizon", "top")
 
     def __init__(self, top: int = 24, horizon: int = 20_000) -> None:
         self.top = top
         self.horizon = horizon
         self._counts: dict[Shape, float] = {}
+        self._shape_of: dict[tuple[object, ...], Shape] = {}
         self._total = 0.0
         self._since = 0
         self._weighted: tuple[tuple[Shape, float], ...] = ()
@@ -97,7 +98,13 @@ class WorkloadMix:
 
     def observe(self, req: Requirements) -> None:
         """Count one request."""
-        shape = Shape.of(req)
+        # Keyed by the raw fields (cheap to read); Shape.of runs once per distinct request.
+        raw = (req.gpus, req.cpus, req.memory_mib, req.gpu_model)
+        shape = self._shape_of.get(raw)
+        if shape is None:
+            if len(self._shape_of) > 10_000:
+                self._shape_of.clear()
+            shape = self._shape_of[raw] = Shape.of(req)
         self._counts[shape] = self._counts.get(shape, 0.0) + 1.0
         self._total += 1.0
         self._since += 1
