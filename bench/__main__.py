@@ -1,6 +1,7 @@
 """``python -m bench [SECTION ...] [--light] [--out DIR]``: run benchmarks, write results, tables and plots.
 
-Sections: speed, ray, topology, packing, openb, memory; ``all`` (the default)
+Sections: speed, ray, topology, packing, openb, openb_binpack (the same replay with
+the fragmentation score disabled: the "before"), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
 so; it checks that every benchmark runs and never judges a time.
 
@@ -22,13 +23,26 @@ from typing import Any
 
 from bench import common, report
 
-SECTIONS = ("speed", "ray", "topology", "packing", "openb", "memory")
+SECTIONS = ("speed", "ray", "topology", "packing", "openb", "openb_binpack", "memory")
 
 
 def _save(out: Path, name: str, data: Any) -> None:
     d = out / "benchmarks" / "results"
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _record_run(out: Path, info: dict[str, Any]) -> None:
+    """Keep, per section, the machine and command of the run that produced its results."""
+    path = out / "benchmarks" / "results" / "machine.json"
+    runs: list[dict[str, Any]] = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        runs = old.get("runs", [old] if "cpu" in old else [])
+    for r in runs:
+        r["sections"] = [s for s in r.get("sections", []) if s not in info["sections"]]
+    runs = [r for r in runs if r.get("sections")] + [info]
+    _save(out, "machine", {"runs": runs})
 
 
 def run_section(name: str, light: bool, workers: int) -> Any:
@@ -57,10 +71,15 @@ def run_section(name: str, light: bool, workers: int) -> Any:
                 "curve": packing.utilisation_curve(nodes=2, events=400),
             }
         return {"rows": packing.run(), "curve": packing.utilisation_curve()}
-    if name == "openb":
+    if name in ("openb", "openb_binpack"):
         from bench import openb
 
-        results = openb.run(("default",), (42,), limit_tasks=1500, workers=1) if light else openb.run(workers=workers)
+        frag = name == "openb"
+        results = (
+            openb.run(("default",), (42,), limit_tasks=1500, workers=1, fragmentation=frag)
+            if light
+            else openb.run(workers=workers, fragmentation=frag)
+        )
         return {
             "light": light,
             "summary": openb.summarise(results),
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out or Path(tempfile.mkdtemp(prefix="computegroups-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        _save(out, "machine", common.machine() | {"light": args.light, "argv": sys.argv[1:]})
+        _record_run(out, common.machine() | {"light": args.light, "argv": sys.argv[1:], "sections": sections})
         for name in sections:
             t0 = time.perf_counter()
             print(f"== {name}", flush=True)

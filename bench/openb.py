@@ -135,7 +135,11 @@ class RunResult:
     curve: list[tuple[float, float]]  # (arrived %, allocated %) sampled
 
 
-async def _run(trace: str, seed: int, limit_tasks: int | None, strategy: str | None) -> RunResult:
+async def _run(trace: str, seed: int, limit_tasks: int | None, strategy: str | None, frag: bool) -> RunResult:
+    if not frag:  # the "before" policy: bin-pack and topology scores only
+        from computegroups.placement import fragmentation
+
+        fragmentation.for_cluster = lambda cluster, req: None  # type: ignore[assignment]
     spec = node_spec()
     capacity = sum(n["gpus"] for n in spec["nodes"]) * 1000
     tasks = inflate(load_tasks(trace), capacity, seed)
@@ -174,11 +178,13 @@ async def _run(trace: str, seed: int, limit_tasks: int | None, strategy: str | N
     )
 
 
-def run_one(trace: str, seed: int, limit_tasks: int | None = None, strategy: str | None = None) -> RunResult:
-    return asyncio.run(_run(trace, seed, limit_tasks, strategy))
+def run_one(
+    trace: str, seed: int, limit_tasks: int | None = None, strategy: str | None = None, frag: bool = True
+) -> RunResult:
+    return asyncio.run(_run(trace, seed, limit_tasks, strategy, frag))
 
 
-def _star(args: tuple[str, int, int | None, str | None]) -> RunResult:
+def _star(args: tuple[str, int, int | None, str | None, bool]) -> RunResult:
     return run_one(*args)
 
 
@@ -189,9 +195,10 @@ def run(
     limit_tasks: int | None = None,
     strategy: str | None = None,
     workers: int = 2,
+    fragmentation: bool = True,
 ) -> list[RunResult]:
-    """Every (trace, seed) pair, ``workers`` processes at a time."""
-    jobs = [(t, s, limit_tasks, strategy) for t in traces for s in seeds]
+    """Every (trace, seed) pair, ``workers`` processes at a time (``fragmentation=False``: the score disabled)."""
+    jobs = [(t, s, limit_tasks, strategy, fragmentation) for t in traces for s in seeds]
     if workers <= 1 or len(jobs) == 1:
         return [_star(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:

@@ -97,6 +97,40 @@ async def _run(nodes: int, state: str, k: int, cycles: int, fill: float, warmup:
     )
 
 
+def engine_only(nodes: int, k: int, cycles: int, fill: float) -> dict[str, Any]:
+    """The decision alone: ``place()`` on the same pre-filled cluster, nothing committed."""
+    from computegroups.model import Constraints, Requirements
+    from computegroups.placement import Cluster, place
+
+    specs = mixed_nodes(nodes)
+    eff_fill = min(fill, max(0.0, 1.0 - k / 8)) if nodes == 1 else fill
+    records = prefill_records(specs, eff_fill, seed=nodes)
+    cluster = Cluster(specs)
+    for r in records:
+        cluster.apply(r)
+    req, cons = Requirements(gpus=k), Constraints()
+    perf = time.perf_counter
+    lat = []
+    for _ in range(cycles):
+        t0 = perf()
+        place(cluster, req, cons)
+        lat.append(perf() - t0)
+    return {
+        "nodes": nodes,
+        "gpus": 8 * nodes,
+        "k": k,
+        "state": "place() only",
+        "fill": round(eff_fill, 3),
+        "groups_held": len(records),
+        "cycles": cycles,
+        "p50_us": 1e6 * median(lat),
+        "p99_us": 1e6 * percentile(lat, 99),
+        "mean_us": 1e6 * sum(lat) / cycles,
+        "per_s": cycles / sum(lat),
+        "setup_s": 0.0,
+    }
+
+
 def run(
     clusters: tuple[int, ...] = CLUSTERS,
     sizes: tuple[int, ...] = SIZES,
@@ -120,4 +154,8 @@ def run(
                     f"speed: {nodes:>6} nodes {state:6} k={k}: p50 {r.p50_us:8.1f} us  p99 {r.p99_us:8.1f} us  "
                     f"{r.per_s:8.0f} cycles/s  ({r.groups_held} groups held, setup {r.setup_s:.1f}s)"
                 )
+        for k in sizes:
+            e = engine_only(nodes, k, cycles, fill)
+            rows.append(e)
+            log(f"speed: {nodes:>6} nodes place() only k={k}: p50 {e['p50_us']:8.1f} us  p99 {e['p99_us']:8.1f} us")
     return rows
