@@ -310,6 +310,8 @@ class ComputeGroupManager:
                 noms[r.id] = (sum(1 << d.index for d in r.devices), r.priority)
             else:
                 noms.pop(r.id, None)
+                if not noms:
+                    del self._nominated[r.node_id]
         if r.preempted_by and r.holds_capacity:
             victims = self._victims.setdefault(r.preempted_by, set())
             (victims.add if sign > 0 else victims.discard)(r.id)
@@ -679,6 +681,8 @@ class ComputeGroupManager:
                 out |= self._domain_nodes.get(self._domain_of.get(n, f"node:{n}"), {n})
             return frozenset(out)
 
+        if not (cons.pool or cons.affinity or cons.anti_affinity or excluded or self._nominated):
+            return Context(priority=priority)  # the common case: nothing to resolve
         near = tuple(nodes_near(r.component, r.scope) for r in cons.affinity)
         away = tuple(nodes_near(r.component, r.scope) for r in cons.anti_affinity)
         return Context(

@@ -430,7 +430,7 @@ class Constraints:
     def parse(cls, value: Constraints | Mapping[str, Any] | None) -> Constraints:
         """Build from a dict or None (or return a Constraints as is); unknown keys are refused."""
         if value is None:
-            return cls()
+            return _DEFAULT_CONSTRAINTS
         if isinstance(value, Constraints):
             return value
         return cls(**_known_keys(value, "constraints", "Constraints", cls.KEYS))
@@ -457,6 +457,9 @@ class Constraints:
         if self.anti_affinity:
             out["anti_affinity"] = [r.to_dict() for r in self.anti_affinity]
         return out
+
+
+_DEFAULT_CONSTRAINTS = Constraints()
 
 
 # -- state records ------------------------------------------------------------
@@ -509,7 +512,8 @@ class GroupRecord:
         return len(self.devices)
 
     def replace(self, **changes: Any) -> GroupRecord:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        """A copy with ``changes`` applied and ``updated_at`` set (to now unless given)."""
+        values = {name: getattr(self, name) for name in _RECORD_FIELDS}
         values.update(changes)
         values["updated_at"] = changes.get("updated_at", time.time())
         return GroupRecord(**values)
@@ -559,6 +563,7 @@ class GroupRecord:
         )
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(GroupRecord))
 _OPTIONAL_RECORD_FIELDS = (
     "priority",
     "preemptible",
