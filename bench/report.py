@@ -247,7 +247,7 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
             ax.set_title(f"allocate + release, state: {state}")
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel("µs per cycle")
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=7, loc="center right")
         fig.tight_layout()
         fig.savefig(bdir / "latency_vs_cluster_size.png", dpi=110)
         plt.close(fig)
