@@ -141,7 +141,9 @@ def write(out: Path) -> Path:
             )
             + "\n"
         )
-    if "openb" in data:
+    if "error" in (data.get("openb") or {}):
+        parts.append(f"## Production trace (openb)\n\nNot run: {data['openb']['error']}\n")
+    elif "openb" in data:
         ob = data["openb"]
         before = {r["trace"]: r for r in (data.get("openb_binpack") or {}).get("summary", [])}
         rows = [
@@ -266,7 +268,7 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
         fig.tight_layout()
         fig.savefig(bdir / "packing_utilisation.png", dpi=110)
         plt.close(fig)
-    if "openb" in data:
+    if "runs" in (data.get("openb") or {}):
         fig, ax = plt.subplots(figsize=(7, 4))
         for trace in dict.fromkeys(r["trace"] for r in data["openb"]["runs"]):
             r = next(r for r in data["openb"]["runs"] if r["trace"] == trace)
