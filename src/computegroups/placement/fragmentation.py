@@ -20,8 +20,9 @@ GPUs scores low.
 
 The workload is learned, not configured: :class:`WorkloadMix` is a decayed
 histogram of the request shapes the engine has been asked to place (placed or
-not, since demand is what the free capacity must serve), kept on the
-:class:`~computegroups.placement.cluster.Cluster`. Only the most common shapes
+not, since demand is what the free capacity must serve), kept beside each
+:class:`~computegroups.placement.cluster.Cluster` in a weak mapping (it is a
+statistic of demand, not occupancy). Only the most common shapes
 are scored (``top``), so a decision costs a bounded amount of work whatever the
 variety of requests; node fragmentation values are cached by node occupancy.
 """
@@ -97,7 +98,9 @@ class WorkloadMix:
         return mix
 
     def observe(self, req: Requirements) -> None:
-        """Count one request."""
+        """Count one request (MIG requests are not modelled and not counted)."""
+        if getattr(req, "mig_profile", None):
+            return
         # Keyed by the raw fields (cheap to read); Shape.of runs once per distinct request.
         raw = (req.gpus, req.cpus, req.memory_mib, req.gpu_model)
         shape = self._shape_of.get(raw)
@@ -216,7 +219,8 @@ class FragmentationScore:
     def delta(self, node: NodeState, req: Requirements, pick: Pick) -> float:
         """Increase of the node's expected fragment (thousandths of a GPU) if ``pick`` is placed."""
         mix = self.mix
-        if not mix.shapes or node.gpu_count == 0:
+        # MIG slices are not thousandths of a GPU; the model below does not describe them.
+        if not mix.shapes or node.gpu_count == 0 or getattr(node, "has_mig", False):
             return 0.0
         name = self._names.get(node.ordinal)
         if name is None:
