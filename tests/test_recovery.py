@@ -65,8 +65,14 @@ async def check(mgr: ComputeGroupManager, rt: LocalRuntime) -> list[str]:
 
     pid = d.pid()
     if pid is not None:
-        children = {p.pid for p in psutil.Process(pid).children() if p.status() != psutil.STATUS_ZOMBIE}
-        children -= {p.pid for p in psutil.Process(pid).children() if "circusd-stats" in " ".join(p.cmdline())}
+        children: set[int] = set()
+        for proc in psutil.Process(pid).children():
+            try:  # a child may exit (and be reaped) while we look at it
+                if proc.status() == psutil.STATUS_ZOMBIE or "circusd-stats" in " ".join(proc.cmdline()):
+                    continue
+            except psutil.Error:
+                continue
+            children.add(proc.pid)
         problems += [f"orphaned process {p}: no watcher" for p in sorted(children - watcher_pids)]
     return problems
 
