@@ -1,6 +1,6 @@
 """``python -m bench [SECTION ...] [--light] [--out DIR]``: run benchmarks, write results, tables and plots.
 
-Sections: speed, ray, topology, packing, openb, openb_binpack (the same replay with
+Sections: speed, features (the advanced features in use), ray, topology, packing, openb, openb_binpack (the same replay with
 the fragmentation score disabled: the "before"), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
 so; it checks that every benchmark runs and never judges a time.
@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import common, report
 
-SECTIONS = ("speed", "ray", "topology", "packing", "openb", "openb_binpack", "memory")
+SECTIONS = ("speed", "features", "ray", "topology", "packing", "openb", "openb_binpack", "memory")
 
 
 def _save(out: Path, name: str, data: Any) -> None:
@@ -87,6 +87,10 @@ def run_section(name: str, light: bool, workers: int) -> Any:
             "summary": openb.summarise(results),
             "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in results],
         }
+    if name == "features":
+        from bench import features
+
+        return features.run(nodes=100, cycles=200, warmup=20) if light else features.run()
     if name == "memory":
         from bench import memory
 

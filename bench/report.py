@@ -82,6 +82,18 @@ def write(out: Path) -> Path:
             )
             + "\n"
         )
+    if "features" in data:
+        parts.append("## With the advanced features in use (in memory)\n")
+        parts.append(
+            _table(
+                ["feature", "nodes", "groups held", "cycles", "p50 µs", "p99 µs"],
+                [
+                    [r["feature"], r["nodes"], r["groups_held"], r["cycles"], r["p50_us"], r["p99_us"]]
+                    for r in data["features"]
+                ],
+            )
+            + "\n"
+        )
     if ray:
         parts.append("## Ray placement groups (STRICT_PACK, create + wait ready + remove)\n")
         if "error" in ray:
