@@ -1,7 +1,7 @@
 """``python -m bench [SECTION ...] [--light] [--out DIR]``: run benchmarks, write results, tables and plots.
 
-Sections: speed, features (the advanced features in use), ray, topology, packing, openb, openb_binpack (the same replay with
-the fragmentation score disabled: the "before"), memory; ``all`` (the default)
+Sections: speed, features (the advanced features in use), ray, topology, packing, openb,
+openb_binpack (the same replay with the fragmentation score disabled: the "before"), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
 so; it checks that every benchmark runs and never judges a time.
 
