@@ -17,7 +17,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,7 +135,7 @@ class ComputeGroupManager:
             )
         self.provider = provider
         self.store = _open_store(state)
-        self._new_id = id_factory or (lambda: "cg-" + uuid.uuid4().hex[:16])
+        self._new_id = id_factory or (lambda: "cg-" + os.urandom(8).hex())
         self._tombstone_limit = tombstone_limit
         self._max_attempts = max_attempts
         self._lock = asyncio.Lock()
@@ -292,7 +291,9 @@ class ComputeGroupManager:
             if r.tenant:
                 self._usage[(r.pool, "tenant", r.tenant)] += sign * milli
         if r.component and r.holds_capacity:
-            nodes = self._component_nodes.setdefault(r.component, Counter())
+            nodes = self._component_nodes.get(r.component)
+            if nodes is None:
+                nodes = self._component_nodes[r.component] = Counter()
             nodes[r.node_id] += sign
             if nodes[r.node_id] <= 0:
                 del nodes[r.node_id]
@@ -358,7 +359,7 @@ class ComputeGroupManager:
             if not upserts and not deletes:
                 return None
             excess = max(0, len(self._tombstones) - self._tombstone_limit)
-            written = {r.id for r in upserts} | set(deletes)
+            written = ({r.id for r in upserts} | set(deletes)) if excess else set()
             for gid in itertools.islice(self._tombstones, excess):
                 r = self._records.get(gid)
                 if r is not None and r.state is AllocationState.RELEASED and gid not in written:

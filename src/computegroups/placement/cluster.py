@@ -168,7 +168,7 @@ class Cluster:
                 yield nodes[ordinal]
 
     def _reindex(self, st: NodeState) -> None:
-        st._recompute_mask()
+        """Move a node between buckets after its mask changed (callers recompute the mask)."""
         o = st.ordinal
         new = st.free_count
         if self._where[o] != new:
@@ -205,6 +205,7 @@ class Cluster:
         if was == unhealthy:
             return False
         st.unhealthy_mask = st.unhealthy_mask | bit if unhealthy else st.unhealthy_mask & ~bit
+        st._recompute_mask()
         self._reindex(st)
         return True
 

@@ -128,7 +128,7 @@ def place(
         if frag is not None and cons.strategy is Strategy.BINPACK:
             scores = (*scores, frag)
             limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
-    reasons: Counter[str] = Counter()
+    reasons: Counter[str] | None = None
     best: tuple[float, NodeState, Pick] | None = None
     feasible = visited = 0
     n_max = cluster.max_gpus
@@ -152,6 +152,8 @@ def place(
             if isinstance(picked, str):
                 reason = picked
         if reason is not None:
+            if reasons is None:
+                reasons = Counter()
             reasons[reason] += 1
             continue
         assert not isinstance(picked, str)
@@ -162,6 +164,7 @@ def place(
         if feasible >= limit:
             break
     if best is None:
+        reasons = reasons if reasons is not None else Counter()
         _explain_unvisited(cluster, req, cons, reasons, visited)
         raise InsufficientResourcesError(f"no node can take {_describe(req, cons)}", reasons=reasons)
     total, node, picked = best
