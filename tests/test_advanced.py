@@ -57,8 +57,13 @@ async def test_reservation_holds_capacity_for_its_component(two_dgx: ComputeGrou
     await two_dgx.allocate_compute_group("other", {"gpus": 8})
     with pytest.raises(InsufficientResourcesError):
         await two_dgx.allocate_compute_group("other", {"gpus": 1})  # the reserved node is not free
+    s = await two_dgx.get_allocation_summary()
+    assert (s["allocated_gpus"], s["reserved_gpus"], s["free_gpus"]) == (8, 8, 0)
+    assert s["reservations"] == {"decode": 8} and s["components"] == {"other": 8}
     g = await two_dgx.allocate_compute_group("decode", {"gpus": 8})  # claims its reservation
     assert g.id == r.id and g.allocation_state == "allocated"
+    s = await two_dgx.get_allocation_summary()
+    assert (s["allocated_gpus"], s["reserved_gpus"], s["reservations"]) == (16, 0, {})
 
 
 async def test_reservation_claimed_by_id_by_its_holder(two_dgx: ComputeGroupManager) -> None:

@@ -44,7 +44,7 @@ def test_allocate_release_drain_summary_round_trip(tmp_path: Path, spec: Path) -
     assert group["env"]["CUDA_VISIBLE_DEVICES"].split(",") == group["resources"]["gpu_uuids"]
     listed = json.loads(cg("--spec", str(spec), "--json", "groups", state=state).stdout)
     assert [g["id"] for g in listed] == [group["id"]]
-    summary = json.loads(cg("--spec", str(spec), "--json", "summary", state=state).stdout)
+    summary = json.loads(cg("--spec", str(spec), "summary", "--json", state=state).stdout)  # --json after works too
     assert summary["components"] == {"decode": 2} and summary["free_gpus"] == 6
     assert cg("--spec", str(spec), "drain", group["id"], state=state).returncode == 0
     rel = cg("--spec", str(spec), "release", group["id"], state=state)

@@ -297,13 +297,29 @@ def main() -> None:
         sys.exit(exc.exit_code)
 
 
+def _json_after_command(click_ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and isinstance(click_ctx.obj, Context):
+        click_ctx.obj.json = True
+
+
 def _register_extensions() -> None:
+    from computegroups.integrations.dynamo import register as register_dynamo
     from computegroups.runtime.cli import register as register_runtime
 
     register_runtime(cli)
-    from computegroups.integrations.dynamo import register as register_dynamo
-
     register_dynamo(cli)
+    # `--json` works after the command too (`computegroups summary --json`).
+    for command in cli.commands.values():
+        if not any("--json" in p.opts for p in command.params):
+            command.params.append(
+                click.Option(
+                    ["--json"],
+                    is_flag=True,
+                    expose_value=False,
+                    callback=_json_after_command,
+                    help="Print JSON instead of tables.",
+                )
+            )
 
 
 _register_extensions()

@@ -64,6 +64,7 @@ log = logging.getLogger("computegroups")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$")
 _FILTER_KEYS = ("component", "state", "node_id", "include_released")
 _OWNED = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.RESERVED)
+_IN_USE = (AllocationState.ALLOCATED, AllocationState.DRAINING)  # with an owner: not a reservation, not free
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 MAX_TTL_S = 7 * 24 * 3600.0
 
@@ -1104,16 +1105,19 @@ class ComputeGroupManager:
             free_gpus = sum(st.gpus_free() for st in nodes)
         total = sum(st.gpu_count for st in nodes)
         components: dict[str, float] = {}
+        reservations: dict[str, float] = {}
         allocated = reserved = 0
         by_state: dict[str, int] = {}
         for r in records:
             milli = sum(d.share_milli for d in r.devices)
             by_state[r.state.value] = by_state.get(r.state.value, 0) + 1
-            if r.component is not None:
+            if r.component is not None and r.state in _IN_USE:
                 allocated += milli
                 components[r.component] = round(components.get(r.component, 0.0) + milli / MILLI, 3)
-            else:
+            else:  # pre-carved free groups, and reservations not yet claimed
                 reserved += milli
+                if r.component is not None:
+                    reservations[r.component] = round(reservations.get(r.component, 0.0) + milli / MILLI, 3)
         return {
             "nodes": len(nodes),
             "total_gpus": total,
@@ -1125,6 +1129,7 @@ class ComputeGroupManager:
             "free_cpus": sum(st.cpu_free for st in nodes) / MILLI,
             "groups": by_state,
             "components": dict(sorted(components.items())),
+            "reservations": dict(sorted(reservations.items())),
             "pools": self._pool_summary(records),
             "revision": self._rev,
         }
@@ -1136,9 +1141,10 @@ class ComputeGroupManager:
             comps: Counter[str] = Counter()
             tenants: Counter[str] = Counter()
             for r in held:
+                if r.component is None or r.state not in _IN_USE:
+                    continue
                 milli = sum(d.share_milli for d in r.devices)
-                if r.component is not None:
-                    comps[r.component] += milli
+                comps[r.component] += milli
                 if r.tenant is not None:
                     tenants[r.tenant] += milli
             out[name] = {
