@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
+from computegroups.runtime.circus import CircusDaemon
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -52,3 +55,13 @@ async def fleet() -> AsyncIterator[ComputeGroupManager]:
     """The built-in demo cluster (2 DGX H100, 2 A6000 pairs boxes, 1 CPU-only node), state in memory."""
     async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(None), ":memory:") as mgr:
         yield mgr
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[CircusDaemon]:
+    """A real circus daemon in a private folder (a short path: ipc:// socket paths are limited), per module."""
+    folder = Path(tempfile.mkdtemp(prefix="cg-circus-", dir="/tmp"))
+    d = CircusDaemon(folder, check_delay=0.1)
+    yield d
+    d.quit()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -148,15 +148,6 @@ def etcd_url() -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[CircusDaemon]:
-    folder = Path(tempfile.mkdtemp(prefix="cgdy-", dir="/tmp"))
-    d = CircusDaemon(folder, check_delay=0.1)
-    yield d
-    d.quit()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 # -- what the workers recorded ------------------------------------------------------------------
 def alive(pid: int) -> bool:
     try:

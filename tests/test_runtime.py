@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,6 @@ os.replace(tmp, sys.argv[1])
 time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 600)
 sys.exit(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
 """
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[CircusDaemon]:
-    folder = Path(tempfile.mkdtemp(prefix="cgrt-", dir="/tmp"))
-    d = CircusDaemon(folder, check_delay=0.1)
-    yield d
-    d.quit()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
