@@ -181,38 +181,29 @@ def optimum(events: list[Event], nodes: int) -> Outcome:
 
 
 # -- ours -----------------------------------------------------------------------------
-async def _ours(events: list[Event], nodes: int) -> Outcome:
-    provider = SimulatedComputeResourceProvider.from_spec(mixed_spec(nodes))
-    async with ComputeGroupManager(provider, ":memory:") as mgr:
-        total = nodes * GPUS_PER_NODE * MILLI
-        held = 0
-        area = 0.0
-        last = events[0].t if events else 0.0
-        live: dict[int, str] = {}
-        acc = rej = frag = 0
-        for e in events:
-            area += held * (e.t - last)
-            last = e.t
-            if e.kind == "arrive":
-                try:
-                    g = await mgr.allocate_compute_group("serve", _requirements(e.milli))
-                except InsufficientResourcesError:
-                    rej += 1
-                    if total - held >= e.milli:
-                        frag += 1
-                    continue
-                acc += 1
-                live[e.job] = g.id
-                held += e.milli
-            elif e.job in live:
-                await mgr.deallocate_compute_group(live.pop(e.job))
-                held -= e.milli
-    span = (events[-1].t - events[0].t) if events else 1.0
-    return Outcome("ours (default bin-pack)", area / (span * total), acc, rej, frag)
-
-
 def ours(events: list[Event], nodes: int) -> Outcome:
-    return asyncio.run(_ours(events, nodes))
+    """The public API (default bin-pack) driven through the same replay as the references."""
+    loop = asyncio.new_event_loop()
+    provider = SimulatedComputeResourceProvider.from_spec(mixed_spec(nodes))
+    mgr = ComputeGroupManager(provider, ":memory:")
+    loop.run_until_complete(mgr.__aenter__())
+
+    def place(milli: int) -> str | None:
+        try:
+            return loop.run_until_complete(mgr.allocate_compute_group("serve", _requirements(milli))).id
+        except InsufficientResourcesError:
+            return None
+
+    def release(gid: Any) -> None:
+        loop.run_until_complete(mgr.deallocate_compute_group(gid))
+
+    try:
+        out = _replay(events, nodes, place, release)
+    finally:
+        loop.run_until_complete(mgr.__aexit__(None, None, None))
+        loop.close()
+    out.policy = "ours (default bin-pack)"
+    return out
 
 
 def run(
