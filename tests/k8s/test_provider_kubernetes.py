@@ -239,13 +239,17 @@ async def test_without_rights_a_clear_error(k8s_cluster: ControlPlane, k8s_names
 
 # -- two processes ------------------------------------------------------------------------
 WORKER = """
-import asyncio, json, sys
+import asyncio, json, os, sys
 from computegroups import ComputeGroupManager, InsufficientResourcesError, KubernetesComputeResourceProvider
 
-async def main(kubeconfig, ns, selector, who):
+async def main(kubeconfig, ns, selector, who, sync):
     p = KubernetesComputeResourceProvider(kubeconfig, namespace=ns, node_selector=selector)
     got = []
     async with ComputeGroupManager(p, p.state_store()) as mgr:
+        # Start allocating together, so the two really race.
+        open(os.path.join(sync, who), "w").close()
+        while not os.path.exists(os.path.join(sync, "go")):
+            await asyncio.sleep(0.01)
         for n in range(40):
             try:
                 g = await mgr.allocate_compute_group(f"{who}-{n}", {"gpus": 1 + n % 2})
@@ -258,12 +262,14 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def test_two_processes_never_share_a_gpu(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+def test_two_processes_never_share_a_gpu(
+    k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path, tmp_path: Path
+) -> None:
     _, selector = make_nodes(k8s_cluster, 2, dra=False)
     start = time.monotonic()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(sa), k8s_namespace, selector, who],
+            [sys.executable, "-c", WORKER, str(sa), k8s_namespace, selector, who, str(tmp_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -271,6 +277,11 @@ def test_two_processes_never_share_a_gpu(k8s_cluster: ControlPlane, k8s_namespac
         )
         for who in ("a", "b")
     ]
+    deadline = time.monotonic() + 120
+    while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker did not start"
+        time.sleep(0.02)
+    (tmp_path / "go").touch()
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=240)
