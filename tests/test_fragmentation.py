@@ -76,7 +76,7 @@ def test_score_is_50_when_nothing_changes_and_bounded() -> None:
     node = cluster.nodes[0]
     req = Requirements(gpus=2)
     d = place(cluster, req, Constraints(), scores=(plugin,))
-    pick = Pick(d.devices, None)
+    pick = Pick(d.devices, None, sum(x.share_milli for x in d.devices))
     assert plugin.score(node, req, pick) == pytest.approx(50.0)
     assert plugin.score(node, req, pick) <= plugin.bound(node.free_count, 8, req)
 

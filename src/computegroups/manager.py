@@ -162,7 +162,7 @@ class ComputeGroupManager:
         self._domain_nodes: dict[str, set[str]] = {}
         # Indexes derived from the records (rebuilt on a full reload):
         self._usage: Counter[tuple[str, str, str]] = Counter()  # (pool, "component"|"tenant", name) -> milli
-        self._component_nodes: dict[str, Counter[str]] = {}  # component -> node id -> groups held there
+        self._component_nodes: dict[str, dict[str, int]] = {}  # component -> node id -> groups held there
         self._reservations: dict[str, dict[str, None]] = {}  # component -> its unclaimed reservations
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, reservation id)
         self._victims: dict[str, set[str]] = {}  # pending preemptor -> victims still holding capacity
@@ -268,45 +268,61 @@ class ComputeGroupManager:
         self._rev = changes.revision
 
     def _index(self, r: GroupRecord) -> None:
-        self._records[r.id] = r
-        self._cluster.apply(r)
-        if r.request_id and r.state is not AllocationState.RELEASED:
-            self._by_request[r.request_id] = r.id
-        elif r.request_id:
-            self._by_request.setdefault(r.request_id, r.id)
-        self._by_node.setdefault(r.node_id, set()).add(r.id)
+        gid = r.id
+        self._records[gid] = r
+        released = r.state is AllocationState.RELEASED
+        if not released and not r.pending:
+            self._cluster.apply(r)
+        if r.request_id:
+            if not released:
+                self._by_request[r.request_id] = gid
+            else:
+                self._by_request.setdefault(r.request_id, gid)
+        ids = self._by_node.get(r.node_id)
+        if ids is None:
+            ids = self._by_node[r.node_id] = set()
+        ids.add(gid)
         if r.carved and r.state is AllocationState.FREE:
-            self._carved_free[r.id] = None
-        if r.state is AllocationState.RELEASED:
-            self._tombstones.append(r.id)
+            self._carved_free[gid] = None
+        if released:
+            self._tombstones.append(gid)
         else:
             self._index_live(r, 1)
         if r.gang_id:
-            self._gangs.setdefault(r.gang_id, []).append(r.id)
+            self._gangs.setdefault(r.gang_id, []).append(gid)
 
     def _index_live(self, r: GroupRecord, sign: int) -> None:
         """Indexes over groups that are not released: quotas, affinity, reservations, preemption."""
-        milli = sum(d.share_milli for d in r.devices)
-        if r.pool and r.component:
-            self._usage[(r.pool, "component", r.component)] += sign * milli
+        component = r.component
+        if component is None:
+            return  # a free pre-carved group: no owner to count
+        if r.pool:
+            milli = sign * r.share_milli
+            self._usage[(r.pool, "component", component)] += milli
             if r.tenant:
-                self._usage[(r.pool, "tenant", r.tenant)] += sign * milli
-        if r.component and r.holds_capacity:
-            nodes = self._component_nodes.get(r.component)
+                self._usage[(r.pool, "tenant", r.tenant)] += milli
+        state = r.state
+        if not r.pending:
+            nodes = self._component_nodes.get(component)
             if nodes is None:
-                nodes = self._component_nodes[r.component] = Counter()
-            nodes[r.node_id] += sign
-            if nodes[r.node_id] <= 0:
-                del nodes[r.node_id]
-        if r.state is AllocationState.RESERVED and not r.pending and r.component:
-            bucket = self._reservations.setdefault(r.component, {})
-            if sign > 0:
-                bucket[r.id] = None
+                nodes = self._component_nodes[component] = {}
+            count = nodes.get(r.node_id, 0) + sign
+            if count > 0:
+                nodes[r.node_id] = count
             else:
-                bucket.pop(r.id, None)
-        if sign > 0 and r.expires_at is not None and not r.pending:
-            heapq.heappush(self._expiry, (r.expires_at, r.id))  # a drained reservation expires too
-        if r.pending:
+                nodes.pop(r.node_id, None)
+            if state is AllocationState.RESERVED:
+                bucket = self._reservations.setdefault(component, {})
+                if sign > 0:
+                    bucket[r.id] = None
+                else:
+                    bucket.pop(r.id, None)
+            if sign > 0 and r.expires_at is not None:
+                heapq.heappush(self._expiry, (r.expires_at, r.id))  # a drained reservation expires too
+            if r.preempted_by:
+                victims = self._victims.setdefault(r.preempted_by, set())
+                (victims.add if sign > 0 else victims.discard)(r.id)
+        else:
             noms = self._nominated.setdefault(r.node_id, {})
             if sign > 0:
                 noms[r.id] = (sum(1 << d.index for d in r.devices), r.priority)
@@ -314,10 +330,7 @@ class ComputeGroupManager:
                 noms.pop(r.id, None)
                 if not noms:
                     del self._nominated[r.node_id]
-        if r.preempted_by and r.holds_capacity:
-            victims = self._victims.setdefault(r.preempted_by, set())
-            (victims.add if sign > 0 else victims.discard)(r.id)
-        if r.preemptible and r.state is AllocationState.ALLOCATED and not r.carved:
+        if r.preemptible and state is AllocationState.ALLOCATED and not r.carved:
             bucket = self._preemptible.setdefault(r.node_id, {})
             if sign > 0:
                 bucket[r.id] = None
@@ -328,14 +341,17 @@ class ComputeGroupManager:
         old = self._records.pop(gid, None)
         if old is None:
             return
-        self._cluster.remove(old)
+        released = old.state is AllocationState.RELEASED
+        if not released and not old.pending:
+            self._cluster.remove(old)
         if old.request_id and self._by_request.get(old.request_id) == gid:
             del self._by_request[old.request_id]
         ids = self._by_node.get(old.node_id)
         if ids is not None:
             ids.discard(gid)
-        self._carved_free.pop(gid, None)
-        if old.state is not AllocationState.RELEASED:
+        if old.carved:
+            self._carved_free.pop(gid, None)
+        if not released:
             self._index_live(old, -1)
         if old.gang_id and old.gang_id in self._gangs:
             parts = self._gangs[old.gang_id]
@@ -675,7 +691,7 @@ class ComputeGroupManager:
 
     def _context(self, cons: Constraints, priority: int, excluded: frozenset[str] = frozenset()) -> Context:
         def nodes_near(rule_component: str, scope: Scope) -> frozenset[str]:
-            hosts: Counter[str] = self._component_nodes.get(rule_component) or Counter()
+            hosts = self._component_nodes.get(rule_component) or {}
             if scope is Scope.NODE:
                 return frozenset(hosts)
             out: set[str] = set()

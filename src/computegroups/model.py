@@ -12,8 +12,9 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from enum import StrEnum
-from typing import Any
+from enum import Enum, StrEnum
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeVar
 
 from computegroups.errors import InvalidRequestError, one_of
 from computegroups.topology import Topology
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 MILLI = 1000  # one whole GPU, one CPU core
+_T = TypeVar("_T")
 
 
 class AllocationState(StrEnum):
@@ -149,6 +151,43 @@ def _known_keys(value: object, prefix: str, typename: str, keys: tuple[str, ...]
     return dict(value)
 
 
+_SCALARS = (str, int, float, bool, type(None))
+_PARSED: dict[tuple[object, ...], object] = {}  # (class, frozen request) -> validated value
+_PARSED_LIMIT = 4096
+
+
+def _frozen(value: object) -> object:
+    """A hashable, type-exact image of a request value; TypeError for anything but plain data.
+
+    Types are part of the image so that ``1``, ``1.0`` and ``True`` stay distinct requests.
+    """
+    t = type(value)
+    if t in _SCALARS or isinstance(value, Enum):
+        return (t, value)
+    if t is list or t is tuple:
+        return (t, tuple(_frozen(v) for v in value))  # type: ignore[attr-defined]
+    if t is dict:
+        return (t, tuple((k, _frozen(v)) for k, v in value.items()))  # type: ignore[attr-defined]
+    raise TypeError(t)
+
+
+def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[], _T]) -> _T:
+    """``build()``, remembered by the request's content: a planner sends the same few requests again and again."""
+    if type(value) is not dict:
+        return build()
+    try:
+        key = (cls, _frozen(value))
+    except TypeError:
+        return build()
+    hit = _PARSED.get(key)
+    if hit is None:
+        hit = build()  # raises for a bad request: only valid ones are remembered
+        if len(_PARSED) >= _PARSED_LIMIT:
+            _PARSED.clear()
+        _PARSED[key] = hit
+    return hit  # type: ignore[return-value]
+
+
 def _milli(key: str, value: float) -> int:
     scaled = value * MILLI
     rounded = round(scaled)
@@ -176,6 +215,15 @@ class Requirements:
     pool: str | None = None
     nodes: int = 1
     mig_profile: str | None = None
+    # Normalised views, derived on construction (placement reads them on every candidate):
+    #: whole GPUs requested (0 for a share or CPU only)
+    whole_gpus: int = field(init=False, repr=False, compare=False)
+    #: thousandths of one GPU requested as a share (0 when whole or none)
+    share_milli: int = field(init=False, repr=False, compare=False)
+    #: CPUs in thousandths of a core
+    cpus_milli: int = field(init=False, repr=False, compare=False)
+    #: lower-cased model alternatives (empty: any)
+    models: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes", "mig_profile")
 
@@ -233,39 +281,25 @@ class Requirements:
             raise InvalidRequestError(
                 "requirements: nothing requested; give gpus, cpus or memory_mib", key="requirements"
             )
+        models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model or ()
+        object.__setattr__(self, "whole_gpus", int(g) if g >= 1 else 0)
+        object.__setattr__(self, "share_milli", round(g * MILLI) if 0 < g < 1 else 0)
+        object.__setattr__(self, "cpus_milli", round(self.cpus * MILLI))
+        object.__setattr__(self, "models", tuple(m.lower() for m in models))
 
     @classmethod
     def parse(cls, value: Requirements | Mapping[str, Any]) -> Requirements:
         """Build from a dict (or return a Requirements as is); unknown keys are refused."""
         if isinstance(value, Requirements):
             return value
+        return _parse_cached(cls, value, lambda: cls._build(value))
+
+    @classmethod
+    def _build(cls, value: object) -> Requirements:
         kwargs = _known_keys(value, "requirements", "Requirements", cls.KEYS)
         if isinstance(kwargs.get("gpu_model"), list):
             kwargs["gpu_model"] = tuple(kwargs["gpu_model"])
         return cls(**kwargs)
-
-    # normalised integer views
-    @property
-    def whole_gpus(self) -> int:
-        """Whole GPUs requested (0 for a share or CPU only)."""
-        return int(self.gpus) if self.gpus >= 1 else 0
-
-    @property
-    def share_milli(self) -> int:
-        """Thousandths of one GPU requested as a share (0 when whole or none)."""
-        return round(self.gpus * MILLI) if 0 < self.gpus < 1 else 0
-
-    @property
-    def cpus_milli(self) -> int:
-        return round(self.cpus * MILLI)
-
-    @property
-    def models(self) -> tuple[str, ...]:
-        """Lower-cased model alternatives (empty: any)."""
-        if self.gpu_model is None:
-            return ()
-        models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model
-        return tuple(m.lower() for m in models)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"gpus": self.gpus}
@@ -425,6 +459,7 @@ class Constraints:
                 raise InvalidRequestError(
                     f"constraints.labels: {k!r}={v!r} is not a label key and string value", key="constraints.labels"
                 )
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))  # the caller's dict may change
 
     @classmethod
     def parse(cls, value: Constraints | Mapping[str, Any] | None) -> Constraints:
@@ -433,7 +468,7 @@ class Constraints:
             return _DEFAULT_CONSTRAINTS
         if isinstance(value, Constraints):
             return value
-        return cls(**_known_keys(value, "constraints", "Constraints", cls.KEYS))
+        return _parse_cached(cls, value, lambda: cls(**_known_keys(value, "constraints", "Constraints", cls.KEYS)))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy.value}
@@ -463,6 +498,9 @@ _DEFAULT_CONSTRAINTS = Constraints()
 
 
 # -- state records ------------------------------------------------------------
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceShare:
     """The part of one GPU a group holds: all of it (1000) or a share."""
@@ -473,9 +511,13 @@ class DeviceShare:
     memory_mib: int
 
 
-@dataclass(frozen=True, slots=True)
-class GroupRecord:
-    """A compute group as the state store keeps it (the unit of commit)."""
+class GroupRecord(NamedTuple):
+    """A compute group as the state store keeps it (the unit of commit).
+
+    Immutable. A named tuple rather than a frozen dataclass: every decision builds
+    one and every release copies one, and a tuple is built several times faster.
+    Change one with :meth:`replace`.
+    """
 
     id: str
     node_id: str
@@ -486,8 +528,8 @@ class GroupRecord:
     memory_mib: int = 0
     request_id: str | None = None
     carved: bool = False  # made by create_compute_group: survives release as a free group
-    requirements: Mapping[str, Any] = field(default_factory=dict)
-    constraints: Mapping[str, Any] = field(default_factory=dict)
+    requirements: Mapping[str, Any] = _EMPTY
+    constraints: Mapping[str, Any] = _EMPTY
     created_at: float = 0.0
     updated_at: float = 0.0
     priority: int = 0
@@ -511,12 +553,16 @@ class GroupRecord:
             return self.devices[0].share_milli / MILLI
         return len(self.devices)
 
+    @property
+    def share_milli(self) -> int:
+        """GPU capacity held, in thousandths of a GPU."""
+        return sum(d.share_milli for d in self.devices)
+
     def replace(self, **changes: Any) -> GroupRecord:
         """A copy with ``changes`` applied and ``updated_at`` set (to now unless given)."""
-        values = {name: getattr(self, name) for name in _RECORD_FIELDS}
-        values.update(changes)
-        values["updated_at"] = changes.get("updated_at", time.time())
-        return GroupRecord(**values)
+        if "updated_at" not in changes:
+            changes["updated_at"] = time.time()
+        return self._replace(**changes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -563,7 +609,6 @@ class GroupRecord:
         )
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(GroupRecord))
 _OPTIONAL_RECORD_FIELDS = (
     "priority",
     "preemptible",

@@ -12,15 +12,21 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 
-from computegroups.model import MILLI, GroupRecord, NodeSpec
+from computegroups.model import MILLI, DeviceShare, GroupRecord, NodeSpec
 
 __all__ = ["Cluster", "NodeState"]
 
 
 class NodeState:
-    """Mutable occupancy of one node; placement reads it, only Cluster writes it."""
+    """Mutable occupancy of one node; placement reads it, only Cluster writes it.
+
+    ``free_mask`` (wholly free healthy GPUs), ``used_milli`` (GPU capacity held) and
+    ``partial_gpus`` (healthy GPUs shared and not full) are kept up to date by ``add``
+    as devices change, so placement reads them without a pass over the GPUs.
+    """
 
     __slots__ = (
+        "_whole",
         "cordoned",
         "cpu_used",
         "free_mask",
@@ -29,8 +35,10 @@ class NodeState:
         "has_mig",
         "mem_used",
         "ordinal",
+        "partial_gpus",
         "spec",
         "unhealthy_mask",
+        "used_milli",
     )
 
     def __init__(self, spec: NodeSpec, ordinal: int) -> None:
@@ -39,12 +47,15 @@ class NodeState:
         n = len(spec.gpus)
         self.gpu_used = [0] * n  # thousandths of each GPU held
         self.gpu_mem_used = [0] * n  # MiB of each GPU held
+        self.used_milli = 0  # sum of gpu_used
+        self.partial_gpus = 0  # healthy GPUs with 0 < used < MILLI
         self.cpu_used = 0
         self.mem_used = 0
         self.unhealthy_mask = 0
         self.cordoned = False
         self.has_mig = any(g.mig_profile for g in spec.gpus)
         self.free_mask = (1 << n) - 1  # wholly free and healthy GPUs
+        self._whole: tuple[DeviceShare, ...] | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -62,9 +73,15 @@ class NodeState:
     def mem_free(self) -> int:
         return self.spec.memory_mib - self.mem_used
 
+    def whole(self, index: int) -> DeviceShare:
+        """The share that holds all of GPU ``index`` (made once per node, on first use)."""
+        if self._whole is None:
+            self._whole = tuple(DeviceShare(g.index, g.uuid, MILLI, g.memory_mib) for g in self.spec.gpus)
+        return self._whole[index]
+
     def has_partial(self) -> bool:
         """Whether some healthy GPU is shared and not full."""
-        return any(0 < u < MILLI and not self.unhealthy_mask >> i & 1 for i, u in enumerate(self.gpu_used))
+        return self.partial_gpus > 0
 
     def gpus_free(self) -> float:
         """Free GPU capacity, in GPUs, over healthy GPUs."""
@@ -72,13 +89,30 @@ class NodeState:
 
     def add(self, record: GroupRecord, sign: int = 1) -> None:
         """Count a group's devices and host resources as held (sign=1) or released (sign=-1)."""
+        used = self.gpu_used
+        n = len(used)
+        mask = self.free_mask
+        partial = self.partial_gpus
+        bad = self.unhealthy_mask
         for d in record.devices:
-            if d.index < len(self.gpu_used):
-                self.gpu_used[d.index] += sign * d.share_milli
-                self.gpu_mem_used[d.index] += sign * d.memory_mib
+            i = d.index
+            if i >= n:
+                continue
+            before = used[i]
+            after = used[i] = before + sign * d.share_milli
+            self.gpu_mem_used[i] += sign * d.memory_mib
+            self.used_milli += after - before
+            if bad >> i & 1:
+                continue
+            partial += (0 < after < MILLI) - (0 < before < MILLI)
+            if after == 0:
+                mask |= 1 << i
+            else:
+                mask &= ~(1 << i)
+        self.free_mask = mask
+        self.partial_gpus = partial
         self.cpu_used += sign * record.cpus_milli
         self.mem_used += sign * record.memory_mib
-        self._recompute_mask()
 
     def without(self, records: Iterable[GroupRecord]) -> NodeState:
         """A copy of this node as it would be with ``records`` released (for what-if questions)."""
@@ -90,16 +124,24 @@ class NodeState:
         copy.unhealthy_mask = self.unhealthy_mask
         copy.cordoned = self.cordoned
         copy.has_mig = self.has_mig
+        copy.recompute()
         for r in records:
             copy.add(r, -1)
         return copy
 
-    def _recompute_mask(self) -> None:
-        mask = 0
+    def recompute(self) -> None:
+        """Derive the free mask and the shared-GPU counts from the GPUs (after a health change)."""
+        mask = partial = 0
         for i, u in enumerate(self.gpu_used):
-            if u == 0 and not self.unhealthy_mask >> i & 1:
+            if self.unhealthy_mask >> i & 1:
+                continue
+            if u == 0:
                 mask |= 1 << i
+            elif u < MILLI:
+                partial += 1
         self.free_mask = mask
+        self.partial_gpus = partial
+        self.used_milli = sum(self.gpu_used)
 
 
 class _Bucket:
@@ -205,7 +247,7 @@ class Cluster:
         if was == unhealthy:
             return False
         st.unhealthy_mask = st.unhealthy_mask | bit if unhealthy else st.unhealthy_mask & ~bit
-        st._recompute_mask()
+        st.recompute()
         self._reindex(st)
         return True
 

@@ -67,15 +67,15 @@ def candidates(
         if st is not None:
             yield st
         return
-    required_near = [s for rule, s in zip(cons.affinity, ctx.near, strict=False) if rule.required]
-    if required_near:
-        # Only nodes near the other component can qualify: visit those, not the fleet.
-        smallest = min(required_near, key=len)
-        nodes = sorted((cluster.by_id[n] for n in smallest if n in cluster.by_id), key=lambda st: st.ordinal)
-        spread = cons.strategy is Strategy.SPREAD
-        yield from sorted(nodes, key=lambda st: -st.free_count if spread else st.free_count)
-        return
     spread = cons.strategy is Strategy.SPREAD
+    if cons.affinity:
+        required_near = [s for rule, s in zip(cons.affinity, ctx.near, strict=False) if rule.required]
+        if required_near:
+            # Only nodes near the other component can qualify: visit those, not the fleet.
+            smallest = min(required_near, key=len)
+            nodes = sorted((cluster.by_id[n] for n in smallest if n in cluster.by_id), key=lambda st: st.ordinal)
+            yield from sorted(nodes, key=lambda st: -st.free_count if spread else st.free_count)
+            return
     if req.share_milli:
         partial = [cluster.nodes[o] for o in cluster.partial()]
         if not spread:
@@ -90,23 +90,40 @@ def candidates(
 def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT) -> Pick | str:
     """Choose the devices on a node that passed the filters, or say why none fit."""
     spec = node.spec
-    blocked = ctx.blocked_mask(spec.id)
+    blocked = ctx.blocked_mask(spec.id) if ctx.nominated else 0
     if req.share_milli:
         idx = share_target(node, req, eligible_mask(node, req) & ~blocked)
         if idx is None:
             return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
         dev = DeviceShare(idx, spec.gpus[idx].uuid, req.share_milli, share_memory(node, idx, req))
-        return Pick((dev,), None)
+        return Pick((dev,), None, req.share_milli)
     k = req.whole_gpus
     if k == 0:
-        return Pick((), None)
+        return Pick((), None, 0)
     mask = node.free_mask & eligible_mask(node, req) & ~blocked
     choice = spec.effective_topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
     if choice is None:
         need = "joined by NVLink" if cons.nvlink else "on one NUMA node"
         return f"no {k} free GPUs {need}"
-    devices = tuple(DeviceShare(i, spec.gpus[i].uuid, MILLI, spec.gpus[i].memory_mib) for i in choice.indices)
-    return Pick(devices, choice)
+    whole = node.whole
+    return Pick(tuple(whole(i) for i in choice.indices), choice, k * MILLI)
+
+
+def _filters_for(cons: Constraints, ctx: Context) -> tuple[FilterPlugin, ...]:
+    """The default filters that can reject a node for this request (the others always pass)."""
+    selects = cons.node_id is not None or ctx.allowed is not None or bool(ctx.excluded) or bool(cons.labels)
+    return _FILTER_SETS[selects, bool(cons.affinity or cons.anti_affinity)]
+
+
+_FILTER_SETS = {
+    (selects, affinity): tuple(
+        f
+        for f in DEFAULT_FILTERS
+        if (selects or not isinstance(f, NodeSelectorFilter)) and (affinity or not isinstance(f, AffinityFilter))
+    )
+    for selects in (False, True)
+    for affinity in (False, True)
+}
 
 
 def place(
@@ -128,18 +145,21 @@ def place(
         if frag is not None and cons.strategy is Strategy.BINPACK:
             scores = (*scores, frag)
             limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
+    if filters is DEFAULT_FILTERS:
+        filters = _filters_for(cons, ctx)
     reasons: Counter[str] | None = None
     best: tuple[float, NodeState, Pick] | None = None
+    best_total = 0.0
     feasible = visited = 0
     n_max = cluster.max_gpus
     bounds: dict[int, float] = {}  # a bound depends on the node only through its free count
     for node in candidates(cluster, req, cons, ctx):
         if best is not None:
-            free = node.free_count
+            free = node.free_mask.bit_count()
             bound = bounds.get(free)
             if bound is None:
                 bound = bounds[free] = sum(p.weight * p.bound(free, n_max, req) for p in scores)
-            if bound <= best[0]:
+            if bound <= best_total:
                 break
         visited += 1
         reason = None
@@ -147,7 +167,7 @@ def place(
             reason = f.filter(node, req, cons, ctx)
             if reason is not None:
                 break
-        if reason is None:
+        else:
             picked = pick_devices(node, req, cons, ctx)
             if isinstance(picked, str):
                 reason = picked
@@ -157,9 +177,12 @@ def place(
             reasons[reason] += 1
             continue
         assert not isinstance(picked, str)
-        total = sum(p.weight * p.score(node, req, picked, ctx) for p in scores)
-        if best is None or total > best[0]:
+        total = 0.0
+        for p in scores:
+            total += p.weight * p.score(node, req, picked, ctx)
+        if best is None or total > best_total:
             best = (total, node, picked)
+            best_total = total
         feasible += 1
         if feasible >= limit:
             break

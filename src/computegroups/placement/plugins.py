@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
 from computegroups.placement.cluster import NodeState
@@ -52,6 +52,8 @@ class Context:
 
     def blocked_mask(self, node_id: str) -> int:
         """GPUs of a node this request may not take: promised to a waiting preemptor of no lower priority."""
+        if not self.nominated:
+            return 0
         mask = 0
         for gpus, priority in self.nominated.get(node_id, ()):
             if priority >= self.priority:
@@ -62,12 +64,12 @@ class Context:
 EMPTY_CONTEXT = Context()
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class Pick(NamedTuple):
     """The devices chosen on one node, and the topology verdict for them."""
 
     devices: tuple[DeviceShare, ...]
     choice: SubsetChoice | None  # for whole GPUs
+    milli: int  # GPU capacity the devices hold, in thousandths of a GPU
 
 
 class FilterPlugin(Protocol):
@@ -159,7 +161,8 @@ class CapacityFilter:
         eligible = eligible_mask(node, req)
         if eligible == 0:
             return _model_reason(node, req)
-        eligible &= ~ctx.blocked_mask(node.spec.id)
+        if ctx.nominated:
+            eligible &= ~ctx.blocked_mask(node.spec.id)
         if k:
             free = (node.free_mask & eligible).bit_count()
             if free < k:
@@ -187,9 +190,9 @@ def eligible_mask(node: NodeState, req: Requirements) -> int:
     """GPUs of the node whose model and memory satisfy the request (healthy or not)."""
     models = req.models
     need = req.gpu_memory_mib
-    profile = req.mig_profile.lower() if req.mig_profile else ""
-    if not models and need is None and not profile and not node.has_mig:
+    if not models and need is None and not req.mig_profile and not node.has_mig:
         return (1 << node.gpu_count) - 1
+    profile = req.mig_profile.lower() if req.mig_profile else ""
     mask = 0
     for g in node.spec.gpus:
         if g.mig_profile.lower() != profile:
@@ -243,8 +246,7 @@ def _gpu_util_after(node: NodeState, req: Requirements, pick: Pick) -> float:
     if n == 0:
         total = node.spec.cpus_milli or 1
         return (node.cpu_used + req.cpus_milli) / total
-    used = sum(node.gpu_used) + sum(d.share_milli for d in pick.devices)
-    return used / (n * MILLI)
+    return (node.used_milli + pick.milli) / (n * MILLI)
 
 
 class BinPackScore:
