@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
@@ -30,7 +30,7 @@ from computegroups import (
 )
 from computegroups.errors import PreemptionPendingError
 from computegroups.model import MILLI, AllocationState
-from computegroups.placement.cluster import Cluster
+from computegroups.placement.cluster import Cluster, _Bucket
 
 SPEC = {
     "nodes": [
@@ -242,12 +242,14 @@ class Machine(RuleBasedStateMachine):
         for r in records:
             fresh.apply(r)
         for a, b in zip(fresh.nodes, mgr._cluster.nodes, strict=True):
-            assert (a.gpu_used, a.gpu_mem_used, a.cpu_used, a.mem_used, a.free_mask) == (
+            assert (a.gpu_used, a.gpu_mem_used, a.cpu_used, a.mem_used, a.free_mask, a.partial_gpus, a.used_milli) == (
                 b.gpu_used,
                 b.gpu_mem_used,
                 b.cpu_used,
                 b.mem_used,
                 b.free_mask,
+                b.partial_gpus,
+                b.used_milli,
             )
         for free in range(fresh.max_gpus + 1):
             assert fresh.bucket(free) == mgr._cluster.bucket(free)
@@ -288,3 +290,21 @@ TestSqliteWithRestarts = PersistentMachine.TestCase
 TestSqliteWithRestarts.settings = settings(
     max_examples=200, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 60)), max_size=400))
+def test_bucket_stays_sorted_through_block_splits_and_removals(ops: list[tuple[bool, int]]) -> None:
+    """The blocked bucket behaves as a sorted set, whatever order ordinals come and go in."""
+    bucket = _Bucket(load=3)  # tiny blocks: every few additions split one
+    model: set[int] = set()
+    for add, ordinal in ops:
+        if add and ordinal not in model:
+            bucket.add(ordinal)
+            model.add(ordinal)
+        elif not add:
+            bucket.discard(ordinal)
+            model.discard(ordinal)
+        assert list(bucket) == sorted(model)
+        assert all(bucket.blocks) and bucket.maxes == [b[-1] for b in bucket.blocks]
+        assert all(len(b) <= 2 * bucket.load for b in bucket.blocks)

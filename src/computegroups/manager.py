@@ -49,7 +49,7 @@ from computegroups.model import (
 from computegroups.monitor import Hook, Monitor, reconcile
 from computegroups.placement.cluster import Cluster
 from computegroups.placement.engine import Decision, place
-from computegroups.placement.plugins import Context
+from computegroups.placement.plugins import EMPTY_CONTEXT, Context
 from computegroups.placement.preemption import find_victims
 from computegroups.pools import Pool, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
@@ -235,37 +235,41 @@ class ComputeGroupManager:
             self._apply_changes(changes)
 
     def _apply_changes(self, changes: Changes) -> None:
-        if changes.full:
-            self._cluster = Cluster(self.inventory.nodes)
-            for node_id in self.inventory.cordoned:
-                self._cluster.set_cordoned(node_id, True)
-            for node_id, index in self._unhealthy:
-                self._cluster.set_unhealthy(node_id, index, True)
-            self._records.clear()
-            self._by_request.clear()
-            self._by_node.clear()
-            self._carved_free.clear()
-            self._tombstones.clear()
-            for table in (
-                self._usage,
-                self._component_nodes,
-                self._reservations,
-                self._victims,
-                self._nominated,
-                self._preemptible,
-                self._gangs,
-            ):
-                table.clear()
-            self._expiry.clear()
-            for r in sorted(changes.upserts, key=lambda r: (r.updated_at, r.id)):
-                self._index(r)
-        else:
-            for r in changes.upserts:
-                self._unindex(r.id)
-                self._index(r)
-            for gid in changes.deletes:
-                self._unindex(gid)
+        if not changes.full:
+            self._apply_delta(changes.revision, changes.upserts, changes.deletes)
+            return
+        self._cluster = Cluster(self.inventory.nodes)
+        for node_id in self.inventory.cordoned:
+            self._cluster.set_cordoned(node_id, True)
+        for node_id, index in self._unhealthy:
+            self._cluster.set_unhealthy(node_id, index, True)
+        self._records.clear()
+        self._by_request.clear()
+        self._by_node.clear()
+        self._carved_free.clear()
+        self._tombstones.clear()
+        for table in (
+            self._usage,
+            self._component_nodes,
+            self._reservations,
+            self._victims,
+            self._nominated,
+            self._preemptible,
+            self._gangs,
+        ):
+            table.clear()
+        self._expiry.clear()
+        for r in sorted(changes.upserts, key=lambda r: (r.updated_at, r.id)):
+            self._index(r)
         self._rev = changes.revision
+
+    def _apply_delta(self, revision: int, upserts: Sequence[GroupRecord], deletes: Sequence[str]) -> None:
+        for r in upserts:
+            self._unindex(r.id)
+            self._index(r)
+        for gid in deletes:
+            self._unindex(gid)
+        self._rev = revision
 
     def _index(self, r: GroupRecord) -> None:
         gid = r.id
@@ -388,7 +392,7 @@ class ComputeGroupManager:
                 continue
             for _ in range(excess):
                 self._tombstones.popleft()
-            self._apply_changes(Changes(rev, upserts, deletes))
+            self._apply_delta(rev, upserts, deletes)
             return upserts
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
 
@@ -418,7 +422,7 @@ class ComputeGroupManager:
                 heapq.heappush(self._expiry, (r.expires_at or now, r.id))
             return 0
         released = [r.replace(state=AllocationState.RELEASED, updated_at=now) for r in due]
-        self._apply_changes(Changes(rev, released, []))
+        self._apply_delta(rev, released, ())
         for r in due:
             log.info("reservation %s of %s expired; its capacity returns", r.id, r.component)
             self.emit(Event("reservation-expired", r.id, r.node_id, r.component))
@@ -690,6 +694,9 @@ class ComputeGroupManager:
         return self.pools[cons.pool].priority
 
     def _context(self, cons: Constraints, priority: int, excluded: frozenset[str] = frozenset()) -> Context:
+        if not (cons.pool or cons.affinity or cons.anti_affinity or excluded or self._nominated):
+            return EMPTY_CONTEXT  # the common case: nothing to resolve (priority matters only beside nominations)
+
         def nodes_near(rule_component: str, scope: Scope) -> frozenset[str]:
             hosts = self._component_nodes.get(rule_component) or {}
             if scope is Scope.NODE:
@@ -699,8 +706,6 @@ class ComputeGroupManager:
                 out |= self._domain_nodes.get(self._domain_of.get(n, f"node:{n}"), {n})
             return frozenset(out)
 
-        if not (cons.pool or cons.affinity or cons.anti_affinity or excluded or self._nominated):
-            return Context(priority=priority)  # the common case: nothing to resolve
         near = tuple(nodes_near(r.component, r.scope) for r in cons.affinity)
         away = tuple(nodes_near(r.component, r.scope) for r in cons.anti_affinity)
         return Context(
@@ -796,41 +801,33 @@ class ComputeGroupManager:
                         )
                     reused = prior.gang_id or prior.id
                     return [], []
-                common: dict[str, Any] = {
-                    "component": component,
-                    "request_id": cons.request_id,
-                    "constraints": cons.to_dict(),
-                    "priority": self._priority(cons),
-                    "preemptible": cons.preemptible,
-                    "pool": cons.pool,
-                    "tenant": cons.tenant,
-                    "expires_at": now + ttl if ttl is not None else None,
-                    "updated_at": now,
-                }
-                if state is AllocationState.ALLOCATED:
+                priority = self._priority(cons)
+                expires = now + ttl if ttl is not None else None
+                if state is AllocationState.ALLOCATED and (
+                    cons.reservation_id is not None or self._reservations.get(component) or self._carved_free
+                ):
+                    owned = self._ownership(component, cons, priority, expires, now)
                     claimed = self._claim(component, req, cons)
                     if claimed is not None:
                         owner = dataclasses.replace(
                             cons, pool=claimed.pool or cons.pool, tenant=claimed.tenant or cons.tenant
                         )
-                        self._check_quota(component, owner, sum(d.share_milli for d in claimed.devices), claimed)
+                        self._check_quota(component, owner, claimed.share_milli, claimed)
                         return [
-                            claimed.replace(state=state, **{**common, "pool": owner.pool, "tenant": owner.tenant})
+                            claimed.replace(state=state, **{**owned, "pool": owner.pool, "tenant": owner.tenant})
                         ], []
                     carved = self._match_carved(req, cons)
                     if carved is not None:
-                        self._check_quota(component, cons, sum(d.share_milli for d in carved.devices))
-                        return [carved.replace(state=state, **common)], []
+                        self._check_quota(component, cons, carved.share_milli)
+                        return [carved.replace(state=state, **owned)], []
                 milli = (req.whole_gpus * MILLI or req.share_milli) * req.nodes
                 self._check_quota(component, cons, milli)
-                priority = self._priority(cons)
                 ctx = self._context(cons, priority)
                 try:
-                    decisions = (
-                        self._place_gang(req, cons, ctx)
-                        if req.nodes > 1
-                        else [place(self._cluster, req, cons, ctx=ctx)]
-                    )
+                    if req.nodes == 1:
+                        d = place(self._cluster, req, cons, ctx=ctx)
+                        return [self._record(d, req, cons, component, state, priority, expires, now)], []
+                    decisions = self._place_gang(req, cons, ctx)
                 except InsufficientResourcesError:
                     if priority <= 0 or req.nodes > 1 or state is not AllocationState.ALLOCATED:
                         raise
@@ -838,28 +835,30 @@ class ComputeGroupManager:
                     if preempting is None:
                         raise
                     decision, victims = preempting
-                    waiting = self._record(decision, req, state=AllocationState.RESERVED, now=now, **common)
-                    waiting = waiting.replace(
-                        pending=True, updated_at=now, request_id=cons.request_id or f"preempt-{waiting.id}"
-                    )
+                    gid = self._new_id()
+                    waiting = self._record(
+                        decision, req, cons, component, AllocationState.RESERVED, priority, expires, now, gid=gid
+                    )._replace(pending=True, request_id=cons.request_id or f"preempt-{gid}")
                     pending = (waiting, [v.id for v in victims])
                     drained = [
                         v.replace(state=AllocationState.DRAINING, preempted_by=waiting.id, updated_at=now)
                         for v in victims
                     ]
                     return [waiting, *drained], []
-                if len(decisions) == 1:
-                    return [self._record(decisions[0], req, state=state, now=now, **common)], []
                 gang = self._new_id()
                 return [
                     self._record(
                         d,
                         req,
-                        state=state,
-                        now=now,
+                        cons,
+                        component,
+                        state,
+                        priority,
+                        expires,
+                        now,
                         gid=f"{gang}.{n}",
                         gang_id=gang,
-                        **{**common, "request_id": cons.request_id if n == 0 else None},
+                        first=n == 0,
                     )
                     for n, d in enumerate(decisions)
                 ], []
@@ -912,23 +911,56 @@ class ComputeGroupManager:
         self,
         d: Decision,
         req: Requirements,
-        *,
+        cons: Constraints,
+        component: str,
         state: AllocationState,
+        priority: int,
+        expires: float | None,
         now: float,
+        *,
         gid: str | None = None,
-        **fields: Any,
+        gang_id: str | None = None,
+        first: bool = True,
     ) -> GroupRecord:
+        """The record of a new group (of one part of a multi-node group: only the first keeps the request id)."""
         return GroupRecord(
-            id=gid or self._new_id(),
-            node_id=d.node_id,
-            state=state,
-            devices=d.devices,
-            cpus_milli=d.cpus_milli,
-            memory_mib=d.memory_mib,
-            requirements=req.to_dict(),
-            created_at=now,
-            **fields,
+            gid or self._new_id(),
+            d.node_id,
+            state,
+            component,
+            d.devices,
+            d.cpus_milli,
+            d.memory_mib,
+            cons.request_id if first else None,
+            False,
+            req.stored,
+            cons.stored,
+            now,
+            now,
+            priority,
+            cons.preemptible,
+            cons.pool,
+            cons.tenant,
+            expires,
+            gang_id=gang_id,
         )
+
+    @staticmethod
+    def _ownership(
+        component: str, cons: Constraints, priority: int, expires: float | None, now: float
+    ) -> dict[str, Any]:
+        """The fields that give an existing group (a reservation, a pre-carved group) its new owner."""
+        return {
+            "component": component,
+            "request_id": cons.request_id,
+            "constraints": cons.stored,
+            "priority": priority,
+            "preemptible": cons.preemptible,
+            "pool": cons.pool,
+            "tenant": cons.tenant,
+            "expires_at": expires,
+            "updated_at": now,
+        }
 
     def _place_gang(self, req: Requirements, cons: Constraints, ctx: Context) -> list[Decision]:
         """One decision per node, on distinct nodes, all or nothing."""
@@ -1033,9 +1065,12 @@ class ComputeGroupManager:
 
     def _promotions(self, released: list[GroupRecord], now: float) -> list[GroupRecord]:
         """Waiting preemptors whose last victim is among ``released`` and that now fit: allocate them."""
+        waiters = {r.preempted_by for r in released if r.preempted_by}
+        if not waiters:
+            return []
         out: list[GroupRecord] = []
         gone = {r.id for r in released}
-        for waiter_id in {r.preempted_by for r in released if r.preempted_by}:
+        for waiter_id in waiters:
             assert waiter_id is not None
             waiter = self._records.get(waiter_id)
             if waiter is None or not waiter.pending or waiter.state is AllocationState.RELEASED:

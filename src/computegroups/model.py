@@ -224,6 +224,8 @@ class Requirements:
     cpus_milli: int = field(init=False, repr=False, compare=False)
     #: lower-cased model alternatives (empty: any)
     models: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: ``to_dict()``, read-only, as group records keep it
+    stored: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
     KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes", "mig_profile")
 
@@ -286,6 +288,7 @@ class Requirements:
         object.__setattr__(self, "share_milli", round(g * MILLI) if 0 < g < 1 else 0)
         object.__setattr__(self, "cpus_milli", round(self.cpus * MILLI))
         object.__setattr__(self, "models", tuple(m.lower() for m in models))
+        object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
 
     @classmethod
     def parse(cls, value: Requirements | Mapping[str, Any]) -> Requirements:
@@ -400,6 +403,8 @@ class Constraints:
     reservation_id: str | None = None
     affinity: tuple[AffinityRule, ...] = ()
     anti_affinity: tuple[AffinityRule, ...] = ()
+    #: ``to_dict()``, read-only, as group records keep it
+    stored: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
     KEYS = (
         "node_id",
@@ -460,6 +465,7 @@ class Constraints:
                     f"constraints.labels: {k!r}={v!r} is not a label key and string value", key="constraints.labels"
                 )
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))  # the caller's dict may change
+        object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
 
     @classmethod
     def parse(cls, value: Constraints | Mapping[str, Any] | None) -> Constraints:

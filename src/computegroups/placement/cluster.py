@@ -145,20 +145,64 @@ class NodeState:
 
 
 class _Bucket:
-    """Node ordinals kept sorted, so iteration order is deterministic."""
+    """Node ordinals kept sorted (so iteration order is deterministic), in blocks.
 
-    __slots__ = ("items",)
+    A block holds at most ``2 * load`` ordinals, so adding or removing one moves a
+    block's worth of memory, not the whole bucket's (which at 10,000 nodes is most
+    of the fleet).
+    """
 
-    def __init__(self) -> None:
-        self.items: list[int] = []
+    __slots__ = ("blocks", "load", "maxes")
+
+    def __init__(self, load: int = 256) -> None:
+        self.load = load
+        self.blocks: list[list[int]] = []  # sorted, non-empty, each after the one before
+        self.maxes: list[int] = []  # the last ordinal of each block
+
+    def __iter__(self) -> Iterator[int]:
+        for block in self.blocks:
+            yield from block
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.blocks)
 
     def add(self, ordinal: int) -> None:
-        insort(self.items, ordinal)
+        blocks, maxes = self.blocks, self.maxes
+        if not maxes:
+            blocks.append([ordinal])
+            maxes.append(ordinal)
+            return
+        k = bisect_left(maxes, ordinal)
+        if k == len(maxes):
+            k -= 1
+            block = blocks[k]
+            block.append(ordinal)
+            maxes[k] = ordinal
+        else:
+            block = blocks[k]
+            insort(block, ordinal)
+        if len(block) > 2 * self.load:
+            tail = block[self.load :]
+            del block[self.load :]
+            blocks.insert(k + 1, tail)
+            maxes[k] = block[-1]
+            maxes.insert(k + 1, tail[-1])
 
     def discard(self, ordinal: int) -> None:
-        i = bisect_left(self.items, ordinal)
-        if i < len(self.items) and self.items[i] == ordinal:
-            del self.items[i]
+        blocks, maxes = self.blocks, self.maxes
+        k = bisect_left(maxes, ordinal)
+        if k == len(maxes):
+            return
+        block = blocks[k]
+        i = bisect_left(block, ordinal)
+        if i == len(block) or block[i] != ordinal:
+            return
+        del block[i]
+        if not block:
+            del blocks[k]
+            del maxes[k]
+        elif i == len(block):
+            maxes[k] = block[-1]
 
 
 class Cluster:
@@ -179,9 +223,9 @@ class Cluster:
         self._partial = _Bucket()
         self._where: list[int] = []
         self._in_partial: list[bool] = []
-        for st in self.nodes:
+        for st in self.nodes:  # in ordinal order
             self._where.append(st.free_count)
-            self._buckets[st.free_count].items.append(st.ordinal)
+            self._buckets[st.free_count].add(st.ordinal)
             self._in_partial.append(False)
 
     # -- totals ---------------------------------------------------------------
@@ -190,12 +234,19 @@ class Cluster:
 
     # -- indexes --------------------------------------------------------------
     def bucket(self, free: int) -> list[int]:
-        """Ordinals of nodes with exactly ``free`` wholly free GPUs (sorted; do not mutate)."""
-        return self._buckets[free].items
+        """Ordinals of nodes with exactly ``free`` wholly free GPUs, sorted."""
+        return list(self._buckets[free])
 
     def partial(self) -> list[int]:
-        """Ordinals of nodes with a shared GPU that has room (sorted; do not mutate)."""
-        return self._partial.items
+        """Ordinals of nodes with a shared GPU that has room, sorted."""
+        return list(self._partial)
+
+    def iter_partial(self) -> Iterator[NodeState]:
+        """Nodes with a shared GPU that has room, in ordinal order."""
+        nodes = self.nodes
+        for block in self._partial.blocks:
+            for ordinal in block:
+                yield nodes[ordinal]
 
     def is_partial(self, ordinal: int) -> bool:
         """Whether the node has a shared GPU with room."""
@@ -205,9 +256,11 @@ class Cluster:
         """Nodes with at least ``lowest`` free GPUs: fullest first (or emptiest first)."""
         rng = range(self.max_gpus, lowest - 1, -1) if descending else range(lowest, self.max_gpus + 1)
         nodes = self.nodes
+        buckets = self._buckets
         for free in rng:
-            for ordinal in self._buckets[free].items:
-                yield nodes[ordinal]
+            for block in buckets[free].blocks:
+                for ordinal in block:
+                    yield nodes[ordinal]
 
     def _reindex(self, st: NodeState) -> None:
         """Move a node between buckets after its mask changed (callers recompute the mask)."""

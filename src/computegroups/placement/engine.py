@@ -77,12 +77,11 @@ def candidates(
             yield from sorted(nodes, key=lambda st: -st.free_count if spread else st.free_count)
             return
     if req.share_milli:
-        partial = [cluster.nodes[o] for o in cluster.partial()]
         if not spread:
-            yield from partial
+            yield from cluster.iter_partial()
         yield from (st for st in cluster.iter_by_free(1, descending=spread) if not cluster.is_partial(st.ordinal))
         if spread:
-            yield from partial
+            yield from cluster.iter_partial()
         return
     yield from cluster.iter_by_free(req.whole_gpus, descending=spread)
 

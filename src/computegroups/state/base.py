@@ -9,8 +9,7 @@ So nothing is visible before it is durable, and two writers never both win.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from computegroups.errors import ConflictError
 from computegroups.model import GroupRecord
@@ -22,15 +21,13 @@ class RevisionConflict(ConflictError):
     """The store moved on since the caller's revision; re-read and decide again."""
 
 
-@dataclass(frozen=True, slots=True)
-class Changes:
+class Changes(NamedTuple):
     """What changed after a revision. ``full`` means: forget everything, these are all records."""
 
     revision: int
     upserts: Sequence[GroupRecord] = ()
     deletes: Sequence[str] = ()
     full: bool = False
-    meta: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
