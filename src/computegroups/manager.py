@@ -67,6 +67,7 @@ _OWNED = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.R
 _IN_USE = (AllocationState.ALLOCATED, AllocationState.DRAINING)  # with an owner: not a reservation, not free
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 MAX_TTL_S = 7 * 24 * 3600.0
+_PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class ComputeGroupManager:
         self._clock = clock
         self.pools: dict[str, Pool] = {p.name: p for p in parse_pools(pools)}
         self._pool_members: dict[str, frozenset[str]] = {}
+        self._with_pool: dict[tuple[int, str | None], tuple[Constraints, Constraints]] = {}
         self._pool_gpus: dict[str, int] = {}
         self._domain_of: dict[str, str] = {}
         self._domain_nodes: dict[str, set[str]] = {}
@@ -368,7 +370,8 @@ class ComputeGroupManager:
         """Decide with ``build`` against the freshest state and commit; retry on a lost race.
 
         Returns the records written, or None when ``build`` found nothing to change.
-        Old tombstones (released groups past ``tombstone_limit``) are pruned in the same commit.
+        Old tombstones (released groups past ``tombstone_limit``) are pruned in the same commit,
+        in batches.
         """
         for _ in range(self._max_attempts):
             await self._refresh()
@@ -379,7 +382,10 @@ class ComputeGroupManager:
             upserts, deletes = build()
             if not upserts and not deletes:
                 return None
-            excess = max(0, len(self._tombstones) - self._tombstone_limit)
+            # Prune a batch at a time once past the limit by a slack: one delete per release costs every release.
+            excess = len(self._tombstones) - self._tombstone_limit
+            if excess <= min(_PRUNE_SLACK, self._tombstone_limit // 8):
+                excess = 0
             written = ({r.id for r in upserts} | set(deletes)) if excess else set()
             for gid in itertools.islice(self._tombstones, excess):
                 r = self._records.get(gid)
@@ -684,9 +690,16 @@ class ComputeGroupManager:
             raise InvalidRequestError(
                 f"constraints.pool: {pool!r} is not a pool; pools: {allowed}", key="constraints.pool"
             )
-        if pool != cons.pool:
-            cons = dataclasses.replace(cons, pool=pool)
-        return cons
+        if pool == cons.pool:
+            return cons
+        # Requests repeat: remember the merged constraints (the entry holds ``cons``, so its id stays its own).
+        key = (id(cons), pool)
+        known = self._with_pool.get(key)
+        if known is None or known[0] is not cons:
+            if len(self._with_pool) >= 1024:
+                self._with_pool.clear()
+            known = self._with_pool[key] = (cons, dataclasses.replace(cons, pool=pool))
+        return known[1]
 
     def _priority(self, cons: Constraints) -> int:
         if cons.priority or cons.pool is None:
@@ -972,7 +985,7 @@ class ComputeGroupManager:
                         self._cluster,
                         req,
                         cons,
-                        ctx=dataclasses.replace(ctx, excluded=frozenset(d.node_id for d in decisions)),
+                        ctx=ctx._replace(excluded=frozenset(d.node_id for d in decisions)),
                     )
                 )
             except InsufficientResourcesError as exc:
@@ -1027,7 +1040,8 @@ class ComputeGroupManager:
         return not (cons.same_numa and len({topo.numa_node(i) for i in idx}) > 1)
 
     async def _materialise(self, rec: GroupRecord) -> None:
-        resources = self._view(rec).resources
+        # One record: a part of a multi-node group is materialised on its own node, with its own devices.
+        resources = ComputeGroup(rec, self._specs.get(rec.node_id)).resources
         resources["group_id"] = rec.id
         resources["env"] = group_env(rec)
         try:

@@ -175,11 +175,15 @@ def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[], _
     """``build()``, remembered by the request's content: a planner sends the same few requests again and again."""
     if type(value) is not dict:
         return build()
+    key: tuple[object, ...] = (cls, tuple(value.items()), tuple(map(type, value.values())))
     try:
-        key = (cls, _frozen(value))
-    except TypeError:
-        return build()
-    hit = _PARSED.get(key)
+        hit = _PARSED.get(key)  # flat requests: the common case, and the cheap key
+    except TypeError:  # a list or a mapping inside
+        try:
+            key = (cls, _frozen(value))
+        except TypeError:
+            return build()
+        hit = _PARSED.get(key)
     if hit is None:
         hit = build()  # raises for a bad request: only valid ones are remembered
         if len(_PARSED) >= _PARSED_LIMIT:
@@ -675,16 +679,17 @@ class ComputeGroup:
         """Resources in this group: node_id, gpus, gpu_indices, gpu_uuids, and cpus / memory_mib where held."""
         r = self._record
         node = self._node
+        gpus = [node.gpus[d.index] for d in r.devices] if node is not None else []
         out: dict[str, Any] = {
             "node_id": r.node_id,
             "gpus": r.gpus,
-            "gpu_indices": [node.gpus[d.index].smi_index if node else d.index for d in r.devices],
+            "gpu_indices": [g.smi_index for g in gpus] if node is not None else [d.index for d in r.devices],
             "gpu_uuids": [d.uuid for d in r.devices],
             "gpu_memory_mib": [d.memory_mib for d in r.devices],
         }
-        if node is not None and r.devices:
-            out["gpu_model"] = node.gpus[r.devices[0].index].name
-            migs = [node.gpus[d.index] for d in r.devices if node.gpus[d.index].mig_profile]
+        if gpus:
+            out["gpu_model"] = gpus[0].name
+            migs = [g for g in gpus if g.mig_profile]
             if migs:
                 out["mig_profiles"] = [g.mig_profile for g in migs]
                 out["mig_parent_uuids"] = [g.parent_uuid for g in migs]

@@ -26,6 +26,7 @@ class NodeState:
     """
 
     __slots__ = (
+        "_picks",
         "_whole",
         "cordoned",
         "cpu_used",
@@ -56,6 +57,7 @@ class NodeState:
         self.has_mig = any(g.mig_profile for g in spec.gpus)
         self.free_mask = (1 << n) - 1  # wholly free and healthy GPUs
         self._whole: tuple[DeviceShare, ...] | None = None
+        self._picks: dict[tuple[int, ...], tuple[DeviceShare, ...]] = {}
 
     @property
     def gpu_count(self) -> int:
@@ -78,6 +80,15 @@ class NodeState:
         if self._whole is None:
             self._whole = tuple(DeviceShare(g.index, g.uuid, MILLI, g.memory_mib) for g in self.spec.gpus)
         return self._whole[index]
+
+    def whole_gpus(self, indices: tuple[int, ...]) -> tuple[DeviceShare, ...]:
+        """The shares that hold all of the GPUs ``indices`` (remembered: a node has few useful sets)."""
+        shares = self._picks.get(indices)
+        if shares is None:
+            if len(self._picks) >= 256:
+                self._picks.clear()
+            shares = self._picks[indices] = tuple(self.whole(i) for i in indices)
+        return shares
 
     def has_partial(self) -> bool:
         """Whether some healthy GPU is shared and not full."""

@@ -104,8 +104,7 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     if choice is None:
         need = "joined by NVLink" if cons.nvlink else "on one NUMA node"
         return f"no {k} free GPUs {need}"
-    whole = node.whole
-    return Pick(tuple(whole(i) for i in choice.indices), choice, k * MILLI)
+    return Pick(node.whole_gpus(choice.indices), choice, k * MILLI)
 
 
 def _filters_for(cons: Constraints, ctx: Context) -> tuple[FilterPlugin, ...]:

@@ -10,7 +10,7 @@ engine can stop as soon as no later candidate could win.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
@@ -30,8 +30,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Context:
+class Context(NamedTuple):
     """What placement needs beyond occupancy, resolved by the manager to sets of node ids.
 
     ``allowed``: nodes of the requested pool (None: any). ``excluded``: nodes already taken by
@@ -47,7 +46,7 @@ class Context:
     away: tuple[frozenset[str], ...] = ()
     prefer_near: tuple[frozenset[str], ...] = ()
     prefer_away: tuple[frozenset[str], ...] = ()
-    nominated: Mapping[str, Sequence[tuple[int, int]]] = field(default_factory=dict)  # node -> [(mask, priority)]
+    nominated: Mapping[str, Sequence[tuple[int, int]]] = MappingProxyType({})  # node -> [(mask, priority)]
     priority: int = 0
 
     def blocked_mask(self, node_id: str) -> int:
