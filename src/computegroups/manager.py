@@ -137,6 +137,8 @@ class ComputeGroupManager:
             )
         self.provider = provider
         self.store = _open_store(state)
+        # Stores in this process can tell their revision without I/O (optional ``local_revision()``).
+        self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)
         self._new_id = id_factory or (lambda: "cg-" + os.urandom(8).hex())
         self._tombstone_limit = tombstone_limit
         self._max_attempts = max_attempts
@@ -232,6 +234,9 @@ class ComputeGroupManager:
 
     # -- keeping the mirror in step with the store ----------------------------------
     async def _refresh(self) -> None:
+        peek = self._peek_revision
+        if peek is not None and peek() == self._rev:
+            return  # an in-process store says nothing changed
         changes = await self.store.changes_since(self._rev)
         if changes.revision != self._rev or changes.full:
             self._apply_changes(changes)
@@ -240,7 +245,9 @@ class ComputeGroupManager:
         if not changes.full:
             self._apply_delta(changes.revision, changes.upserts, changes.deletes)
             return
+        demand = self._cluster.demand  # what the workload asks for outlives a reload of what it holds
         self._cluster = Cluster(self.inventory.nodes)
+        self._cluster.demand = demand
         for node_id in self.inventory.cordoned:
             self._cluster.set_cordoned(node_id, True)
         for node_id, index in self._unhealthy:
@@ -384,14 +391,10 @@ class ComputeGroupManager:
                 return None
             # Prune a batch at a time once past the limit by a slack: one delete per release costs every release.
             excess = len(self._tombstones) - self._tombstone_limit
-            if excess <= min(_PRUNE_SLACK, self._tombstone_limit // 8):
+            if excess > min(_PRUNE_SLACK, self._tombstone_limit // 8):
+                self._prune(excess, upserts, deletes)
+            else:
                 excess = 0
-            written = ({r.id for r in upserts} | set(deletes)) if excess else set()
-            for gid in itertools.islice(self._tombstones, excess):
-                r = self._records.get(gid)
-                if r is not None and r.state is AllocationState.RELEASED and gid not in written:
-                    deletes.append(gid)
-                    written.add(gid)
             try:
                 rev = await self.store.commit(self._rev, upserts, deletes)
             except RevisionConflict:
@@ -401,6 +404,15 @@ class ComputeGroupManager:
             self._apply_delta(rev, upserts, deletes)
             return upserts
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
+
+    def _prune(self, excess: int, upserts: list[GroupRecord], deletes: list[str]) -> None:
+        """Add the oldest ``excess`` released groups to ``deletes`` (unless the change set writes them)."""
+        written = {r.id for r in upserts} | set(deletes)
+        for gid in itertools.islice(self._tombstones, excess):
+            r = self._records.get(gid)
+            if r is not None and r.state is AllocationState.RELEASED and gid not in written:
+                deletes.append(gid)
+                written.add(gid)
 
     def _due_reservations(self) -> list[GroupRecord]:
         """Reservations past their deadline (popped from the expiry heap)."""

@@ -570,9 +570,14 @@ class GroupRecord(NamedTuple):
 
     def replace(self, **changes: Any) -> GroupRecord:
         """A copy with ``changes`` applied and ``updated_at`` set (to now unless given)."""
-        if "updated_at" not in changes:
-            changes["updated_at"] = time.time()
-        return self._replace(**changes)
+        values = list(self)
+        values[_UPDATED_AT] = time.time()
+        try:
+            for name, value in changes.items():
+                values[_FIELD_INDEX[name]] = value
+        except KeyError as exc:
+            raise TypeError(f"GroupRecord has no field {exc}") from None
+        return _new_tuple(GroupRecord, values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -619,6 +624,9 @@ class GroupRecord(NamedTuple):
         )
 
 
+_FIELD_INDEX = {name: n for n, name in enumerate(GroupRecord._fields)}
+_UPDATED_AT = _FIELD_INDEX["updated_at"]
+_new_tuple = tuple.__new__
 _OPTIONAL_RECORD_FIELDS = (
     "priority",
     "preemptible",

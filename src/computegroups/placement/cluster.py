@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from computegroups.model import MILLI, DeviceShare, GroupRecord, NodeSpec
+
+if TYPE_CHECKING:
+    from computegroups.placement.fragmentation import FragmentationScore
 
 __all__ = ["Cluster", "NodeState"]
 
@@ -223,6 +227,8 @@ class Cluster:
         self.nodes: list[NodeState] = []
         self.by_id: dict[str, NodeState] = {}
         self.max_gpus = 0
+        #: the workload mix that fragmentation scoring learns (a statistic of demand, not occupancy)
+        self.demand: FragmentationScore | None = None
         for spec in nodes:
             if spec.id in self.by_id:
                 raise ValueError(f"duplicate node id {spec.id!r}")

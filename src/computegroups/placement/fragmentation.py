@@ -20,16 +20,15 @@ GPUs scores low.
 
 The workload is learned, not configured: :class:`WorkloadMix` is a decayed
 histogram of the request shapes the engine has been asked to place (placed or
-not, since demand is what the free capacity must serve), kept beside each
-:class:`~computegroups.placement.cluster.Cluster` in a weak mapping (it is a
-statistic of demand, not occupancy). Only the most common shapes
+not, since demand is what the free capacity must serve), kept with each
+:class:`~computegroups.placement.cluster.Cluster` (as a statistic of demand,
+not occupancy). Only the most common shapes
 are scored (``top``), so a decision costs a bounded amount of work whatever the
 variety of requests; node fragmentation values are cached by node occupancy.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,16 +74,19 @@ class WorkloadMix:
     so the mix follows a workload that changes.
     """
 
-    __slots__ = ("_cache", "_counts", "_shape_of", "_since", "_total", "_weighted", "horizon", "top")
+    __slots__ = ("_cache", "_counts", "_engaged", "_shape_of", "_since", "_total", "_weighted", "horizon", "top")
 
     def __init__(self, top: int = 24, horizon: int = 20_000) -> None:
         self.top = top
         self.horizon = horizon
-        self._counts: dict[Shape, float] = {}
-        self._shape_of: dict[tuple[object, ...], Shape] = {}
+        # Counted by the request's raw fields (a tuple of scalars hashes fast); each key's Shape is
+        # made once, and counts are summed per Shape when the weighted list is rebuilt.
+        self._counts: dict[object, float] = {}
+        self._shape_of: dict[object, Shape] = {}
         self._total = 0.0
         self._since = 0
         self._weighted: tuple[tuple[Shape, float], ...] = ()
+        self._engaged = False
         self._cache: dict[tuple[object, ...], float] = {}
 
     @classmethod
@@ -93,34 +95,43 @@ class WorkloadMix:
         mix = cls(top=top)
         for shape, weight in shapes.items():
             mix._counts[shape] = mix._counts.get(shape, 0.0) + float(weight)
+            mix._shape_of[shape] = shape
             mix._total += float(weight)
         mix._rebuild()
         return mix
 
     def observe(self, req: Requirements) -> None:
         """Count one request (MIG requests are not modelled and not counted)."""
-        if getattr(req, "mig_profile", None):
+        if req.mig_profile:
             return
-        # Keyed by the raw fields (cheap to read); Shape.of runs once per distinct request.
         raw = (req.gpus, req.cpus, req.memory_mib, req.gpu_model)
-        shape = self._shape_of.get(raw)
-        if shape is None:
-            if len(self._shape_of) > 10_000:
-                self._shape_of.clear()
-            shape = self._shape_of[raw] = Shape.of(req)
-        self._counts[shape] = self._counts.get(shape, 0.0) + 1.0
+        counts = self._counts
+        seen = counts.get(raw)
+        if seen is None:
+            self._shape_of[raw] = Shape.of(req)
+            seen = 0.0
+        counts[raw] = seen + 1.0
         self._total += 1.0
         self._since += 1
-        if self._total > self.horizon:
-            self._counts = {s: c / 2 for s, c in self._counts.items() if c >= 1.0}
-            self._total = sum(self._counts.values())
+        if self._total > self.horizon or len(counts) > 4 * self.horizon:
+            self._halve()
         if self._since * 8 >= self._total or self._since >= 4096:
             self._rebuild()
 
+    def _halve(self) -> None:
+        """Halve every count and forget the ones that fall below one, so the mix follows the workload."""
+        self._counts = {k: c / 2 for k, c in self._counts.items() if c >= 1.0}
+        self._shape_of = {k: self._shape_of[k] for k in self._counts}
+        self._total = sum(self._counts.values())
+
     def _rebuild(self) -> None:
         self._since = 0
+        per_shape: dict[Shape, float] = {}
+        for raw, c in self._counts.items():
+            shape = self._shape_of[raw]
+            per_shape[shape] = per_shape.get(shape, 0.0) + c
         gpu_shapes = sorted(
-            ((s, c) for s, c in self._counts.items() if s.uses_gpus),
+            ((s, c) for s, c in per_shape.items() if s.uses_gpus),
             key=lambda sc: (-sc[1], sc[0].whole_gpus, sc[0].share_milli, sc[0].cpus_milli, sc[0].memory_mib),
         )[: self.top]
         weight = sum(c for _, c in gpu_shapes)
@@ -128,6 +139,7 @@ class WorkloadMix:
         if weighted != self._weighted:
             self._weighted = weighted
             self._cache.clear()
+        self._engaged = any(s.share_milli or s.cpus_milli or s.memory_mib or s.models for s, _ in weighted)
 
     @property
     def engaged(self) -> bool:
@@ -137,7 +149,7 @@ class WorkloadMix:
         constraints), a node's fragment is its partly used GPUs, which bin-pack
         by free-GPU count already keeps few; scoring it would only cost time.
         """
-        return any(s.share_milli or s.cpus_milli or s.memory_mib or s.models for s, _ in self._weighted)
+        return self._engaged
 
     @property
     def shapes(self) -> tuple[tuple[Shape, float], ...]:
@@ -242,17 +254,14 @@ class FragmentationScore:
         return 50.0 * (1.0 + min(1.0, consumed / SCALE_MILLI))
 
 
-_PLUGINS: weakref.WeakKeyDictionary[Cluster, FragmentationScore] = weakref.WeakKeyDictionary()
-
-
 def for_cluster(cluster: Cluster, req: Requirements) -> FragmentationScore | None:
     """Count ``req`` in the cluster's workload mix; return the cluster's plugin if the mix engages it.
 
-    The mix is kept beside the cluster (not in it): it is a statistic of
-    demand, not occupancy, and is the only thing placement updates.
+    The mix rides on the cluster (``Cluster.demand``) but is not occupancy: it is a
+    statistic of demand, and the only thing placement updates.
     """
-    plugin = _PLUGINS.get(cluster)
+    plugin = cluster.demand
     if plugin is None:
-        plugin = _PLUGINS[cluster] = FragmentationScore(WorkloadMix())
+        plugin = cluster.demand = FragmentationScore(WorkloadMix())
     plugin.mix.observe(req)
-    return plugin if plugin.mix.engaged else None
+    return plugin if plugin.mix._engaged else None

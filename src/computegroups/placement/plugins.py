@@ -322,6 +322,10 @@ class PreferredAffinityScore:
         return 100.0
 
 
+_BINPACK = BinPackScore()
+_SPREAD = SpreadScore()
+
+
 def strategy_plugin(strategy: Strategy) -> ScorePlugin:
     """The score plugin for a node-choice strategy."""
-    return SpreadScore() if strategy is Strategy.SPREAD else BinPackScore()
+    return _SPREAD if strategy is Strategy.SPREAD else _BINPACK

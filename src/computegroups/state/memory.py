@@ -26,6 +26,10 @@ class MemoryStateStore:
     async def close(self) -> None:
         return None
 
+    def local_revision(self) -> int:
+        """The current revision, read without I/O (the store lives in this process)."""
+        return self._revision
+
     async def changes_since(self, revision: int) -> Changes:
         if revision == self._revision:
             return Changes(revision)
