@@ -228,6 +228,8 @@ class Requirements:
     cpus_milli: int = field(init=False, repr=False, compare=False)
     #: lower-cased model alternatives (empty: any)
     models: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: whether any (non-MIG) GPU qualifies: no model, memory or MIG profile asked for
+    any_gpu: bool = field(init=False, repr=False, compare=False)
     #: ``to_dict()``, read-only, as group records keep it
     stored: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
@@ -292,6 +294,7 @@ class Requirements:
         object.__setattr__(self, "share_milli", round(g * MILLI) if 0 < g < 1 else 0)
         object.__setattr__(self, "cpus_milli", round(self.cpus * MILLI))
         object.__setattr__(self, "models", tuple(m.lower() for m in models))
+        object.__setattr__(self, "any_gpu", not models and self.gpu_memory_mib is None and self.mig_profile is None)
         object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
 
     @classmethod
@@ -641,15 +644,20 @@ _OPTIONAL_RECORD_FIELDS = (
 
 def group_env(record: GroupRecord) -> dict[str, str]:
     """The environment that isolates a group's workload to its devices."""
-    env: dict[str, str] = {}
-    if record.devices:
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.uuid for d in record.devices)
-        if len(record.devices) == 1 and record.devices[0].share_milli < MILLI:
-            env["COMPUTEGROUPS_GPU_SHARE"] = f"{record.devices[0].share_milli / MILLI:.3f}"
-            env["COMPUTEGROUPS_GPU_MEMORY_MIB"] = str(record.devices[0].memory_mib)
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    devices = record.devices
+    if not devices:
+        return {"CUDA_VISIBLE_DEVICES": "", "COMPUTEGROUPS_GROUP_ID": record.id}
+    if len(devices) > 1:
+        return {
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join([d.uuid for d in devices]),
+            "COMPUTEGROUPS_GROUP_ID": record.id,
+        }
+    d = devices[0]
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": d.uuid}
+    if d.share_milli < MILLI:
+        env["COMPUTEGROUPS_GPU_SHARE"] = f"{d.share_milli / MILLI:.3f}"
+        env["COMPUTEGROUPS_GPU_MEMORY_MIB"] = str(d.memory_mib)
     env["COMPUTEGROUPS_GROUP_ID"] = record.id
     return env
 
@@ -687,18 +695,32 @@ class ComputeGroup:
         """Resources in this group: node_id, gpus, gpu_indices, gpu_uuids, and cpus / memory_mib where held."""
         r = self._record
         node = self._node
-        gpus = [node.gpus[d.index] for d in r.devices] if node is not None else []
+        indices: list[int] = []
+        uuids: list[str] = []
+        memory: list[int] = []
+        gpus: list[GpuSpec] = []
+        mig = False
+        for d in r.devices:
+            uuids.append(d.uuid)
+            memory.append(d.memory_mib)
+            if node is None:
+                indices.append(d.index)
+                continue
+            g = node.gpus[d.index]
+            gpus.append(g)
+            mig = mig or bool(g.mig_profile)
+            indices.append(g.index if g.parent_index is None else g.parent_index)  # what nvidia-smi shows
         out: dict[str, Any] = {
             "node_id": r.node_id,
             "gpus": r.gpus,
-            "gpu_indices": [g.smi_index for g in gpus] if node is not None else [d.index for d in r.devices],
-            "gpu_uuids": [d.uuid for d in r.devices],
-            "gpu_memory_mib": [d.memory_mib for d in r.devices],
+            "gpu_indices": indices,
+            "gpu_uuids": uuids,
+            "gpu_memory_mib": memory,
         }
         if gpus:
             out["gpu_model"] = gpus[0].name
-            migs = [g for g in gpus if g.mig_profile]
-            if migs:
+            if mig:
+                migs = [g for g in gpus if g.mig_profile]
                 out["mig_profiles"] = [g.mig_profile for g in migs]
                 out["mig_parent_uuids"] = [g.parent_uuid for g in migs]
         if r.cpus_milli:

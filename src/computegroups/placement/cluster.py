@@ -13,7 +13,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from computegroups.model import MILLI, DeviceShare, GroupRecord, NodeSpec
+from computegroups.model import MILLI, AllocationState, DeviceShare, GroupRecord, NodeSpec
 
 if TYPE_CHECKING:
     from computegroups.placement.fragmentation import FragmentationScore
@@ -32,6 +32,7 @@ class NodeState:
     __slots__ = (
         "_picks",
         "_whole",
+        "all_mask",
         "cordoned",
         "cpu_used",
         "free_mask",
@@ -42,6 +43,7 @@ class NodeState:
         "ordinal",
         "partial_gpus",
         "spec",
+        "topology",
         "unhealthy_mask",
         "used_milli",
     )
@@ -59,7 +61,9 @@ class NodeState:
         self.unhealthy_mask = 0
         self.cordoned = False
         self.has_mig = any(g.mig_profile for g in spec.gpus)
-        self.free_mask = (1 << n) - 1  # wholly free and healthy GPUs
+        self.all_mask = (1 << n) - 1  # every GPU of the node
+        self.free_mask = self.all_mask  # wholly free and healthy GPUs
+        self.topology = spec.effective_topology
         self._whole: tuple[DeviceShare, ...] | None = None
         self._picks: dict[tuple[int, ...], tuple[DeviceShare, ...]] = {}
 
@@ -282,12 +286,13 @@ class Cluster:
     def _reindex(self, st: NodeState) -> None:
         """Move a node between buckets after its mask changed (callers recompute the mask)."""
         o = st.ordinal
-        new = st.free_count
-        if self._where[o] != new:
-            self._buckets[self._where[o]].discard(o)
+        new = st.free_mask.bit_count()
+        old = self._where[o]
+        if old != new:
+            self._buckets[old].discard(o)
             self._buckets[new].add(o)
             self._where[o] = new
-        part = st.has_partial()
+        part = st.partial_gpus > 0
         if part != self._in_partial[o]:
             (self._partial.add if part else self._partial.discard)(o)
             self._in_partial[o] = part
@@ -295,8 +300,8 @@ class Cluster:
     # -- mutation ---------------------------------------------------------------
     def apply(self, record: GroupRecord, sign: int = 1) -> None:
         """Count a group's devices as held (sign=1) or no longer held (sign=-1)."""
-        if not record.holds_capacity:
-            return
+        if record.state is AllocationState.RELEASED or record.pending:
+            return  # holds no capacity
         st = self.by_id.get(record.node_id)
         if st is None:
             return  # the node vanished; reconciliation reports such groups

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from computegroups.errors import InsufficientResourcesError
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
@@ -47,8 +47,7 @@ _TOPOLOGY = TopologyScore()
 _PREFERRED = PreferredAffinityScore()
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Where a request goes: a node, the devices on it, and the host resources."""
 
     node_id: str
@@ -62,12 +61,20 @@ def candidates(
     cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT
 ) -> Iterator[NodeState]:
     """Nodes that might fit, in the order the strategy prefers them."""
+    spread = cons.strategy is Strategy.SPREAD
+    if cons.node_id is None and not cons.affinity and not req.share_milli:
+        return cluster.iter_by_free(req.whole_gpus, descending=spread)  # the common case, without a wrapper
+    return _candidates(cluster, req, cons, ctx, spread)
+
+
+def _candidates(
+    cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context, spread: bool
+) -> Iterator[NodeState]:
     if cons.node_id is not None:
         st = cluster.by_id.get(cons.node_id)
         if st is not None:
             yield st
         return
-    spread = cons.strategy is Strategy.SPREAD
     if cons.affinity:
         required_near = [s for rule, s in zip(cons.affinity, ctx.near, strict=False) if rule.required]
         if required_near:
@@ -100,7 +107,7 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     if k == 0:
         return Pick((), None, 0)
     mask = node.free_mask & eligible_mask(node, req) & ~blocked
-    choice = spec.effective_topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
+    choice = node.topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
     if choice is None:
         need = "joined by NVLink" if cons.nvlink else "on one NUMA node"
         return f"no {k} free GPUs {need}"

@@ -148,14 +148,14 @@ class CapacityFilter:
     name = "capacity"
 
     def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
-        if req.cpus_milli > node.cpu_free:
+        if req.cpus_milli and req.cpus_milli > node.cpu_free:
             return f"{node.cpu_free / MILLI:g} CPUs free, {req.cpus_milli / MILLI:g} requested"
-        if req.memory_mib > node.mem_free:
+        if req.memory_mib and req.memory_mib > node.mem_free:
             return f"{node.mem_free} MiB memory free, {req.memory_mib} requested"
         k = req.whole_gpus
         if k == 0 and req.share_milli == 0:
             return None
-        if node.gpu_count == 0:
+        if node.all_mask == 0:
             return "no GPUs"
         eligible = eligible_mask(node, req)
         if eligible == 0:
@@ -187,10 +187,10 @@ def _model_reason(node: NodeState, req: Requirements) -> str:
 
 def eligible_mask(node: NodeState, req: Requirements) -> int:
     """GPUs of the node whose model and memory satisfy the request (healthy or not)."""
+    if req.any_gpu and not node.has_mig:
+        return node.all_mask
     models = req.models
     need = req.gpu_memory_mib
-    if not models and need is None and not req.mig_profile and not node.has_mig:
-        return (1 << node.gpu_count) - 1
     profile = req.mig_profile.lower() if req.mig_profile else ""
     mask = 0
     for g in node.spec.gpus:
@@ -241,11 +241,10 @@ def share_target(node: NodeState, req: Requirements, eligible: int) -> int | Non
 
 # -- scores ---------------------------------------------------------------------
 def _gpu_util_after(node: NodeState, req: Requirements, pick: Pick) -> float:
-    n = node.gpu_count
-    if n == 0:
+    if node.all_mask == 0:
         total = node.spec.cpus_milli or 1
         return (node.cpu_used + req.cpus_milli) / total
-    return (node.used_milli + pick.milli) / (n * MILLI)
+    return (node.used_milli + pick.milli) / (len(node.gpu_used) * MILLI)
 
 
 class BinPackScore:
@@ -291,12 +290,13 @@ class TopologyScore:
         self.weight = weight
 
     def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
-        if pick.choice is None or len(pick.choice.indices) < 2:
+        choice = pick.choice
+        if choice is None or len(choice.indices) < 2:
             return 100.0
-        best = node.spec.effective_topology.best_bottleneck(len(pick.choice.indices))
-        if best <= 0 or pick.choice.bottleneck >= best:
+        best = node.topology.best_bottleneck(len(choice.indices))
+        if best <= 0 or choice.bottleneck >= best:
             return 100.0
-        return 100.0 * pick.choice.bottleneck / best
+        return 100.0 * choice.bottleneck / best
 
     def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
         return 100.0
