@@ -251,6 +251,9 @@ class Machine(RuleBasedStateMachine):
                 b.partial_gpus,
                 b.used_milli,
             )
+        for key, cached in list(mgr._near.items()):  # remembered affinity sets match a fresh look
+            del mgr._near[key]
+            assert mgr._nodes_near(*key) == cached
         for free in range(fresh.max_gpus + 1):
             assert fresh.bucket(free) == mgr._cluster.bucket(free)
         assert fresh.partial() == mgr._cluster.partial()

@@ -167,6 +167,7 @@ class ComputeGroupManager:
         # Indexes derived from the records (rebuilt on a full reload):
         self._usage: Counter[tuple[str, str, str]] = Counter()  # (pool, "component"|"tenant", name) -> milli
         self._component_nodes: dict[str, dict[str, int]] = {}  # component -> node id -> groups held there
+        self._near: dict[tuple[str, Scope], frozenset[str]] = {}  # (component, scope) -> nodes near it
         self._reservations: dict[str, dict[str, None]] = {}  # component -> its unclaimed reservations
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, reservation id)
         self._victims: dict[str, set[str]] = {}  # pending preemptor -> victims still holding capacity
@@ -260,6 +261,7 @@ class ComputeGroupManager:
         for table in (
             self._usage,
             self._component_nodes,
+            self._near,
             self._reservations,
             self._victims,
             self._nominated,
@@ -324,6 +326,9 @@ class ComputeGroupManager:
                 nodes[r.node_id] = count
             else:
                 nodes.pop(r.node_id, None)
+            if (count == 1 and sign > 0) or count <= 0:  # the component arrived on or left a node
+                self._near.pop((component, Scope.NODE), None)
+                self._near.pop((component, Scope.NVLINK_DOMAIN), None)
             if state is AllocationState.RESERVED:
                 bucket = self._reservations.setdefault(component, {})
                 if sign > 0:
@@ -722,27 +727,40 @@ class ComputeGroupManager:
         if not (cons.pool or cons.affinity or cons.anti_affinity or excluded or self._nominated):
             return EMPTY_CONTEXT  # the common case: nothing to resolve (priority matters only beside nominations)
 
-        def nodes_near(rule_component: str, scope: Scope) -> frozenset[str]:
-            hosts = self._component_nodes.get(rule_component) or {}
-            if scope is Scope.NODE:
-                return frozenset(hosts)
-            out: set[str] = set()
-            for n in hosts:
-                out |= self._domain_nodes.get(self._domain_of.get(n, f"node:{n}"), {n})
-            return frozenset(out)
-
-        near = tuple(nodes_near(r.component, r.scope) for r in cons.affinity)
-        away = tuple(nodes_near(r.component, r.scope) for r in cons.anti_affinity)
+        near = tuple(self._nodes_near(r.component, r.scope) for r in cons.affinity) if cons.affinity else ()
+        away = tuple(self._nodes_near(r.component, r.scope) for r in cons.anti_affinity) if cons.anti_affinity else ()
         return Context(
             allowed=self._pool_members[cons.pool] if cons.pool else None,
             excluded=excluded,
             near=near,
             away=away,
-            prefer_near=tuple(s for r, s in zip(cons.affinity, near, strict=True) if not r.required),
-            prefer_away=tuple(s for r, s in zip(cons.anti_affinity, away, strict=True) if not r.required),
-            nominated={n: tuple(v.values()) for n, v in self._nominated.items() if v},
+            prefer_near=tuple(s for r, s in zip(cons.affinity, near, strict=True) if not r.required) if near else (),
+            prefer_away=tuple(s for r, s in zip(cons.anti_affinity, away, strict=True) if not r.required)
+            if away
+            else (),
+            nominated={n: tuple(v.values()) for n, v in self._nominated.items() if v} if self._nominated else {},
             priority=priority,
         )
+
+    def _nodes_near(self, component: str, scope: Scope) -> frozenset[str]:
+        """Nodes that share a node (or an NVLink domain) with a group of ``component``.
+
+        Remembered until the component's placement changes (``_index_live`` forgets it).
+        """
+        key = (component, scope)
+        nodes = self._near.get(key)
+        if nodes is not None:
+            return nodes
+        hosts = self._component_nodes.get(component) or {}
+        if scope is Scope.NODE:
+            nodes = frozenset(hosts)
+        else:
+            out: set[str] = set()
+            for n in hosts:
+                out |= self._domain_nodes.get(self._domain_of.get(n, f"node:{n}"), {n})
+            nodes = frozenset(out)
+        self._near[key] = nodes
+        return nodes
 
     def _check_quota(self, component: str, cons: Constraints, milli: int, replacing: GroupRecord | None = None) -> None:
         """Raise QuotaExceededError if ``milli`` more in ``cons.pool`` would pass a quota.

@@ -150,8 +150,19 @@ def place(
         if frag is not None and cons.strategy is Strategy.BINPACK:
             scores = (*scores, frag)
             limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
+    # Set checks first: a node outside the pool, holding another part of the gang or beside a component
+    # it must avoid is passed over without running the filters (they explain it only if nothing fits).
+    allowed: frozenset[str] | None = None
+    barred: frozenset[str] = frozenset()
+    screened: list[NodeState] = []
     if filters is DEFAULT_FILTERS:
         filters = _filters_for(cons, ctx)
+        allowed = ctx.allowed
+        barred = ctx.excluded
+        for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
+            if rule.required:
+                barred = barred | nodes
+    screen = allowed is not None or bool(barred)
     reasons: Counter[str] | None = None
     best: tuple[float, NodeState, Pick] | None = None
     best_total = 0.0
@@ -167,6 +178,11 @@ def place(
             if bound <= best_total:
                 break
         visited += 1
+        if screen:
+            node_id = node.spec.id
+            if (allowed is not None and node_id not in allowed) or node_id in barred:
+                screened.append(node)
+                continue
         reason = None
         for f in filters:
             reason = f.filter(node, req, cons, ctx)
@@ -193,6 +209,9 @@ def place(
             break
     if best is None:
         reasons = reasons if reasons is not None else Counter()
+        for node in screened:
+            reason = next((r for f in filters if (r := f.filter(node, req, cons, ctx)) is not None), "screened")
+            reasons[reason] += 1
         _explain_unvisited(cluster, req, cons, reasons, visited)
         raise InsufficientResourcesError(f"no node can take {_describe(req, cons)}", reasons=reasons)
     total, node, picked = best
