@@ -2,8 +2,10 @@
 
 Same fleet and fill as ``speed`` (mixed 8-GPU nodes, about 60% pre-filled), state in memory. Half
 of the nodes are in a pool with a quota; a component ``prefill`` holds a group on 16 nodes for the
-affinity rules. One cycle is the request with the feature, then its release (for a reservation:
-reserve, claim by id, release).
+affinity rules. One cycle is the request with the feature, then its release: two API calls, the
+unit of the speed target. Reservations are measured three ways: reserve then release; claim a
+reservation (made untimed just before) then release; and the whole reserve, claim, release life
+(three calls).
 """
 
 from __future__ import annotations
@@ -27,53 +29,87 @@ POOLS = [
     }
 ]
 
-Cycle = Callable[[ComputeGroupManager], Awaitable[None]]
+#: One timed cycle: returns the seconds its timed part took (setup a cycle needs is not timed).
+Cycle = Callable[[ComputeGroupManager], Awaitable[float]]
+_perf = time.perf_counter
 
 
-async def _plain(m: ComputeGroupManager) -> None:
+async def _plain(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     g = await m.allocate_compute_group("bench", {"gpus": 2})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-async def _pool(m: ComputeGroupManager) -> None:
+async def _pool(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     g = await m.allocate_compute_group("bench", {"gpus": 2, "pool": "serving"}, {"tenant": "team-a"})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-async def _affinity(m: ComputeGroupManager) -> None:
+async def _affinity(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     g = await m.allocate_compute_group("bench", {"gpus": 2}, {"affinity": ["prefill"]})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-async def _anti(m: ComputeGroupManager) -> None:
+async def _anti(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     g = await m.allocate_compute_group("bench", {"gpus": 2}, {"anti_affinity": ["prefill"]})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-async def _priority(m: ComputeGroupManager) -> None:
+async def _priority(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     g = await m.allocate_compute_group("bench", {"gpus": 2}, {"priority": 5, "preemptible": True})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-async def _reservation(m: ComputeGroupManager) -> None:
+async def _reserve(m: ComputeGroupManager) -> float:
+    t0 = _perf()
+    r = await m.reserve_compute_group("planner", {"gpus": 2}, ttl_seconds=60)
+    await m.deallocate_compute_group(r.id)
+    return _perf() - t0
+
+
+async def _claim(m: ComputeGroupManager) -> float:
+    r = await m.reserve_compute_group("planner", {"gpus": 2}, ttl_seconds=60)
+    t0 = _perf()
+    g = await m.allocate_compute_group("bench", {"gpus": 2}, {"reservation_id": r.id})
+    await m.deallocate_compute_group(g.id)
+    return _perf() - t0
+
+
+async def _lifecycle(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     r = await m.reserve_compute_group("planner", {"gpus": 2}, ttl_seconds=60)
     g = await m.allocate_compute_group("bench", {"gpus": 2}, {"reservation_id": r.id})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-async def _gang(m: ComputeGroupManager) -> None:
+async def _gang(m: ComputeGroupManager) -> float:
+    t0 = _perf()
     g = await m.allocate_compute_group("bench", {"gpus": 8, "nodes": 2})
     await m.deallocate_compute_group(g.id)
+    return _perf() - t0
 
 
-FEATURES: dict[str, Cycle] = {
-    "plain (2 GPUs)": _plain,
-    "pool + tenant quota": _pool,
-    "required affinity": _affinity,
-    "required anti-affinity": _anti,
-    "priority, preemptible": _priority,
-    "reserve + claim + release": _reservation,
-    "gang 2 nodes x 8 GPUs": _gang,
+#: name -> (cycle, API calls it times)
+FEATURES: dict[str, tuple[Cycle, int]] = {
+    "plain (2 GPUs)": (_plain, 2),
+    "pool + tenant quota": (_pool, 2),
+    "required affinity": (_affinity, 2),
+    "required anti-affinity": (_anti, 2),
+    "priority, preemptible": (_priority, 2),
+    "reserve + release": (_reserve, 2),
+    "claim a reservation + release": (_claim, 2),
+    "reserve + claim + release": (_lifecycle, 3),
+    "gang 2 nodes x 8 GPUs": (_gang, 2),
 }
 
 
@@ -90,19 +126,15 @@ async def _run(nodes: int, cycles: int, warmup: int, fill: float) -> list[dict[s
     async with ComputeGroupManager(SimulatedComputeResourceProvider(specs), store, pools=POOLS) as mgr:
         for _ in range(min(16, nodes)):
             await mgr.allocate_compute_group("prefill", {"gpus": 1}, {"strategy": "spread"})
-        perf = time.perf_counter
-        for name, cycle in FEATURES.items():
+        for name, (cycle, calls) in FEATURES.items():
             for _ in range(warmup):
                 await cycle(mgr)
             gc.collect()
-            lat = []
-            for _ in range(cycles):
-                t0 = perf()
-                await cycle(mgr)
-                lat.append(perf() - t0)
+            lat = [await cycle(mgr) for _ in range(cycles)]
             rows.append(
                 {
                     "feature": name,
+                    "calls": calls,
                     "nodes": nodes,
                     "cycles": cycles,
                     "groups_held": len(records),

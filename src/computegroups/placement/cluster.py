@@ -107,29 +107,37 @@ class NodeState:
         return sum(MILLI - u for i, u in enumerate(self.gpu_used) if not self.unhealthy_mask >> i & 1) / MILLI
 
     def add(self, record: GroupRecord, sign: int = 1) -> None:
-        """Count a group's devices and host resources as held (sign=1) or released (sign=-1)."""
+        """Count a group's devices and host resources as held (sign=1) or released (sign=-1).
+
+        Memory is tracked per GPU for shares only: a GPU held whole has no room left to share.
+        """
         used = self.gpu_used
         n = len(used)
         mask = self.free_mask
         partial = self.partial_gpus
+        total = self.used_milli
         bad = self.unhealthy_mask
         for d in record.devices:
             i = d.index
             if i >= n:
                 continue
+            share = d.share_milli
             before = used[i]
-            after = used[i] = before + sign * d.share_milli
-            self.gpu_mem_used[i] += sign * d.memory_mib
-            self.used_milli += after - before
-            if bad >> i & 1:
-                continue
-            partial += (0 < after < MILLI) - (0 < before < MILLI)
+            after = used[i] = before + sign * share
+            total += after - before
+            if share != MILLI or before % MILLI:
+                if share != MILLI:
+                    self.gpu_mem_used[i] += sign * d.memory_mib
+                if not bad >> i & 1:
+                    partial += (0 < after < MILLI) - (0 < before < MILLI)
             if after == 0:
-                mask |= 1 << i
+                if not bad >> i & 1:
+                    mask |= 1 << i
             else:
                 mask &= ~(1 << i)
         self.free_mask = mask
         self.partial_gpus = partial
+        self.used_milli = total
         self.cpu_used += sign * record.cpus_milli
         self.mem_used += sign * record.memory_mib
 
