@@ -51,7 +51,7 @@ from computegroups.placement.cluster import Cluster
 from computegroups.placement.engine import Decision, place
 from computegroups.placement.plugins import EMPTY_CONTEXT, Context
 from computegroups.placement.preemption import find_victims
-from computegroups.pools import Pool, parse_pools
+from computegroups.pools import Pool, Quota, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
 from computegroups.state.base import Changes, RevisionConflict, StateStore
 from computegroups.state.memory import MemoryStateStore
@@ -762,32 +762,51 @@ class ComputeGroupManager:
         self._near[key] = nodes
         return nodes
 
-    def _check_quota(self, component: str, cons: Constraints, milli: int, replacing: GroupRecord | None = None) -> None:
-        """Raise QuotaExceededError if ``milli`` more in ``cons.pool`` would pass a quota.
+    def _check_quota(
+        self,
+        component: str,
+        pool_name: str | None,
+        tenant: str | None,
+        milli: int,
+        replacing: GroupRecord | None = None,
+    ) -> None:
+        """Raise QuotaExceededError if ``milli`` more in pool ``pool_name`` would pass a quota.
 
         ``replacing``: a group whose own share is already counted and is being re-attributed.
         """
-        if cons.pool is None:
+        if pool_name is None:
             return
-        pool = self.pools[cons.pool]
-        total = self._pool_gpus.get(cons.pool, 0)
-        checks = [("component", component, pool.component_quota(component))]
-        if cons.tenant:
-            checks.append(("tenant", cons.tenant, pool.tenant_quota(cons.tenant)))
-        for kind, name, quota in checks:
-            limit = quota.limit_milli(total) if quota else None
-            if limit is None:
-                continue
-            held = self._usage[(cons.pool, kind, name)]
-            if replacing is not None and replacing.pool == cons.pool and replacing.component is not None:
-                owner = replacing.component if kind == "component" else replacing.tenant
-                if owner == name:
-                    held -= sum(d.share_milli for d in replacing.devices)
-            if held + milli > limit:
-                raise QuotaExceededError(
-                    f"pool {cons.pool}: {kind} {name} holds {held / MILLI:g} GPU(s); "
-                    f"{milli / MILLI:g} more would exceed its quota of {limit / MILLI:g}"
-                )
+        pool = self.pools[pool_name]
+        total = self._pool_gpus.get(pool_name, 0)
+        self._check_one_quota(
+            pool_name, "component", component, pool.component_quota(component), total, milli, replacing
+        )
+        if tenant:
+            self._check_one_quota(pool_name, "tenant", tenant, pool.tenant_quota(tenant), total, milli, replacing)
+
+    def _check_one_quota(
+        self,
+        pool_name: str,
+        kind: str,
+        name: str,
+        quota: Quota | None,
+        total: int,
+        milli: int,
+        replacing: GroupRecord | None,
+    ) -> None:
+        limit = quota.limit_milli(total) if quota else None
+        if limit is None:
+            return
+        held = self._usage[(pool_name, kind, name)]
+        if replacing is not None and replacing.pool == pool_name and replacing.component is not None:
+            owner = replacing.component if kind == "component" else replacing.tenant
+            if owner == name:
+                held -= replacing.share_milli
+        if held + milli > limit:
+            raise QuotaExceededError(
+                f"pool {pool_name}: {kind} {name} holds {held / MILLI:g} GPU(s); "
+                f"{milli / MILLI:g} more would exceed its quota of {limit / MILLI:g}"
+            )
 
     def _claim(self, component: str, req: Requirements, cons: Constraints) -> GroupRecord | None:
         """The reservation this request claims, if any (by id, or this component's matching one)."""
@@ -852,19 +871,16 @@ class ComputeGroupManager:
                     owned = self._ownership(component, cons, priority, expires, now)
                     claimed = self._claim(component, req, cons)
                     if claimed is not None:
-                        owner = dataclasses.replace(
-                            cons, pool=claimed.pool or cons.pool, tenant=claimed.tenant or cons.tenant
-                        )
-                        self._check_quota(component, owner, claimed.share_milli, claimed)
-                        return [
-                            claimed.replace(state=state, **{**owned, "pool": owner.pool, "tenant": owner.tenant})
-                        ], []
+                        pool, tenant = claimed.pool or cons.pool, claimed.tenant or cons.tenant
+                        self._check_quota(component, pool, tenant, claimed.share_milli, claimed)
+                        owned["pool"], owned["tenant"] = pool, tenant
+                        return [claimed.replace(state=state, **owned)], []
                     carved = self._match_carved(req, cons)
                     if carved is not None:
-                        self._check_quota(component, cons, carved.share_milli)
+                        self._check_quota(component, cons.pool, cons.tenant, carved.share_milli)
                         return [carved.replace(state=state, **owned)], []
                 milli = (req.whole_gpus * MILLI or req.share_milli) * req.nodes
-                self._check_quota(component, cons, milli)
+                self._check_quota(component, cons.pool, cons.tenant, milli)
                 ctx = self._context(cons, priority)
                 try:
                     if req.nodes == 1:

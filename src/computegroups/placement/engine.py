@@ -80,8 +80,14 @@ def _candidates(
         if required_near:
             # Only nodes near the other component can qualify: visit those, not the fleet.
             smallest = min(required_near, key=len)
-            nodes = sorted((cluster.by_id[n] for n in smallest if n in cluster.by_id), key=lambda st: st.ordinal)
-            yield from sorted(nodes, key=lambda st: -st.free_count if spread else st.free_count)
+            by_id = cluster.by_id
+            order = sorted(
+                (-st.free_mask.bit_count() if spread else st.free_mask.bit_count(), st.ordinal)
+                for st in (by_id[n] for n in smallest if n in by_id)
+            )
+            nodes = cluster.nodes
+            for _, ordinal in order:
+                yield nodes[ordinal]
             return
     if req.share_milli:
         if not spread:
