@@ -97,6 +97,13 @@ def _check_group_id(value: object) -> str:
     return value
 
 
+def _excluding(ctx: Context, excluded: frozenset[str]) -> Context:
+    """``ctx`` with ``excluded`` nodes (a named tuple's ``_replace`` is slow for a hot path)."""
+    return Context(
+        ctx.allowed, excluded, ctx.near, ctx.away, ctx.prefer_near, ctx.prefer_away, ctx.nominated, ctx.priority
+    )
+
+
 def _open_store(state: StateStore | str | os.PathLike[str] | None) -> StateStore:
     if state is None:
         return SqliteStateStore(default_state_path())
@@ -1031,7 +1038,7 @@ class ComputeGroupManager:
                         self._cluster,
                         req,
                         cons,
-                        ctx=ctx._replace(excluded=frozenset(d.node_id for d in decisions)),
+                        ctx=_excluding(ctx, frozenset([d.node_id for d in decisions])),
                     )
                 )
             except InsufficientResourcesError as exc:

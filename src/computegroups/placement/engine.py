@@ -149,11 +149,12 @@ def place(
 ) -> Decision:
     """Choose a node and devices for one request, or raise InsufficientResourcesError."""
     if scores is None:
-        scores = (strategy_plugin(cons.strategy), _TOPOLOGY)
+        binpack = cons.strategy is not Strategy.SPREAD
+        scores = _BINPACK_SCORES if binpack else _SPREAD_SCORES
         if ctx.prefer_near or ctx.prefer_away:
             scores = (*scores, _PREFERRED)
-        frag = fragmentation.for_cluster(cluster, req)
-        if frag is not None and cons.strategy is Strategy.BINPACK:
+        frag = fragmentation.for_cluster(cluster, req)  # every request counts in the workload mix
+        if frag is not None and binpack:
             scores = (*scores, frag)
             limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
     # Set checks first: a node outside the pool, holding another part of the gang or beside a component
@@ -165,24 +166,19 @@ def place(
         filters = _filters_for(cons, ctx)
         allowed = ctx.allowed
         barred = ctx.excluded
-        for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
-            if rule.required:
-                barred = barred | nodes
+        if cons.anti_affinity:
+            for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
+                if rule.required:
+                    barred = barred | nodes
     screen = allowed is not None or bool(barred)
     reasons: Counter[str] | None = None
     best: tuple[float, NodeState, Pick] | None = None
     best_total = 0.0
     feasible = visited = 0
-    n_max = cluster.max_gpus
-    bounds: dict[int, float] = {}  # a bound depends on the node only through its free count
+    bounds = _bounds(scores, req, cluster.max_gpus)  # a bound depends on the node only through its free count
     for node in candidates(cluster, req, cons, ctx):
-        if best is not None:
-            free = node.free_mask.bit_count()
-            bound = bounds.get(free)
-            if bound is None:
-                bound = bounds[free] = sum(p.weight * p.bound(free, n_max, req) for p in scores)
-            if bound <= best_total:
-                break
+        if best is not None and bounds[node.free_mask.bit_count()] <= best_total:
+            break
         visited += 1
         if screen:
             node_id = node.spec.id
@@ -222,6 +218,23 @@ def place(
         raise InsufficientResourcesError(f"no node can take {_describe(req, cons)}", reasons=reasons)
     total, node, picked = best
     return Decision(node.spec.id, picked.devices, req.cpus_milli, req.memory_mib, total)
+
+
+_BINPACK_SCORES: tuple[ScorePlugin, ...] = (strategy_plugin(Strategy.BINPACK), _TOPOLOGY)
+_SPREAD_SCORES: tuple[ScorePlugin, ...] = (strategy_plugin(Strategy.SPREAD), _TOPOLOGY)
+_BOUNDS: dict[tuple[object, ...], tuple[float, ...]] = {}
+
+
+def _bounds(scores: Sequence[ScorePlugin], req: Requirements, n_max: int) -> tuple[float, ...]:
+    """Upper bound of the weighted score for a node with 0..n_max wholly free GPUs (remembered)."""
+    key = (tuple(scores), req.whole_gpus, req.share_milli, req.cpus_milli, req.memory_mib, n_max)
+    table = _BOUNDS.get(key)
+    if table is None:
+        table = tuple(sum(p.weight * p.bound(free, n_max, req) for p in scores) for free in range(n_max + 1))
+        if len(_BOUNDS) >= 4096:
+            _BOUNDS.clear()
+        _BOUNDS[key] = table
+    return table
 
 
 def _explain_unvisited(
