@@ -139,7 +139,7 @@ async def _run(trace: str, seed: int, limit_tasks: int | None, strategy: str | N
     if not frag:  # the "before" policy: bin-pack and topology scores only
         from computegroups.placement import fragmentation
 
-        fragmentation.for_cluster = lambda cluster, req: None  # type: ignore[assignment]
+        fragmentation.set_enabled(False)
     spec = node_spec()
     capacity = sum(n["gpus"] for n in spec["nodes"]) * 1000
     tasks = inflate(load_tasks(trace), capacity, seed)

@@ -15,6 +15,21 @@ from computegroups.runtime.circus import CircusDaemon
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test compiled modules older than their source (edited since the last ``make install``)."""
+    import importlib
+
+    for path in (REPO / "setup.py").read_text().split('"'):
+        if not (path.startswith("src/computegroups/") and path.endswith(".py")):
+            continue
+        module = importlib.import_module(path[len("src/") : -len(".py")].replace("/", "."))
+        built = Path(module.__file__ or "")
+        if built.suffix == ".so" and built.stat().st_mtime < (REPO / path).stat().st_mtime:
+            pytest.exit(f"{built.name} is older than {path}: run 'make install' to rebuild it", returncode=2)
+
+
 TOPO_FIXTURES = SHARED / "fixtures" / "nvidia-smi-topo"
 
 

@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from computegroups.placement.cluster import Cluster, NodeState
     from computegroups.placement.plugins import Pick
 
-__all__ = ["FRAGMENTATION_LIMIT", "FragmentationScore", "Shape", "WorkloadMix", "for_cluster", "node_fragmentation"]
+__all__ = [
+    "FRAGMENTATION_LIMIT",
+    "FragmentationScore",
+    "Shape",
+    "WorkloadMix",
+    "for_cluster",
+    "node_fragmentation",
+    "set_enabled",
+]
 
 #: Fragmentation changes are scaled against the capacity of an 8-GPU node.
 SCALE_MILLI = 8 * MILLI
@@ -254,12 +262,22 @@ class FragmentationScore:
         return 50.0 * (1.0 + min(1.0, consumed / SCALE_MILLI))
 
 
+_state = {"enabled": True}
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn fragmentation scoring on or off in this process (on by default; off: bin-pack and topology only)."""
+    _state["enabled"] = enabled
+
+
 def for_cluster(cluster: Cluster, req: Requirements) -> FragmentationScore | None:
     """Count ``req`` in the cluster's workload mix; return the cluster's plugin if the mix engages it.
 
     The mix rides on the cluster (``Cluster.demand``) but is not occupancy: it is a
     statistic of demand, and the only thing placement updates.
     """
+    if not _state["enabled"]:
+        return None
     plugin = cluster.demand
     if plugin is None:
         plugin = cluster.demand = FragmentationScore(WorkloadMix())
