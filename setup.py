@@ -20,6 +20,7 @@ COMPILED = [
     "src/computegroups/placement/fragmentation.py",
     "src/computegroups/placement/preemption.py",
     "src/computegroups/state/memory.py",
+    "src/computegroups/manager.py",
 ]
 
 

@@ -19,7 +19,6 @@ import re
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +32,7 @@ from computegroups.errors import (
     QuotaExceededError,
     one_of,
 )
+from computegroups.events import Event, event_stream
 from computegroups.model import (
     MILLI,
     AllocationState,
@@ -68,18 +68,6 @@ _IN_USE = (AllocationState.ALLOCATED, AllocationState.DRAINING)  # with an owner
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 MAX_TTL_S = 7 * 24 * 3600.0
 _PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Something that happened to a group or a device, for the event stream and logs."""
-
-    kind: str  # allocated, released, drained, created, deleted, device-unhealthy, device-healthy, ...
-    group_id: str | None = None
-    node_id: str | None = None
-    component: str | None = None
-    detail: str = ""
-    at: float = field(default_factory=time.time)
 
 
 def _check_name(key: str, value: object) -> str:
@@ -123,6 +111,10 @@ class ComputeGroupManager:
     the default file (``$COMPUTEGROUPS_STATE`` or ``$XDG_STATE_HOME/computegroups/state.db``).
     Discovery happens on enter. All methods are coroutine-safe within one event loop;
     separate processes sharing a store are kept consistent by the store's compare-and-swap.
+
+    Arguments a caller can get wrong (names, ids, a TTL) are annotated ``object``: the manager
+    checks them itself and raises InvalidRequestError naming the argument, the same whether this
+    module runs compiled (mypyc would otherwise refuse them with a bare TypeError) or interpreted.
     """
 
     def __init__(
@@ -479,15 +471,9 @@ class ComputeGroupManager:
         for q in self._subscribers:
             q.put_nowait(event)
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Event]:
         """An endless stream of events from now on (allocations, releases, health changes)."""
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subscribers.remove(q)
+        return event_stream(self._subscribers)
 
     # -- views ------------------------------------------------------------------------
     def _view(self, r: GroupRecord) -> ComputeGroup:
@@ -576,7 +562,7 @@ class ComputeGroupManager:
         records.sort(key=lambda r: (r.created_at, r.id))
         return self._views(records)
 
-    async def get_compute_group(self, group_id: str) -> ComputeGroup:
+    async def get_compute_group(self, group_id: object) -> ComputeGroup:
         """Get one group by id; raises NotFoundError if unknown."""
         self._require_open()
         gid = _check_group_id(group_id)
@@ -585,7 +571,7 @@ class ComputeGroupManager:
             return self._view_id(gid)
 
     async def create_compute_group(
-        self, resources: Mapping[str, Any] | Requirements, node_id: str | None = None
+        self, resources: Mapping[str, Any] | Requirements, node_id: object = None
     ) -> ComputeGroup:
         """Pre-carve a free group holding ``resources`` (on ``node_id`` if given).
 
@@ -594,7 +580,7 @@ class ComputeGroupManager:
         """
         self._require_open()
         req = Requirements.parse(resources)
-        cons = Constraints(node_id=node_id)
+        cons = Constraints.parse(None if node_id is None else {"node_id": node_id})
         async with self._lock:
             now = time.time()
 
@@ -619,7 +605,7 @@ class ComputeGroupManager:
         self.emit(Event("created", rec.id, rec.node_id))
         return self._view(rec)
 
-    async def delete_compute_group(self, group_id: str) -> bool:
+    async def delete_compute_group(self, group_id: object) -> bool:
         """Delete a pre-carved group. Refuses a group with an owner (ConflictError).
 
         Returns False if the group was already released.
@@ -645,7 +631,7 @@ class ComputeGroupManager:
 
     async def allocate_compute_group(
         self,
-        component_name: str,
+        component_name: object,
         resource_requirements: Mapping[str, Any] | Requirements,
         constraints: Mapping[str, Any] | Constraints | None = None,
     ) -> ComputeGroup:
@@ -668,10 +654,10 @@ class ComputeGroupManager:
 
     async def reserve_compute_group(
         self,
-        component_name: str,
+        component_name: object,
         resource_requirements: Mapping[str, Any] | Requirements,
         constraints: Mapping[str, Any] | Constraints | None = None,
-        ttl_seconds: float = 300.0,
+        ttl_seconds: object = 300.0,
     ) -> ComputeGroup:
         """Hold capacity for a planned scale-up until ``ttl_seconds`` from now.
 
@@ -1104,7 +1090,7 @@ class ComputeGroupManager:
             await self._release(rec.id)
             raise ProviderError(f"{self.provider.name}: could not materialise group {rec.id}: {exc}") from exc
 
-    async def deallocate_compute_group(self, group_id: str) -> bool:
+    async def deallocate_compute_group(self, group_id: object) -> bool:
         """Release a group. Returns False (and changes nothing) if it already had no owner."""
         self._require_open()
         gid = _check_group_id(group_id)
@@ -1190,7 +1176,7 @@ class ComputeGroupManager:
             self.emit(Event("allocated", waiter.id, waiter.node_id, waiter.component, "after preemption"))
         return prior
 
-    async def drain_compute_group(self, group_id: str) -> bool:
+    async def drain_compute_group(self, group_id: object) -> bool:
         """Mark a group draining: it gets no new owner; a current owner keeps it until release.
 
         Returns False if it was already draining; ConflictError if it was released.
@@ -1276,17 +1262,18 @@ class ComputeGroupManager:
             }
         return out
 
-    def held_by(self, component_name: str) -> list[ComputeGroup]:
+    def held_by(self, component_name: object) -> list[ComputeGroup]:
         """Groups a component owns as of the last catch-up with the store (synchronous, no I/O).
 
         For callers that cannot await (a planner's synchronous hooks); prefer
         ``get_component_allocations``, which reads the store first.
         """
-        records = [r for r in self._records.values() if r.component == component_name and r.state in _OWNED]
+        component = _check_name("component_name", component_name)
+        records = [r for r in self._records.values() if r.component == component and r.state in _OWNED]
         records.sort(key=lambda r: (r.created_at, r.id))
         return self._views(records)
 
-    async def get_component_allocations(self, component_name: str) -> list[ComputeGroup]:
+    async def get_component_allocations(self, component_name: object) -> list[ComputeGroup]:
         """Groups a component owns (allocated, reserved or draining)."""
         self._require_open()
         component = _check_name("component_name", component_name)
@@ -1323,12 +1310,15 @@ class ComputeGroupManager:
             self.emit(e)
         return events
 
-    async def clear_device_health(self, node_id: str, index: int) -> bool:
+    async def clear_device_health(self, node_id: object, index: object) -> bool:
         """Operator override: mark a device healthy again (the provider accepts the errors seen so far).
 
         Returns False if the device was not marked unhealthy. New errors mark it unhealthy again.
         """
         self._require_open()
+        node_id = _check_name("node_id", node_id)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise InvalidRequestError(f"index: {index!r} is not a GPU index", key="index")
         clear = getattr(self.provider, "clear_device_health", None)
         if clear is not None:
             clear(node_id, index)
