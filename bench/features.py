@@ -34,39 +34,16 @@ Cycle = Callable[[ComputeGroupManager], Awaitable[float]]
 _perf = time.perf_counter
 
 
-async def _plain(m: ComputeGroupManager) -> float:
-    t0 = _perf()
-    g = await m.allocate_compute_group("bench", {"gpus": 2})
-    await m.deallocate_compute_group(g.id)
-    return _perf() - t0
+def _allocate_release(req: dict[str, Any], cons: dict[str, Any] | None = None) -> Cycle:
+    """A cycle: allocate ``req`` under ``cons``, then release it."""
 
+    async def cycle(m: ComputeGroupManager) -> float:
+        t0 = _perf()
+        g = await m.allocate_compute_group("bench", req, cons)
+        await m.deallocate_compute_group(g.id)
+        return _perf() - t0
 
-async def _pool(m: ComputeGroupManager) -> float:
-    t0 = _perf()
-    g = await m.allocate_compute_group("bench", {"gpus": 2, "pool": "serving"}, {"tenant": "team-a"})
-    await m.deallocate_compute_group(g.id)
-    return _perf() - t0
-
-
-async def _affinity(m: ComputeGroupManager) -> float:
-    t0 = _perf()
-    g = await m.allocate_compute_group("bench", {"gpus": 2}, {"affinity": ["prefill"]})
-    await m.deallocate_compute_group(g.id)
-    return _perf() - t0
-
-
-async def _anti(m: ComputeGroupManager) -> float:
-    t0 = _perf()
-    g = await m.allocate_compute_group("bench", {"gpus": 2}, {"anti_affinity": ["prefill"]})
-    await m.deallocate_compute_group(g.id)
-    return _perf() - t0
-
-
-async def _priority(m: ComputeGroupManager) -> float:
-    t0 = _perf()
-    g = await m.allocate_compute_group("bench", {"gpus": 2}, {"priority": 5, "preemptible": True})
-    await m.deallocate_compute_group(g.id)
-    return _perf() - t0
+    return cycle
 
 
 async def _reserve(m: ComputeGroupManager) -> float:
@@ -92,24 +69,17 @@ async def _lifecycle(m: ComputeGroupManager) -> float:
     return _perf() - t0
 
 
-async def _gang(m: ComputeGroupManager) -> float:
-    t0 = _perf()
-    g = await m.allocate_compute_group("bench", {"gpus": 8, "nodes": 2})
-    await m.deallocate_compute_group(g.id)
-    return _perf() - t0
-
-
 #: name -> (cycle, API calls it times)
 FEATURES: dict[str, tuple[Cycle, int]] = {
-    "plain (2 GPUs)": (_plain, 2),
-    "pool + tenant quota": (_pool, 2),
-    "required affinity": (_affinity, 2),
-    "required anti-affinity": (_anti, 2),
-    "priority, preemptible": (_priority, 2),
+    "plain (2 GPUs)": (_allocate_release({"gpus": 2}), 2),
+    "pool + tenant quota": (_allocate_release({"gpus": 2, "pool": "serving"}, {"tenant": "team-a"}), 2),
+    "required affinity": (_allocate_release({"gpus": 2}, {"affinity": ["prefill"]}), 2),
+    "required anti-affinity": (_allocate_release({"gpus": 2}, {"anti_affinity": ["prefill"]}), 2),
+    "priority, preemptible": (_allocate_release({"gpus": 2}, {"priority": 5, "preemptible": True}), 2),
     "reserve + release": (_reserve, 2),
     "claim a reservation + release": (_claim, 2),
     "reserve + claim + release": (_lifecycle, 3),
-    "gang 2 nodes x 8 GPUs": (_gang, 2),
+    "gang 2 nodes x 8 GPUs": (_allocate_release({"gpus": 8, "nodes": 2}), 2),
 }
 
 
