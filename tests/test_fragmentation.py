@@ -13,6 +13,7 @@ from computegroups.placement.fragmentation import (
     WorkloadMix,
     for_cluster,
     node_fragmentation,
+    set_enabled,
 )
 from computegroups.placement.plugins import Pick
 from computegroups.providers.simulated import nodes_from_spec
@@ -117,3 +118,15 @@ def test_share_prefers_the_node_it_does_not_fragment() -> None:
     assert (
         place(cluster, Requirements(gpus=0.3), Constraints(), scores=(BinPackScore(), TopologyScore())).node_id == "a"
     )
+
+
+def test_fragmentation_scoring_can_be_switched_off() -> None:
+    cluster = Cluster(nodes_from_spec({"nodes": [{"id": "n", "preset": "dgx-h100"}]}))
+    share = Requirements(gpus=0.5)
+    assert for_cluster(cluster, share) is not None
+    set_enabled(False)
+    try:
+        assert for_cluster(cluster, share) is None
+    finally:
+        set_enabled(True)
+    assert for_cluster(cluster, share) is not None

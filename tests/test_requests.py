@@ -15,6 +15,7 @@ from computegroups import (
     NotFoundError,
     Requirements,
 )
+from computegroups.model import Constraints
 
 # (description, method, args, expected error, key the message names)
 BAD: list[tuple[str, str, tuple[Any, ...], type[ComputeGroupsError], str]] = [
@@ -96,11 +97,28 @@ BAD: list[tuple[str, str, tuple[Any, ...], type[ComputeGroupsError], str]] = [
     ("create with bad resources", "create", ({"gpus": -2},), InvalidRequestError, "requirements.gpus"),
     ("unknown filter", "list", ({"colour": "red"},), InvalidRequestError, "filters.colour"),
     ("unknown state filter", "list", ({"state": "busy"},), InvalidRequestError, "filters.state"),
+    (
+        "create on a node id that is not a string",
+        "create",
+        ({"gpus": 1}, 7),
+        InvalidRequestError,
+        "constraints.node_id",
+    ),
+    ("reserve with a string TTL", "reserve", ("c", {"gpus": 1}, None, "60"), InvalidRequestError, "ttl_seconds"),
+    ("held_by a number", "held_by", (42,), InvalidRequestError, "component_name"),
+    ("allocations of a number", "allocations", (3.5,), InvalidRequestError, "component_name"),
+    ("clear health of a bool index", "clear_health", ("a6000-0", True), InvalidRequestError, "index"),
+    ("clear health of a node that is not a name", "clear_health", (None, 0), InvalidRequestError, "node_id"),
 ]
 
 
 async def _call(mgr: ComputeGroupManager, method: str, args: tuple[Any, ...]) -> Any:
+    if method == "held_by":  # the synchronous one
+        return mgr.held_by(*args)
     fn = {
+        "reserve": mgr.reserve_compute_group,
+        "allocations": mgr.get_component_allocations,
+        "clear_health": mgr.clear_device_health,
         "allocate": mgr.allocate_compute_group,
         "release": mgr.deallocate_compute_group,
         "drain": mgr.drain_compute_group,
@@ -171,3 +189,24 @@ def test_messages_name_key_value_and_allowed() -> None:
 
         Constraints.parse({"strategy": "pak"})
     assert str(info.value) == "constraints.strategy: 'pak' is not one of binpack, spread"
+
+
+async def test_remembered_requests_stay_type_exact(a6000: ComputeGroupManager) -> None:
+    """A valid request is remembered by content; 1, 1.0 and True are not the same request."""
+    first = Requirements.parse({"gpus": 1})
+    assert Requirements.parse({"gpus": 1}) is first
+    with pytest.raises(InvalidRequestError):
+        Requirements.parse({"gpus": True})
+    as_float = Requirements.parse({"gpus": 1.0})
+    assert as_float is not first and type(as_float.gpus) is float
+    assert Constraints.parse({"nvlink": True}).nvlink is True
+    with pytest.raises(InvalidRequestError, match="nvlink"):
+        await a6000.allocate_compute_group("c", {"gpus": 1}, {"nvlink": 1})
+
+
+def test_a_remembered_constraint_does_not_follow_the_callers_dict() -> None:
+    labels = {"zone": "a"}
+    cons = Constraints.parse({"labels": labels})
+    labels["zone"] = "b"  # the caller reuses its dict
+    assert cons.labels == {"zone": "a"}
+    assert Constraints.parse({"labels": {"zone": "b"}}).labels == {"zone": "b"}
