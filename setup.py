@@ -7,6 +7,7 @@ decisions several times faster. Set COMPUTEGROUPS_PURE_PYTHON=1 to install witho
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -24,8 +25,18 @@ COMPILED = [
 ]
 
 
+def _remove_compiled() -> None:
+    """Delete extensions an earlier in-place (editable) build left beside the sources."""
+    for source in COMPILED:
+        for built in glob.glob(source[: -len(".py")] + ".*.so"):
+            os.remove(built)
+    for shared in glob.glob("src/*__mypyc*.so"):
+        os.remove(shared)
+
+
 def ext_modules() -> list[object]:
     if os.environ.get("COMPUTEGROUPS_PURE_PYTHON"):
+        _remove_compiled()  # or Python would keep importing them
         return []
     try:
         from mypyc.build import mypycify
