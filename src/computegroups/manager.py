@@ -1213,7 +1213,7 @@ class ComputeGroupManager:
         allocated = reserved = 0
         by_state: dict[str, int] = {}
         for r in records:
-            milli = sum(d.share_milli for d in r.devices)
+            milli = r.share_milli
             by_state[r.state.value] = by_state.get(r.state.value, 0) + 1
             if r.component is not None and r.state in _IN_USE:
                 allocated += milli
@@ -1247,7 +1247,7 @@ class ComputeGroupManager:
             for r in held:
                 if r.component is None or r.state not in _IN_USE:
                     continue
-                milli = sum(d.share_milli for d in r.devices)
+                milli = r.share_milli
                 comps[r.component] += milli
                 if r.tenant is not None:
                     tenants[r.tenant] += milli
