@@ -285,8 +285,7 @@ class ComputeGroupManager:
         gid = r.id
         self._records[gid] = r
         released = r.state is AllocationState.RELEASED
-        if not released and not r.pending:
-            self._cluster.apply(r)
+        self._cluster.apply(r)  # counts only what holds capacity
         if r.request_id:
             if not released:
                 self._by_request[r.request_id] = gid
@@ -359,8 +358,7 @@ class ComputeGroupManager:
         if old is None:
             return
         released = old.state is AllocationState.RELEASED
-        if not released and not old.pending:
-            self._cluster.remove(old)
+        self._cluster.remove(old)
         if old.request_id and self._by_request.get(old.request_id) == gid:
             del self._by_request[old.request_id]
         ids = self._by_node.get(old.node_id)

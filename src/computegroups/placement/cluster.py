@@ -13,7 +13,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from computegroups.model import MILLI, AllocationState, DeviceShare, GroupRecord, NodeSpec
+from computegroups.model import MILLI, DeviceShare, GroupRecord, NodeSpec
 
 if TYPE_CHECKING:
     from computegroups.placement.fragmentation import FragmentationScore
@@ -308,8 +308,8 @@ class Cluster:
     # -- mutation ---------------------------------------------------------------
     def apply(self, record: GroupRecord, sign: int = 1) -> None:
         """Count a group's devices as held (sign=1) or no longer held (sign=-1)."""
-        if record.state is AllocationState.RELEASED or record.pending:
-            return  # holds no capacity
+        if not record.holds_capacity:
+            return
         st = self.by_id.get(record.node_id)
         if st is None:
             return  # the node vanished; reconciliation reports such groups
