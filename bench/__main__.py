@@ -74,8 +74,6 @@ def run_section(name: str, light: bool, workers: int) -> Any:
     if name in ("openb", "openb_binpack"):
         from bench import openb
 
-        if not (openb.data_dir() / "openb_node_list_gpu_node.csv").is_file():
-            return {"error": f"trace not found in {openb.data_dir()} (set OPENB_DIR)"}
         frag = name == "openb"
         results = (
             openb.run(("default",), (42,), limit_tasks=1500, workers=1, fragmentation=frag)

@@ -1,6 +1,6 @@
 """The workload-inflation experiment on Alibaba's openb GPU-sharing trace, through the public API.
 
-See ``shared/data/openb/README.md``: 1,213 nodes and 6,212 GPUs; the trace's
+See ``bench/data/openb/README.md``: 1,213 nodes and 6,212 GPUs; the trace's
 tasks plus seeded copies up to 130% of the GPU capacity, shuffled, placed one
 by one with ``allocate_compute_group`` (nothing ever leaves); a task that fits
 nowhere is dropped. We report the GPU allocation ratio when the arrived share
@@ -40,13 +40,13 @@ _DEFAULT_GPU_MEMORY = 32768
 
 
 def data_dir() -> Path:
-    """``shared/data/openb`` beside the repository (or ``$OPENB_DIR``)."""
+    """``bench/data/openb`` in the repository (or ``$OPENB_DIR``)."""
     import os
 
     explicit = os.environ.get("OPENB_DIR")
     if explicit:
         return Path(explicit)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "openb"
+    return Path(__file__).resolve().parent / "data" / "openb"
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,16 +50,17 @@ def brute_best(links: list[list[str]], free: list[int], k: int) -> tuple[int, in
 
 
 def fixtures_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nvidia-smi-topo"
+    return Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nvidia-smi-topo"
 
 
 def topologies() -> list[tuple[str, dict[str, Any]]]:
     """(name, node entry for a spec) for every fixture file and every preset with GPUs."""
     out: list[tuple[str, dict[str, Any]]] = []
-    d = fixtures_dir()
-    if d.is_dir():
-        for path in sorted(d.glob("*.txt")):
-            out.append((path.stem, {"id": "n", "topology": str(path), "cpus": 64, "memory_mib": 1 << 20}))
+    paths = sorted(fixtures_dir().glob("*.txt"))
+    if not paths:
+        raise FileNotFoundError(f"no nvidia-smi topo fixtures in {fixtures_dir()}")
+    for path in paths:
+        out.append((path.stem, {"id": "n", "topology": str(path), "cpus": 64, "memory_mib": 1 << 20}))
     for name, preset in sorted(PRESETS.items()):
         if preset.topology_file:
             out.append((f"preset:{name}", {"id": "n", "preset": name}))

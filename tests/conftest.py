@@ -14,7 +14,6 @@ from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
 from computegroups.runtime.circus import CircusDaemon
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,15 +29,12 @@ def pytest_configure(config: pytest.Config) -> None:
             pytest.exit(f"{built.name} is older than {path}: run 'make install' to rebuild it", returncode=2)
 
 
-TOPO_FIXTURES = SHARED / "fixtures" / "nvidia-smi-topo"
+TOPO_FIXTURES = REPO / "tests" / "fixtures" / "nvidia-smi-topo"
 
 
 def topo_fixture(name: str) -> str:
     """The text of one recorded `nvidia-smi topo -m` output."""
-    path = TOPO_FIXTURES / name
-    if not path.exists():  # pragma: no cover - the fixtures ship beside the repo
-        pytest.fail(f"missing fixture {path}: the shared fixtures must sit beside the repository")
-    return path.read_text()
+    return (TOPO_FIXTURES / name).read_text()
 
 
 def a6000_spec(count: int = 1, **extra: Any) -> dict[str, Any]:

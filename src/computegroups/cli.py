@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
+from computegroups import __version__
 from computegroups._cliutil import EXIT_CODES, fail, parse_request, request_options, run
 from computegroups._cliutil import emit as _emit
 from computegroups.errors import InvalidRequestError
@@ -109,7 +110,7 @@ _GROUP_HEADERS = ["GROUP", "NODE", "COMPONENT", "STATE", "GPUS", "INDICES", "LIN
 @click.option("--simulate", is_flag=True, help="Simulate the built-in demo cluster instead of this machine.")
 @click.option("--pools", metavar="FILE", help="YAML/JSON file whose 'pools:' defines pools (default: the spec's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.version_option(package_name="computegroups")
+@click.version_option(version=__version__, prog_name="computegroups")
 @click.pass_context
 def cli(
     click_ctx: click.Context, state: str | None, spec: str | None, simulate: bool, pools: str | None, as_json: bool

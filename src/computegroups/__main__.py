@@ -1,0 +1,5 @@
+"""``python -m computegroups``: the command-line tool."""
+
+from computegroups.cli import main
+
+main()
