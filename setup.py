@@ -14,12 +14,21 @@ import sys
 from setuptools import setup
 
 COMPILED = [
+    "src/computegroups/memo.py",
     "src/computegroups/topology.py",
     "src/computegroups/placement/cluster.py",
     "src/computegroups/placement/engine.py",
     "src/computegroups/placement/plugins.py",
     "src/computegroups/placement/fragmentation.py",
     "src/computegroups/placement/preemption.py",
+    "src/computegroups/placement/existing.py",
+    "src/computegroups/decide/ledger.py",
+    "src/computegroups/decide/plan.py",
+    "src/computegroups/decide/request.py",
+    "src/computegroups/decide/quota.py",
+    "src/computegroups/decide/acquire.py",
+    "src/computegroups/decide/release.py",
+    "src/computegroups/views.py",
     "src/computegroups/state/memory.py",
     "src/computegroups/manager.py",
 ]

@@ -31,7 +31,7 @@ async def _measure(nodes: int, fill: float) -> dict[str, Any]:
     async with ComputeGroupManager(SimulatedComputeResourceProvider(specs), store) as mgr:
         gc.collect()
         after_mgr = tracemalloc.get_traced_memory()[0]
-        assert len(mgr._records) == len(records)
+        assert len(mgr.ledger.records) == len(records)
     tracemalloc.stop()
     inventory = after_specs - base
     store_bytes = after_store - after_specs

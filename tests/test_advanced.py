@@ -75,7 +75,7 @@ async def test_reservation_claimed_by_id_by_its_holder(two_dgx: ComputeGroupMana
     with pytest.raises(NotFoundError):
         await two_dgx.allocate_compute_group("decode-8", {"gpus": 4}, {"reservation_id": "cg-none"})
     r2 = await two_dgx.reserve_compute_group("planner", {"gpus": 2}, ttl_seconds=60)
-    with pytest.raises(ConflictError, match="less than the request"):
+    with pytest.raises(ConflictError, match=r"holds 2 whole GPU\(s\), fewer than 4"):
         await two_dgx.allocate_compute_group("decode-9", {"gpus": 4}, {"reservation_id": r2.id})
 
 

@@ -11,11 +11,11 @@ from computegroups.placement.fragmentation import (
     FragmentationScore,
     Shape,
     WorkloadMix,
-    for_cluster,
+    enabled,
     node_fragmentation,
     set_enabled,
 )
-from computegroups.placement.plugins import Pick
+from computegroups.placement.plugins import EMPTY_CONTEXT, Pick
 from computegroups.providers.simulated import nodes_from_spec
 
 HALF = Shape(0, 500, 0, 0)
@@ -52,11 +52,11 @@ def test_node_fragmentation_table(
 def test_mix_keeps_the_most_common_shapes_normalised() -> None:
     mix = WorkloadMix(top=2)
     for _ in range(6):
-        mix.observe(Requirements(gpus=1))
+        mix.observe(Requirements(gpus=1).stored)
     for _ in range(3):
-        mix.observe(Requirements(gpus=0.5))
-    mix.observe(Requirements(gpus=2))
-    mix.observe(Requirements(cpus=4))  # CPU-only requests are counted but not scored
+        mix.observe(Requirements(gpus=0.5).stored)
+    mix.observe(Requirements(gpus=2).stored)
+    mix.observe(Requirements(cpus=4).stored)  # CPU-only requests are counted but not scored
     shapes = dict(mix.shapes)
     assert set(shapes) == {Shape(1, 0, 0, 0), Shape(0, 500, 0, 0)}
     assert sum(shapes.values()) == pytest.approx(1.0)
@@ -64,10 +64,12 @@ def test_mix_keeps_the_most_common_shapes_normalised() -> None:
 
 
 def test_whole_gpu_only_demand_does_not_engage_the_score() -> None:
-    cluster = Cluster(nodes_from_spec({"nodes": [{"id": "n", "count": 2, "preset": "dgx-h100"}]}))
+    mix = WorkloadMix()
     for k in (1, 2, 4, 8):
-        assert for_cluster(cluster, Requirements(gpus=k)) is None
-    assert for_cluster(cluster, Requirements(gpus=0.5)) is not None
+        mix.observe(Requirements(gpus=k).stored)
+        assert not mix.engaged
+    mix.observe(Requirements(gpus=0.5).stored)
+    assert mix.engaged
 
 
 def test_score_is_50_when_nothing_changes_and_bounded() -> None:
@@ -78,8 +80,8 @@ def test_score_is_50_when_nothing_changes_and_bounded() -> None:
     req = Requirements(gpus=2)
     d = place(cluster, req, Constraints(), scores=(plugin,))
     pick = Pick(d.devices, None, sum(x.share_milli for x in d.devices))
-    assert plugin.score(node, req, pick) == pytest.approx(50.0)
-    assert plugin.score(node, req, pick) <= plugin.bound(node.free_count, 8, req)
+    assert plugin.score(node, req, pick, EMPTY_CONTEXT) == pytest.approx(50.0)
+    assert plugin.score(node, req, pick, EMPTY_CONTEXT) <= plugin.bound(node.free_count, 8, req)
 
 
 async def test_cpu_only_request_avoids_stranding_a_nodes_gpus() -> None:
@@ -109,9 +111,11 @@ def test_share_prefers_the_node_it_does_not_fragment() -> None:
     ):
         d = place(cluster, req, Constraints(node_id=node))
         cluster.apply(GroupRecord(f"g{n}", node, AllocationState.ALLOCATED, "c", d.devices))
+    demand = FragmentationScore(WorkloadMix())
     for _ in range(20):
-        for_cluster(cluster, Requirements(gpus=0.5))
-    assert place(cluster, Requirements(gpus=0.3), Constraints()).node_id == "b"
+        demand.mix.observe(Requirements(gpus=0.5).stored)
+    assert place(cluster, Requirements(gpus=0.3), Constraints(), demand=demand).node_id == "b"
+    assert place(cluster, Requirements(gpus=0.3), Constraints()).node_id == "a"  # no workload known: bin-pack
     # Without the fragmentation score, bin-pack takes the fuller node.
     from computegroups.placement.plugins import BinPackScore, TopologyScore
 
@@ -121,12 +125,18 @@ def test_share_prefers_the_node_it_does_not_fragment() -> None:
 
 
 def test_fragmentation_scoring_can_be_switched_off() -> None:
-    cluster = Cluster(nodes_from_spec({"nodes": [{"id": "n", "preset": "dgx-h100"}]}))
-    share = Requirements(gpus=0.5)
-    assert for_cluster(cluster, share) is not None
+    spec = {"nodes": [{"id": "a", "gpus": 8, "cpus": 64}, {"id": "b", "gpus": 8, "cpus": 64}]}
+    cluster = Cluster(nodes_from_spec(spec))
+    for n, (node, req) in enumerate(
+        [("a", Requirements(gpus=7)), ("a", Requirements(gpus=0.5)), ("b", Requirements(gpus=7))]
+    ):
+        d = place(cluster, req, Constraints(node_id=node))
+        cluster.apply(GroupRecord(f"g{n}", node, AllocationState.ALLOCATED, "c", d.devices))
+    demand = FragmentationScore(WorkloadMix.of({Shape(0, 500, 0, 0): 1.0}))
+    assert enabled() and place(cluster, Requirements(gpus=0.3), Constraints(), demand=demand).node_id == "b"
     set_enabled(False)
     try:
-        assert for_cluster(cluster, share) is None
+        assert place(cluster, Requirements(gpus=0.3), Constraints(), demand=demand).node_id == "a"
     finally:
         set_enabled(True)
-    assert for_cluster(cluster, share) is not None
+    assert enabled()

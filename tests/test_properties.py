@@ -163,7 +163,7 @@ class Machine(RuleBasedStateMachine):
     def time_passes(self, seconds: int) -> None:
         self.now += seconds
         self.run(self.mgr.expire_reservations())
-        for r in self.mgr._records.values():
+        for r in self.mgr.ledger.records.values():
             if r.state in (AllocationState.RESERVED, AllocationState.DRAINING) and r.expires_at is not None:
                 assert r.expires_at > self.now
 
@@ -225,7 +225,7 @@ class Machine(RuleBasedStateMachine):
     @invariant()
     def capacity_and_indexes(self) -> None:
         mgr = self.mgr
-        records = [r for r in mgr._records.values() if r.holds_capacity]
+        records = [r for r in mgr.ledger.records.values() if r.holds_capacity]
         used: dict[tuple[str, int], int] = defaultdict(int)
         whole: dict[tuple[str, int], int] = defaultdict(int)
         for r in records:
@@ -241,7 +241,7 @@ class Machine(RuleBasedStateMachine):
         fresh = Cluster(mgr.inventory.nodes)
         for r in records:
             fresh.apply(r)
-        for a, b in zip(fresh.nodes, mgr._cluster.nodes, strict=True):
+        for a, b in zip(fresh.nodes, mgr.ledger.cluster.nodes, strict=True):
             assert (a.gpu_used, a.gpu_mem_used, a.cpu_used, a.mem_used, a.free_mask, a.partial_gpus, a.used_milli) == (
                 b.gpu_used,
                 b.gpu_mem_used,
@@ -251,20 +251,20 @@ class Machine(RuleBasedStateMachine):
                 b.partial_gpus,
                 b.used_milli,
             )
-        for key, cached in list(mgr._near.items()):  # remembered affinity sets match a fresh look
-            del mgr._near[key]
-            assert mgr._nodes_near(*key) == cached
+        for key, cached in list(mgr.ledger.near.items()):  # remembered affinity sets match a fresh look
+            del mgr.ledger.near[key]
+            assert mgr.ledger.nodes_near(*key) == cached
         for free in range(fresh.max_gpus + 1):
-            assert fresh.bucket(free) == mgr._cluster.bucket(free)
-        assert fresh.partial() == mgr._cluster.partial()
-        for r in mgr._records.values():
+            assert fresh.bucket(free) == mgr.ledger.cluster.bucket(free)
+        assert fresh.partial() == mgr.ledger.cluster.partial()
+        for r in mgr.ledger.records.values():
             if r.preempted_by is not None:
                 assert r.preemptible, "preemption touched a non-preemptible group"
             if r.pending and r.state is not AllocationState.RELEASED:
                 assert r.state is AllocationState.RESERVED
         # Quotas are never exceeded: recompute usage from the records.
         usage: dict[tuple[str, str, str], int] = defaultdict(int)
-        for r in mgr._records.values():
+        for r in mgr.ledger.records.values():
             if r.state is AllocationState.RELEASED or r.pool is None or r.component is None:
                 continue
             milli = sum(d.share_milli for d in r.devices)
@@ -273,7 +273,7 @@ class Machine(RuleBasedStateMachine):
                 usage[(r.pool, "tenant", r.tenant)] += milli
         for key, used_milli in usage.items():
             assert used_milli <= QUOTA_LIMITS[key], key
-            assert mgr._usage[key] == used_milli
+            assert mgr.ledger.usage[key] == used_milli
 
     @invariant()
     def totals_add_up(self) -> None:

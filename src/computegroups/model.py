@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 from computegroups.errors import InvalidRequestError, one_of
+from computegroups.memo import Memo
 from computegroups.topology import Topology
 
 __all__ = [
@@ -152,8 +153,7 @@ def _known_keys(value: object, prefix: str, typename: str, keys: tuple[str, ...]
 
 
 _SCALARS = (str, int, float, bool, type(None))
-_PARSED: dict[tuple[object, ...], object] = {}  # (class, frozen request) -> validated value
-_PARSED_LIMIT = 4096
+_PARSED: Memo[tuple[object, ...], object] = Memo("class, type-exact request content", 4096)
 
 
 def _frozen(value: object) -> object:
@@ -185,10 +185,7 @@ def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[], _
             return build()
         hit = _PARSED.get(key)
     if hit is None:
-        hit = build()  # raises for a bad request: only valid ones are remembered
-        if len(_PARSED) >= _PARSED_LIMIT:
-            _PARSED.clear()
-        _PARSED[key] = hit
+        hit = _PARSED.put(key, build())  # build() raises for a bad request: only valid ones are remembered
     return hit  # type: ignore[return-value]
 
 

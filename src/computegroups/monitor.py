@@ -30,26 +30,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
-from computegroups.model import AllocationState
+from computegroups.events import Event
+from computegroups.model import AllocationState, ComputeGroup, NodeSpec
 
-if TYPE_CHECKING:
-    from computegroups.manager import ComputeGroupManager, Event
-
-__all__ = ["Hook", "Monitor", "reconcile"]
+__all__ = ["Hook", "Managed", "Monitor", "reconcile"]
 
 log = logging.getLogger("computegroups.monitor")
 
 #: A monitor or reconcile hook: called with the manager, returns the events it caused.
-Hook = Callable[["ComputeGroupManager"], Awaitable[Sequence["Event"]]]
+Hook = Callable[[Any], Awaitable[Sequence[Event]]]
+
+
+class Managed(Protocol):
+    """What the monitor and the reconciler need of a manager (``ComputeGroupManager`` is one)."""
+
+    monitor_hooks: list[Hook]
+    reconcile_hooks: list[Hook]
+
+    async def refresh_health(self) -> list[Event]: ...
+
+    async def expire_reservations(self) -> int: ...
+
+    async def list_compute_groups(self, filters: Mapping[str, Any] | None = None) -> list[ComputeGroup]: ...
+
+    async def deallocate_compute_group(self, group_id: object) -> bool: ...
+
+    async def delete_compute_group(self, group_id: object) -> bool: ...
+
+    def node_specs(self) -> Sequence[NodeSpec]: ...
+
+    def unhealthy_devices(self) -> dict[tuple[str, int], str]: ...
+
+    def emit(self, event: Event) -> None: ...
 
 
 class Monitor:
     """One monitoring round every ``interval_s`` seconds, in a background task of the manager's loop."""
 
-    def __init__(self, manager: ComputeGroupManager, interval_s: float) -> None:
+    def __init__(self, manager: Managed, interval_s: float) -> None:
         if not interval_s > 0:
             raise ValueError(f"monitor_interval: {interval_s!r} is not a number of seconds > 0")
         self.manager = manager
@@ -62,9 +83,7 @@ class Monitor:
         """One round: health and utilization, expired reservations, then each monitor hook."""
         mgr = self.manager
         events = list(await mgr.refresh_health())
-        expire: Any = getattr(mgr, "expire_reservations", None)
-        if expire is not None:
-            await expire()
+        await mgr.expire_reservations()
         for hook in list(mgr.monitor_hooks):
             events.extend(await hook(mgr))
         self.rounds += 1
@@ -95,10 +114,8 @@ class Monitor:
                 await task
 
 
-async def reconcile(manager: ComputeGroupManager) -> list[Event]:
+async def reconcile(manager: Managed) -> list[Event]:
     """Correct the persisted state against reality once; returns the events of the corrections."""
-    from computegroups.manager import Event
-
     events: list[Event] = list(await manager.refresh_health())
     corrections: list[Event] = []
     specs = {n.id: n for n in manager.node_specs()}

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from computegroups.errors import InvalidRequestError
+from computegroups.memo import Memo
 
 __all__ = ["LINK_RANKS", "Topology", "link_rank", "parse_nvidia_smi_topo"]
 
@@ -117,7 +118,9 @@ class Topology:
         self._affinity = tuple(frozenset(a) for a in cpu_affinity) if cpu_affinity is not None else (frozenset(),) * n
         if len(self._numa) != n or len(self._affinity) != n:
             raise InvalidRequestError("topology: NUMA/affinity length differs from GPU count", key="topology")
-        self._cache: dict[tuple[int, int, bool, bool], SubsetChoice | None] = {}
+        self._cache: Memo[tuple[int, int, bool, bool], SubsetChoice | None] = Memo(
+            "free mask, GPUs wanted, nvlink, same_numa", 65536
+        )
         self._best_full: dict[int, int] = {}
 
     # -- construction helpers -------------------------------------------------
@@ -218,12 +221,8 @@ class Topology:
         key = (free_mask, k, nvlink, same_numa)
         cache = self._cache
         if key in cache:
-            return cache[key]
-        result = self._search(free_mask, k, nvlink, same_numa)
-        if len(cache) > 65536:
-            cache.clear()
-        cache[key] = result
-        return result
+            return cache.data[key]  # None is a remembered answer too
+        return cache.put(key, self._search(free_mask, k, nvlink, same_numa))
 
     def _search(self, free_mask: int, k: int, nvlink: bool, same_numa: bool) -> SubsetChoice | None:
         free = [i for i in range(self.gpu_count) if free_mask >> i & 1]

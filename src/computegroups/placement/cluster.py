@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
+from computegroups.memo import Memo
 from computegroups.model import MILLI, DeviceShare, GroupRecord, NodeSpec
-
-if TYPE_CHECKING:
-    from computegroups.placement.fragmentation import FragmentationScore
 
 __all__ = ["Cluster", "NodeState"]
 
@@ -65,7 +62,7 @@ class NodeState:
         self.free_mask = self.all_mask  # wholly free and healthy GPUs
         self.topology = spec.effective_topology
         self._whole: tuple[DeviceShare, ...] | None = None
-        self._picks: dict[tuple[int, ...], tuple[DeviceShare, ...]] = {}
+        self._picks: Memo[tuple[int, ...], tuple[DeviceShare, ...]] | None = None
 
     @property
     def gpu_count(self) -> int:
@@ -91,11 +88,12 @@ class NodeState:
 
     def whole_gpus(self, indices: tuple[int, ...]) -> tuple[DeviceShare, ...]:
         """The shares that hold all of the GPUs ``indices`` (remembered: a node has few useful sets)."""
-        shares = self._picks.get(indices)
+        picks = self._picks
+        if picks is None:
+            picks = self._picks = Memo("GPU indices of this node", 256)
+        shares = picks.get(indices)
         if shares is None:
-            if len(self._picks) >= 256:
-                self._picks.clear()
-            shares = self._picks[indices] = tuple(self.whole(i) for i in indices)
+            shares = picks.put(indices, tuple(self.whole(i) for i in indices))
         return shares
 
     def has_partial(self) -> bool:
@@ -155,6 +153,14 @@ class NodeState:
         for r in records:
             copy.add(r, -1)
         return copy
+
+    def limited_to(self, mask: int, released: Iterable[GroupRecord] = ()) -> NodeState:
+        """This node as a group holding the GPUs ``mask`` sees it: ``released`` no longer counted and
+        every other GPU unavailable, so the filters judge exactly those devices."""
+        view = self.without(released)
+        view.unhealthy_mask |= view.all_mask & ~mask
+        view.recompute()
+        return view
 
     def recompute(self) -> None:
         """Derive the free mask and the shared-GPU counts from the GPUs (after a health change)."""
@@ -239,8 +245,8 @@ class Cluster:
         self.nodes: list[NodeState] = []
         self.by_id: dict[str, NodeState] = {}
         self.max_gpus = 0
-        #: the workload mix that fragmentation scoring learns (a statistic of demand, not occupancy)
-        self.demand: FragmentationScore | None = None
+        #: ids of cordoned nodes (they take nothing new)
+        self.cordoned: set[str] = set()
         for spec in nodes:
             if spec.id in self.by_id:
                 raise ValueError(f"duplicate node id {spec.id!r}")
@@ -339,3 +345,4 @@ class Cluster:
         st = self.by_id.get(node_id)
         if st is not None:
             st.cordoned = cordoned
+            (self.cordoned.add if cordoned else self.cordoned.discard)(node_id)

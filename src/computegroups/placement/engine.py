@@ -19,11 +19,15 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from computegroups.errors import InsufficientResourcesError
+from computegroups.memo import Memo
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
 from computegroups.placement import fragmentation
 from computegroups.placement.cluster import Cluster, NodeState
+from computegroups.placement.fragmentation import FragmentationScore
 from computegroups.placement.plugins import (
     EMPTY_CONTEXT,
+    UNRESOLVABLE,
+    UNSCHEDULABLE,
     AffinityFilter,
     CapacityFilter,
     Context,
@@ -32,6 +36,7 @@ from computegroups.placement.plugins import (
     NodeSelectorFilter,
     Pick,
     PreferredAffinityScore,
+    Reason,
     ScorePlugin,
     TopologyScore,
     eligible_mask,
@@ -40,7 +45,17 @@ from computegroups.placement.plugins import (
     strategy_plugin,
 )
 
-__all__ = ["DEFAULT_FILTERS", "Decision", "candidates", "pick_devices", "place"]
+__all__ = [
+    "DEFAULT_FILTERS",
+    "Decision",
+    "Screen",
+    "candidates",
+    "judge",
+    "pick_devices",
+    "place",
+    "prefilter",
+    "refusal",
+]
 
 DEFAULT_FILTERS: tuple[FilterPlugin, ...] = (NodeSelectorFilter(), AffinityFilter(), CordonFilter(), CapacityFilter())
 _TOPOLOGY = TopologyScore()
@@ -57,38 +72,64 @@ class Decision(NamedTuple):
     score: float
 
 
+class Screen(NamedTuple):
+    """What the filters' pre-filters decided for one request (see :class:`~.plugins.PreFilter`)."""
+
+    filters: tuple[FilterPlugin, ...]  # the filters that can reject a node for this request
+    visit: frozenset[str] | None  # only these nodes can qualify
+    outside: Reason | None  # why the nodes outside ``visit`` cannot
+    allowed: frozenset[str] | None  # nodes outside are passed over
+    barred: frozenset[str]  # nodes inside are passed over
+
+
+def prefilter(
+    filters: Sequence[FilterPlugin], cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context
+) -> Screen:
+    """Run every filter's pre-filter once: drop the filters that cannot reject, combine the node sets.
+
+    The smallest ``visit`` set wins (ties: the first filter's); the others are still enforced by
+    their filters on the nodes visited.
+    """
+    active: list[FilterPlugin] = []
+    visit: frozenset[str] | None = None
+    outside: Reason | None = None
+    allowed: frozenset[str] | None = None
+    barred: frozenset[str] = frozenset()
+    for f in filters:
+        pre = f.prefilter(cluster, req, cons, ctx)
+        if pre.skip:
+            continue
+        active.append(f)
+        if pre.visit is not None and (visit is None or len(pre.visit) < len(visit)):
+            visit, outside = pre.visit, pre.outside
+        if pre.allowed is not None:
+            allowed = pre.allowed if allowed is None else allowed & pre.allowed
+        if pre.barred:
+            barred = barred | pre.barred if barred else pre.barred
+    return Screen(tuple(active), visit, outside, allowed, barred)
+
+
 def candidates(
-    cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT
+    cluster: Cluster, req: Requirements, cons: Constraints, visit: frozenset[str] | None
 ) -> Iterator[NodeState]:
     """Nodes that might fit, in the order the strategy prefers them."""
     spread = cons.strategy is Strategy.SPREAD
-    if cons.node_id is None and not cons.affinity and not req.share_milli:
+    if visit is None and not req.share_milli:
         return cluster.iter_by_free(req.whole_gpus, descending=spread)  # the common case, without a wrapper
-    return _candidates(cluster, req, cons, ctx, spread)
+    return _candidates(cluster, req, visit, spread)
 
 
-def _candidates(
-    cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context, spread: bool
-) -> Iterator[NodeState]:
-    if cons.node_id is not None:
-        st = cluster.by_id.get(cons.node_id)
-        if st is not None:
-            yield st
+def _candidates(cluster: Cluster, req: Requirements, visit: frozenset[str] | None, spread: bool) -> Iterator[NodeState]:
+    if visit is not None:
+        by_id = cluster.by_id
+        order = sorted(
+            (-st.free_mask.bit_count() if spread else st.free_mask.bit_count(), st.ordinal)
+            for st in (by_id[n] for n in visit if n in by_id)
+        )
+        nodes = cluster.nodes
+        for _, ordinal in order:
+            yield nodes[ordinal]
         return
-    if cons.affinity:
-        required_near = [s for rule, s in zip(cons.affinity, ctx.near, strict=False) if rule.required]
-        if required_near:
-            # Only nodes near the other component can qualify: visit those, not the fleet.
-            smallest = min(required_near, key=len)
-            by_id = cluster.by_id
-            order = sorted(
-                (-st.free_mask.bit_count() if spread else st.free_mask.bit_count(), st.ordinal)
-                for st in (by_id[n] for n in smallest if n in by_id)
-            )
-            nodes = cluster.nodes
-            for _, ordinal in order:
-                yield nodes[ordinal]
-            return
     if req.share_milli:
         if not spread:
             yield from cluster.iter_partial()
@@ -99,14 +140,14 @@ def _candidates(
     yield from cluster.iter_by_free(req.whole_gpus, descending=spread)
 
 
-def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT) -> Pick | str:
+def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Context = EMPTY_CONTEXT) -> Pick | Reason:
     """Choose the devices on a node that passed the filters, or say why none fit."""
     spec = node.spec
     blocked = ctx.blocked_mask(spec.id) if ctx.nominated else 0
     if req.share_milli:
         idx = share_target(node, req, eligible_mask(node, req) & ~blocked)
         if idx is None:
-            return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
+            return Reason(UNSCHEDULABLE, "no GPU with {:g} of a GPU free", (req.share_milli / MILLI,))
         dev = DeviceShare(idx, spec.gpus[idx].uuid, req.share_milli, share_memory(node, idx, req))
         return Pick((dev,), None, req.share_milli)
     k = req.whole_gpus
@@ -115,26 +156,20 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     mask = node.free_mask & eligible_mask(node, req) & ~blocked
     choice = node.topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
     if choice is None:
-        need = "joined by NVLink" if cons.nvlink else "on one NUMA node"
-        return f"no {k} free GPUs {need}"
+        return Reason(
+            UNSCHEDULABLE, "no {} free GPUs {}", (k, "joined by NVLink" if cons.nvlink else "on one NUMA node")
+        )
     return Pick(node.whole_gpus(choice.indices), choice, k * MILLI)
 
 
-def _filters_for(cons: Constraints, ctx: Context) -> tuple[FilterPlugin, ...]:
-    """The default filters that can reject a node for this request (the others always pass)."""
-    selects = cons.node_id is not None or ctx.allowed is not None or bool(ctx.excluded) or bool(cons.labels)
-    return _FILTER_SETS[selects, bool(cons.affinity or cons.anti_affinity)]
-
-
-_FILTER_SETS = {
-    (selects, affinity): tuple(
-        f
-        for f in DEFAULT_FILTERS
-        if (selects or not isinstance(f, NodeSelectorFilter)) and (affinity or not isinstance(f, AffinityFilter))
-    )
-    for selects in (False, True)
-    for affinity in (False, True)
-}
+def judge(node: NodeState, req: Requirements, cons: Constraints, ctx: Context, screen: Screen) -> Pick | Reason:
+    """The pipeline on one node: every filter the pre-filters kept (they enforce the node sets the
+    pre-filters narrowed to), then the choice of devices."""
+    for f in screen.filters:
+        reason = f.filter(node, req, cons, ctx)
+        if reason is not None:
+            return reason
+    return pick_devices(node, req, cons, ctx)
 
 
 def place(
@@ -146,60 +181,57 @@ def place(
     scores: Sequence[ScorePlugin] | None = None,
     limit: int = 16,
     ctx: Context = EMPTY_CONTEXT,
+    demand: FragmentationScore | None = None,
 ) -> Decision:
-    """Choose a node and devices for one request, or raise InsufficientResourcesError."""
+    """Choose a node and devices for one request, or raise InsufficientResourcesError.
+
+    ``demand``: the fragmentation score over the workload mix the caller keeps (read, never updated).
+    """
     if scores is None:
         binpack = cons.strategy is not Strategy.SPREAD
         scores = _BINPACK_SCORES if binpack else _SPREAD_SCORES
         if ctx.prefer_near or ctx.prefer_away:
             scores = (*scores, _PREFERRED)
-        frag = fragmentation.for_cluster(cluster, req)  # every request counts in the workload mix
-        if frag is not None and binpack:
-            scores = (*scores, frag)
+        if demand is not None and binpack and demand.mix.engaged and fragmentation.enabled():
+            scores = (*scores, demand)
             limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
+    screen = prefilter(filters, cluster, req, cons, ctx)
+    active = screen.filters
     # Set checks first: a node outside the pool, holding another part of the gang or beside a component
     # it must avoid is passed over without running the filters (they explain it only if nothing fits).
-    allowed: frozenset[str] | None = None
-    barred: frozenset[str] = frozenset()
+    allowed = screen.allowed
+    barred = screen.barred
+    screen_nodes = allowed is not None or bool(barred)
     screened: list[NodeState] = []
-    if filters is DEFAULT_FILTERS:
-        filters = _filters_for(cons, ctx)
-        allowed = ctx.allowed
-        barred = ctx.excluded
-        if cons.anti_affinity:
-            for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
-                if rule.required:
-                    barred = barred | nodes
-    screen = allowed is not None or bool(barred)
-    reasons: Counter[str] | None = None
+    reasons: Counter[Reason] | None = None
     best: tuple[float, NodeState, Pick] | None = None
     best_total = 0.0
     feasible = visited = 0
     bounds = _bounds(scores, req, cluster.max_gpus)  # a bound depends on the node only through its free count
-    for node in candidates(cluster, req, cons, ctx):
+    for node in candidates(cluster, req, cons, screen.visit):
         if best is not None and bounds[node.free_mask.bit_count()] <= best_total:
             break
         visited += 1
-        if screen:
+        if screen_nodes:
             node_id = node.spec.id
             if (allowed is not None and node_id not in allowed) or node_id in barred:
                 screened.append(node)
                 continue
-        reason = None
-        for f in filters:
+        reason: Reason | None = None
+        for f in active:
             reason = f.filter(node, req, cons, ctx)
             if reason is not None:
                 break
         else:
             picked = pick_devices(node, req, cons, ctx)
-            if isinstance(picked, str):
+            if not isinstance(picked, Pick):
                 reason = picked
         if reason is not None:
             if reasons is None:
                 reasons = Counter()
             reasons[reason] += 1
             continue
-        assert not isinstance(picked, str)
+        assert isinstance(picked, Pick)
         total = 0.0
         for p in scores:
             total += p.weight * p.score(node, req, picked, ctx)
@@ -212,17 +244,25 @@ def place(
     if best is None:
         reasons = reasons if reasons is not None else Counter()
         for node in screened:
-            reason = next((r for f in filters if (r := f.filter(node, req, cons, ctx)) is not None), "screened")
-            reasons[reason] += 1
-        _explain_unvisited(cluster, req, cons, reasons, visited)
-        raise InsufficientResourcesError(f"no node can take {_describe(req, cons)}", reasons=reasons)
+            why = next((r for f in active if (r := f.filter(node, req, cons, ctx)) is not None), None)
+            reasons[why or Reason(UNRESOLVABLE, "screened")] += 1
+        _explain_unvisited(cluster, req, screen, reasons, visited)
+        raise refusal(f"no node can take {_describe(req, cons)}", reasons)
     total, node, picked = best
     return Decision(node.spec.id, picked.devices, req.cpus_milli, req.memory_mib, total)
 
 
+def refusal(message: str, reasons: Counter[Reason]) -> InsufficientResourcesError:
+    """The error for a request nothing could take; reasons are formatted here, and only here."""
+    texts: Counter[str] = Counter()
+    for reason, n in reasons.items():
+        texts[reason.text()] += n
+    return InsufficientResourcesError(message, reasons=texts)
+
+
 _BINPACK_SCORES: tuple[ScorePlugin, ...] = (strategy_plugin(Strategy.BINPACK), _TOPOLOGY)
 _SPREAD_SCORES: tuple[ScorePlugin, ...] = (strategy_plugin(Strategy.SPREAD), _TOPOLOGY)
-_BOUNDS: dict[tuple[object, ...], tuple[float, ...]] = {}
+_BOUNDS: Memo[tuple[object, ...], tuple[float, ...]] = Memo("scores, request size, largest node", 4096)
 
 
 def _bounds(scores: Sequence[ScorePlugin], req: Requirements, n_max: int) -> tuple[float, ...]:
@@ -230,29 +270,32 @@ def _bounds(scores: Sequence[ScorePlugin], req: Requirements, n_max: int) -> tup
     key = (tuple(scores), req.whole_gpus, req.share_milli, req.cpus_milli, req.memory_mib, n_max)
     table = _BOUNDS.get(key)
     if table is None:
-        table = tuple(sum(p.weight * p.bound(free, n_max, req) for p in scores) for free in range(n_max + 1))
-        if len(_BOUNDS) >= 4096:
-            _BOUNDS.clear()
-        _BOUNDS[key] = table
+        table = _BOUNDS.put(
+            key, tuple(sum(p.weight * p.bound(free, n_max, req) for p in scores) for free in range(n_max + 1))
+        )
     return table
 
 
 def _explain_unvisited(
-    cluster: Cluster, req: Requirements, cons: Constraints, reasons: Counter[str], visited: int
+    cluster: Cluster, req: Requirements, screen: Screen, reasons: Counter[Reason], visited: int
 ) -> None:
-    """Account for the nodes the indexes skipped, so the error covers the whole fleet."""
-    if cons.node_id is not None:
-        if cons.node_id not in cluster.by_id:
-            reasons[f"no node named {cons.node_id}"] += 1
-        return
+    """Account for the nodes the indexes or a pre-filter skipped, so the error covers the whole fleet."""
     if not cluster.nodes:
-        reasons["no nodes discovered"] += 1
-    skipped = len(cluster.nodes) - visited
+        reasons[Reason(UNRESOLVABLE, "no nodes discovered")] += 1
+        return
+    if screen.visit is not None:
+        inside = sum(1 for n in screen.visit if n in cluster.by_id)
+        outside = len(cluster.nodes) - inside
+        if screen.outside is not None and (outside > 0 or not inside):
+            reasons[screen.outside] += max(outside, 1)
+        skipped = inside - visited
+    else:
+        skipped = len(cluster.nodes) - visited
     if skipped > 0:
         if req.share_milli:
-            reasons["no GPU with any capacity free"] += skipped
+            reasons[Reason(UNSCHEDULABLE, "no GPU with any capacity free")] += skipped
         else:
-            reasons[f"fewer than {req.whole_gpus} wholly free GPUs"] += skipped
+            reasons[Reason(UNSCHEDULABLE, "fewer than {} wholly free GPUs", (req.whole_gpus,))] += skipped
 
 
 def _describe(req: Requirements, cons: Constraints) -> str:

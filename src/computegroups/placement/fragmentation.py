@@ -19,31 +19,32 @@ scores high; one that strands half a GPU or the last CPUs of a node with free
 GPUs scores low.
 
 The workload is learned, not configured: :class:`WorkloadMix` is a decayed
-histogram of the request shapes the engine has been asked to place (placed or
-not, since demand is what the free capacity must serve), kept with each
-:class:`~computegroups.placement.cluster.Cluster` (as a statistic of demand,
-not occupancy). Only the most common shapes
-are scored (``top``), so a decision costs a bounded amount of work whatever the
-variety of requests; node fragmentation values are cached by node occupancy.
+histogram of the request shapes of the groups committed to the state (each group
+counted once, when it first gets an owner, from its stored requirements), kept by
+the decision ledger and passed to placement, which only reads it. Every manager
+that has read the same state has the same mix, so they make the same decisions.
+Only the most common shapes are scored (``top``), so a decision costs a bounded
+amount of work whatever the variety of requests; node fragmentation values are
+remembered by node occupancy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
+from computegroups.memo import Memo
 from computegroups.model import MILLI, Requirements
-
-if TYPE_CHECKING:
-    from computegroups.placement.cluster import Cluster, NodeState
-    from computegroups.placement.plugins import Pick
+from computegroups.placement.cluster import NodeState
+from computegroups.placement.plugins import Context, Pick
 
 __all__ = [
     "FRAGMENTATION_LIMIT",
     "FragmentationScore",
     "Shape",
     "WorkloadMix",
-    "for_cluster",
+    "enabled",
     "node_fragmentation",
     "set_enabled",
 ]
@@ -67,6 +68,21 @@ class Shape:
     @classmethod
     def of(cls, req: Requirements) -> Shape:
         return cls(req.whole_gpus, req.share_milli, req.cpus_milli, req.memory_mib, req.models)
+
+    @classmethod
+    def stored(cls, requirements: Mapping[str, Any]) -> Shape:
+        """The shape of requirements as a group record stores them (``Requirements.to_dict()``)."""
+        gpus = requirements.get("gpus", 0)
+        model = requirements.get("gpu_model")
+        models = (model,) if isinstance(model, str) else tuple(model or ())
+        whole = int(gpus) if gpus >= 1 else 0
+        return cls(
+            whole,
+            0 if whole or not gpus else round(gpus * MILLI),
+            round(requirements.get("cpus", 0) * MILLI),
+            int(requirements.get("memory_mib", 0)),
+            tuple(m.lower() for m in models),
+        )
 
     @property
     def uses_gpus(self) -> bool:
@@ -95,7 +111,7 @@ class WorkloadMix:
         self._since = 0
         self._weighted: tuple[tuple[Shape, float], ...] = ()
         self._engaged = False
-        self._cache: dict[tuple[object, ...], float] = {}
+        self._cache: Memo[tuple[object, ...], float] = Memo("free per GPU, CPUs, memory, GPU name", 100_000)
 
     @classmethod
     def of(cls, shapes: dict[Shape, float], top: int = 24) -> WorkloadMix:
@@ -108,15 +124,21 @@ class WorkloadMix:
         mix._rebuild()
         return mix
 
-    def observe(self, req: Requirements) -> None:
-        """Count one request (MIG requests are not modelled and not counted)."""
-        if req.mig_profile:
+    def observe(self, requirements: Mapping[str, Any]) -> None:
+        """Count one group's requirements, as its record stores them (MIG is not modelled, not counted)."""
+        if "mig_profile" in requirements:
             return
-        raw = (req.gpus, req.cpus, req.memory_mib, req.gpu_model)
+        model = requirements.get("gpu_model")
+        raw = (
+            requirements.get("gpus", 0),
+            requirements.get("cpus", 0),
+            requirements.get("memory_mib", 0),
+            tuple(model) if isinstance(model, list) else model,
+        )
         counts = self._counts
         seen = counts.get(raw)
         if seen is None:
-            self._shape_of[raw] = Shape.of(req)
+            self._shape_of[raw] = Shape.stored(requirements)
             seen = 0.0
         counts[raw] = seen + 1.0
         self._total += 1.0
@@ -169,10 +191,7 @@ class WorkloadMix:
         key = (free, cpu_free, mem_free, name)
         value = self._cache.get(key)
         if value is None:
-            value = node_fragmentation(free, cpu_free, mem_free, name, self._weighted)
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[key] = value
+            value = self._cache.put(key, node_fragmentation(free, cpu_free, mem_free, name, self._weighted))
         return value
 
 
@@ -240,7 +259,7 @@ class FragmentationScore:
         """Increase of the node's expected fragment (thousandths of a GPU) if ``pick`` is placed."""
         mix = self.mix
         # MIG slices are not thousandths of a GPU; the model below does not describe them.
-        if not mix.shapes or node.gpu_count == 0 or getattr(node, "has_mig", False):
+        if not mix.shapes or node.gpu_count == 0 or node.has_mig:
             return 0.0
         name = self._names.get(node.ordinal)
         if name is None:
@@ -252,7 +271,7 @@ class FragmentationScore:
         )
         return after - before
 
-    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: object = None) -> float:
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
         x = self.delta(node, req, pick) / SCALE_MILLI
         return 50.0 * (1.0 - max(-1.0, min(1.0, x)))
 
@@ -270,16 +289,6 @@ def set_enabled(enabled: bool) -> None:
     _state["enabled"] = enabled
 
 
-def for_cluster(cluster: Cluster, req: Requirements) -> FragmentationScore | None:
-    """Count ``req`` in the cluster's workload mix; return the cluster's plugin if the mix engages it.
-
-    The mix rides on the cluster (``Cluster.demand``) but is not occupancy: it is a
-    statistic of demand, and the only thing placement updates.
-    """
-    if not _state["enabled"]:
-        return None
-    plugin = cluster.demand
-    if plugin is None:
-        plugin = cluster.demand = FragmentationScore(WorkloadMix())
-    plugin.mix.observe(req)
-    return plugin if plugin.mix._engaged else None
+def enabled() -> bool:
+    """Whether fragmentation scoring is on in this process."""
+    return _state["enabled"]

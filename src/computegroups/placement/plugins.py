@@ -1,10 +1,13 @@
-"""Filter and score plugins: each small, pure and testable alone.
+"""Filter and score plugins: each small, pure and testable alone (the Kubernetes scheduler framework's shape).
 
-A filter answers "can this node take the request?" with ``None`` (yes) or a
-reason a person can act on ("2 of 8 GPUs free, 4 requested"). A score rates a
-feasible node and the devices picked on it from 0 (worst) to 100 (best); it
-also states an upper bound for a node with a given number of free GPUs, so the
-engine can stop as soon as no later candidate could win.
+A filter has two extension points. ``prefilter`` runs once per request: it says the plugin cannot
+reject anything for this request (``SKIP``), or narrows the nodes worth visiting (``visit``),
+or names nodes to pass over without running filters (outside ``allowed``, or in ``barred``).
+``filter`` answers "can this node take the request?" with ``None`` (yes) or a :class:`Reason`:
+a code (could freeing capacity help?) and the facts, formatted only when an error is raised
+("2 of 8 GPUs free, 4 requested"). A score rates a feasible node and the devices picked on it
+from 0 (worst) to 100 (best); it also states an upper bound for a node with a given number of
+free GPUs, so the engine can stop as soon as no later candidate could win.
 """
 
 from __future__ import annotations
@@ -14,20 +17,64 @@ from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
-from computegroups.placement.cluster import NodeState
+from computegroups.placement.cluster import Cluster, NodeState
 from computegroups.topology import SubsetChoice
 
 __all__ = [
+    "RUN",
+    "SKIP",
+    "UNRESOLVABLE",
+    "UNSCHEDULABLE",
+    "AffinityFilter",
     "BinPackScore",
     "CapacityFilter",
     "CordonFilter",
     "FilterPlugin",
     "NodeSelectorFilter",
     "Pick",
+    "PreFilter",
+    "Reason",
     "ScorePlugin",
     "SpreadScore",
     "TopologyScore",
 ]
+
+#: The node could take the request if capacity there were freed (preemption may help).
+UNSCHEDULABLE = 1
+#: Nothing freed on the node would help (wrong node, label, model, pool, rule, cordon).
+UNRESOLVABLE = 2
+
+
+class Reason(NamedTuple):
+    """Why a node cannot take a request, as data: a code, a message template and its arguments."""
+
+    code: int
+    template: str
+    args: tuple[object, ...] = ()
+
+    def text(self) -> str:
+        """The message a person reads ("2 of 8 GPUs free, 4 requested")."""
+        return self.template.format(*self.args) if self.args else self.template
+
+
+class PreFilter(NamedTuple):
+    """What a filter decides once per request, before any node is visited.
+
+    ``skip``: the filter cannot reject any node for this request. ``visit``: only these nodes can
+    qualify (the engine visits them instead of the fleet; ``outside`` explains the others).
+    ``allowed`` / ``barred``: nodes outside / inside are passed over without running the filters
+    (which then explain them only if nothing fits).
+    """
+
+    skip: bool = False
+    visit: frozenset[str] | None = None
+    outside: Reason | None = None
+    allowed: frozenset[str] | None = None
+    barred: frozenset[str] = frozenset()
+
+
+SKIP = PreFilter(skip=True)
+RUN = PreFilter()
 
 
 class Context(NamedTuple):
@@ -76,7 +123,11 @@ class FilterPlugin(Protocol):
 
     name: str
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
+    def prefilter(self, cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context) -> PreFilter:
+        """Once per request: ``SKIP``, ``RUN``, or the nodes to visit, pass over or keep to."""
+        ...
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> Reason | None:
         """Return None if the node may take the request, else the reason it cannot."""
         ...
 
@@ -102,18 +153,30 @@ class NodeSelectorFilter:
 
     name = "node-selector"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
+    def prefilter(self, cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context) -> PreFilter:
+        if cons.node_id is None and ctx.allowed is None and not ctx.excluded and not cons.labels:
+            return SKIP
+        if cons.node_id is not None:
+            outside = (
+                Reason(UNRESOLVABLE, "not node {}", (cons.node_id,))
+                if cons.node_id in cluster.by_id
+                else Reason(UNRESOLVABLE, "no node named {}", (cons.node_id,))
+            )
+            return PreFilter(False, frozenset((cons.node_id,)), outside, ctx.allowed, ctx.excluded)
+        return PreFilter(False, None, None, ctx.allowed, ctx.excluded)
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> Reason | None:
         node_id = node.spec.id
         if cons.node_id is not None and node_id != cons.node_id:
-            return f"not node {cons.node_id}"
+            return Reason(UNRESOLVABLE, "not node {}", (cons.node_id,))
         if ctx.allowed is not None and node_id not in ctx.allowed:
-            return f"not in pool {cons.pool}"
+            return Reason(UNRESOLVABLE, "not in pool {}", (cons.pool,))
         if node_id in ctx.excluded:
-            return "holds another part of the gang"
+            return Reason(UNRESOLVABLE, "holds another part of the gang")
         labels = node.spec.labels
         for k, v in cons.labels.items():
             if labels.get(k) != v:
-                return f"label {k}={v} does not match"
+                return Reason(UNRESOLVABLE, "label {}={} does not match", (k, v))
         return None
 
 
@@ -122,15 +185,33 @@ class AffinityFilter:
 
     name = "affinity"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
+    def prefilter(self, cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context) -> PreFilter:
+        visit: frozenset[str] | None = None
+        outside: Reason | None = None
+        for rule, nodes in zip(cons.affinity, ctx.near, strict=False):
+            if rule.required and (visit is None or len(nodes) < len(visit)):
+                # Only nodes near the other component can qualify: visit those, not the fleet.
+                visit, outside = nodes, Reason(UNRESOLVABLE, "not near {} ({})", (rule.component, rule.scope.value))
+        barred: frozenset[str] = frozenset()
+        for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
+            if rule.required:
+                barred = barred | nodes
+        if visit is None and not barred:
+            return SKIP
+        return PreFilter(False, visit, outside, None, barred)
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> Reason | None:
         node_id = node.spec.id
         for rule, nodes in zip(cons.affinity, ctx.near, strict=False):
             if rule.required and node_id not in nodes:
-                return f"not near {rule.component} ({rule.scope.value})"
+                return Reason(UNRESOLVABLE, "not near {} ({})", (rule.component, rule.scope.value))
         for rule, nodes in zip(cons.anti_affinity, ctx.away, strict=False):
             if rule.required and node_id in nodes:
-                return f"shares a {rule.scope.value} with {rule.component}"
+                return Reason(UNRESOLVABLE, "shares a {} with {}", (rule.scope.value, rule.component))
         return None
+
+
+_CORDONED = Reason(UNRESOLVABLE, "node is cordoned")
 
 
 class CordonFilter:
@@ -138,8 +219,14 @@ class CordonFilter:
 
     name = "cordon"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
-        return "node is cordoned" if node.cordoned else None
+    def prefilter(self, cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context) -> PreFilter:
+        return RUN if cluster.cordoned else SKIP
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> Reason | None:
+        return _CORDONED if node.cordoned else None
+
+
+_NO_GPUS = Reason(UNRESOLVABLE, "no GPUs")
 
 
 class CapacityFilter:
@@ -147,16 +234,21 @@ class CapacityFilter:
 
     name = "capacity"
 
-    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> str | None:
+    def prefilter(self, cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context) -> PreFilter:
+        return RUN
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> Reason | None:
         if req.cpus_milli and req.cpus_milli > node.cpu_free:
-            return f"{node.cpu_free / MILLI:g} CPUs free, {req.cpus_milli / MILLI:g} requested"
+            code = UNSCHEDULABLE if req.cpus_milli <= node.spec.cpus_milli else UNRESOLVABLE
+            return Reason(code, "{:g} CPUs free, {:g} requested", (node.cpu_free / MILLI, req.cpus_milli / MILLI))
         if req.memory_mib and req.memory_mib > node.mem_free:
-            return f"{node.mem_free} MiB memory free, {req.memory_mib} requested"
+            code = UNSCHEDULABLE if req.memory_mib <= node.spec.memory_mib else UNRESOLVABLE
+            return Reason(code, "{} MiB memory free, {} requested", (node.mem_free, req.memory_mib))
         k = req.whole_gpus
         if k == 0 and req.share_milli == 0:
             return None
         if node.all_mask == 0:
-            return "no GPUs"
+            return _NO_GPUS
         eligible = eligible_mask(node, req)
         if eligible == 0:
             return _model_reason(node, req)
@@ -165,24 +257,25 @@ class CapacityFilter:
         if k:
             free = (node.free_mask & eligible).bit_count()
             if free < k:
+                code = UNSCHEDULABLE if eligible.bit_count() >= k else UNRESOLVABLE
                 if req.mig_profile:
                     total = eligible.bit_count()
-                    return f"{free} of {total} {req.mig_profile} MIG devices free, {k} requested"
-                return f"{free} of {node.gpu_count} GPUs free, {k} requested"
+                    return Reason(code, "{} of {} {} MIG devices free, {} requested", (free, total, req.mig_profile, k))
+                return Reason(code, "{} of {} GPUs free, {} requested", (free, node.gpu_count, k))
         elif share_target(node, req, eligible) is None:
-            return f"no GPU with {req.share_milli / MILLI:g} of a GPU free"
+            return Reason(UNSCHEDULABLE, "no GPU with {:g} of a GPU free", (req.share_milli / MILLI,))
         return None
 
 
-def _model_reason(node: NodeState, req: Requirements) -> str:
+def _model_reason(node: NodeState, req: Requirements) -> Reason:
     gpu = node.spec.gpus[0]
     if req.mig_profile:
-        return f"no MIG device of profile {req.mig_profile}"
+        return Reason(UNRESOLVABLE, "no MIG device of profile {}", (req.mig_profile,))
     if all(g.mig_profile for g in node.spec.gpus):
-        return "only MIG devices; ask for one with mig_profile"
+        return Reason(UNRESOLVABLE, "only MIG devices; ask for one with mig_profile")
     if req.models and not any(m in gpu.name.lower() for m in req.models):
-        return f"GPU model {gpu.name} is not {'|'.join(req.models)}"
-    return f"GPU memory {gpu.memory_mib} MiB < {req.gpu_memory_mib} MiB"
+        return Reason(UNRESOLVABLE, "GPU model {} is not {}", (gpu.name, "|".join(req.models)))
+    return Reason(UNRESOLVABLE, "GPU memory {} MiB < {} MiB", (gpu.memory_mib, req.gpu_memory_mib))
 
 
 def eligible_mask(node: NodeState, req: Requirements) -> int:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from computegroups.model import Constraints, GroupRecord, Requirements
 from computegroups.placement.cluster import Cluster
-from computegroups.placement.engine import DEFAULT_FILTERS, Decision, pick_devices
-from computegroups.placement.plugins import Context
+from computegroups.placement.engine import DEFAULT_FILTERS, Decision, judge, prefilter
+from computegroups.placement.plugins import UNRESOLVABLE, Context, Pick
 
 __all__ = ["Preemption", "find_victims"]
 
@@ -37,12 +37,18 @@ def find_victims(
     """The minimal victim set over all nodes: fewest victims, then lowest top priority, then lowest sum.
 
     ``candidates`` maps node ids to groups that may be preempted (preemptible, lower priority than
-    the request, not already draining). Ties go to the node that comes first.
+    the request, not already draining). Ties go to the node that comes first. Only nodes where the
+    request was refused for want of capacity are searched: releasing groups cannot fix a wrong
+    label, model, pool or rule (an unresolvable reason).
     """
+    screen = prefilter(DEFAULT_FILTERS, cluster, req, cons, ctx)
     best: tuple[tuple[int, int, int, int], Preemption] | None = None
     for node_id in sorted(candidates, key=lambda n: cluster.by_id[n].ordinal if n in cluster.by_id else 1 << 62):
         node = cluster.by_id.get(node_id)
         if node is None:
+            continue
+        now = judge(node, req, cons, ctx, screen)
+        if not isinstance(now, Pick) and now.code == UNRESOLVABLE:
             continue
         pool = sorted(candidates[node_id], key=lambda r: (r.priority, r.created_at, r.id))
         for k in range(1, min(len(pool), max_victims) + 1):
@@ -53,11 +59,8 @@ def find_victims(
                 key = (k, max(r.priority for r in combo), sum(r.priority for r in combo), node.ordinal)
                 if best is not None and key >= best[0]:
                     continue
-                trial = node.without(combo)
-                if any(f.filter(trial, req, cons, ctx) is not None for f in DEFAULT_FILTERS):
-                    continue
-                picked = pick_devices(trial, req, cons, ctx)
-                if isinstance(picked, str):
+                picked = judge(node.without(combo), req, cons, ctx, screen)
+                if not isinstance(picked, Pick):
                     continue
                 decision = Decision(node_id, picked.devices, req.cpus_milli, req.memory_mib, 0.0)
                 if found is None or key < found[0]:

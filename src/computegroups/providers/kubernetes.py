@@ -22,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from computegroups.errors import ProviderError
+from computegroups.kube.client import KubeClient, KubeError, Obj
+from computegroups.kube.names import cr_name
 from computegroups.model import MILLI, AllocationState, ComputeGroup, DeviceShare, GroupRecord, group_env
 from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
-from computegroups.providers.k8s.client import KubeClient, KubeError, Obj
 from computegroups.providers.k8s.discovery import (
     DRA_DRIVER,
     GPU_RESOURCE,
@@ -35,7 +36,7 @@ from computegroups.providers.k8s.discovery import (
     device_taint,
     node_health,
 )
-from computegroups.state.kubernetes import KubernetesStateStore, cr_name
+from computegroups.state.kubernetes import KubernetesStateStore
 
 __all__ = ["GROUP_LABEL", "KubernetesComputeResourceProvider", "pod_fragment", "resource_claim"]
 

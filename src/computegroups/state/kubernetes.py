@@ -37,38 +37,23 @@ verb and the resource (``forbidden: cannot update computegroupledgers.computegro
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from computegroups.errors import StateError
+from computegroups.kube.client import KubeClient, KubeError, Obj
+from computegroups.kube.names import API_GROUP, API_VERSION, DELETED_LABEL, DNS_NAME, MANAGED_BY, STORE_LABEL, cr_name
 from computegroups.model import GroupRecord
-from computegroups.providers.k8s.client import KubeClient, KubeError, Obj
 from computegroups.state.base import Changes, RevisionConflict
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
 log = logging.getLogger("computegroups.k8s")
 
-API_GROUP = "computegroups.dev"
-API_VERSION = f"{API_GROUP}/v1alpha1"
-STORE_LABEL = f"{API_GROUP}/store"
-DELETED_LABEL = f"{API_GROUP}/deleted"
-MANAGED_BY = "app.kubernetes.io/managed-by"
 GC_EVERY = 256  # commits between sweeps of old deletion tombstones
 GC_LAG = 1024  # revisions a deletion tombstone is kept (readers further behind get a full reload)
-_DNS = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
-
-def cr_name(group_id: str, store: str = "default") -> str:
-    """The object name of a group: its id where that is a valid name, else a digest of it."""
-    name = group_id if store == "default" else f"{store}.{group_id}"
-    if _DNS.match(name) and ".." not in name:
-        return name
-    return f"{store}.x-{hashlib.sha256(group_id.encode()).hexdigest()[:40]}"
 
 
 class KubernetesStateStore:
@@ -88,7 +73,7 @@ class KubernetesStateStore:
         context: str | None = None,
         in_cluster: bool | None = None,
     ) -> None:
-        if not _DNS.match(name) or len(name) > 63:
+        if not DNS_NAME.match(name) or len(name) > 63:
             raise StateError(f"state: store name {name!r} is not a lowercase DNS name")
         self.namespace = namespace
         self.name = name

@@ -1,0 +1,33 @@
+"""The decision layer: pure, synchronous functions from (ledger, request) to a plan.
+
+``ledger`` owns the committed records and every index derived from them; ``acquire`` decides
+allocations, reservations, claims, pre-carved matches, gangs and preemption; ``release`` decides
+releases, drains, deletes, expiry and promotion; ``quota`` and ``request`` hold the rules they share.
+Nothing here awaits, reads a store or talks to a provider: the manager commits the plan's change
+set, applies it to the ledger, then runs its effects.
+"""
+
+from computegroups.decide.acquire import plan_acquire, plan_create
+from computegroups.decide.ledger import Ledger
+from computegroups.decide.plan import Dematerialise, Effect, Emit, Materialise, Plan
+from computegroups.decide.release import plan_delete, plan_drain, plan_expire, plan_release
+from computegroups.decide.request import Ask, context, priority_of, resolve_pool
+
+__all__ = [
+    "Ask",
+    "Dematerialise",
+    "Effect",
+    "Emit",
+    "Ledger",
+    "Materialise",
+    "Plan",
+    "context",
+    "plan_acquire",
+    "plan_create",
+    "plan_delete",
+    "plan_drain",
+    "plan_expire",
+    "plan_release",
+    "priority_of",
+    "resolve_pool",
+]

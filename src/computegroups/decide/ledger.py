@@ -1,0 +1,262 @@
+"""The ledger: the committed records, the occupancy they imply and every index derived from them.
+
+A :class:`Ledger` is what the decision layer reads. It changes in exactly two ways: ``reload``
+(everything, from a full read of the store) and ``apply`` (one committed change set, in commit
+order, whoever committed it). Every index is derived from the records by ``_count`` (a record
+enters) and ``_uncount`` (it leaves), so the two always agree; the workload mix that fragmentation
+scoring needs is one of them, updated from committed groups only. Health marks and cordons are
+facts about devices, not records; they are set on the ledger too, so placement sees one picture.
+
+Pure and synchronous: no awaits, no I/O.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+
+from computegroups.errors import NotFoundError
+from computegroups.model import AllocationState, GroupRecord, NodeSpec, Scope
+from computegroups.placement.cluster import Cluster
+from computegroups.placement.fragmentation import FragmentationScore, WorkloadMix
+from computegroups.pools import Pool
+
+__all__ = ["CLIQUE_LABEL", "Ledger"]
+
+CLIQUE_LABEL = "nvidia.com/gpu.clique"
+_RELEASED = AllocationState.RELEASED
+
+
+class Ledger:
+    """Committed records and their indexes at ``revision`` (see the module docstring)."""
+
+    def __init__(self, nodes: Sequence[NodeSpec], pools: Iterable[Pool] = (), cordoned: Iterable[str] = ()) -> None:
+        self.nodes = tuple(nodes)
+        self.specs = {n.id: n for n in self.nodes}
+        self.cordoned = frozenset(cordoned)
+        self.pools = {p.name: p for p in pools}
+        self.pool_members = {name: p.members(self.nodes) for name, p in self.pools.items()}
+        self.pool_gpus = {
+            name: sum(len(self.specs[n].gpus) for n in members) for name, members in self.pool_members.items()
+        }
+        self.domain_of: dict[str, str] = {}
+        self.domain_nodes: dict[str, set[str]] = {}
+        for n in self.nodes:
+            domain = n.labels.get(CLIQUE_LABEL) or f"node:{n.id}"
+            self.domain_of[n.id] = domain
+            self.domain_nodes.setdefault(domain, set()).add(n.id)
+        self.unhealthy: dict[tuple[str, int], str] = {}  # (node, GPU index) -> reason
+        self.revision = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cluster = Cluster(self.nodes)
+        for node_id in self.cordoned:
+            self.cluster.set_cordoned(node_id, True)
+        for node_id, index in self.unhealthy:
+            self.cluster.set_unhealthy(node_id, index, True)
+        self.records: dict[str, GroupRecord] = {}
+        self.by_request: dict[str, str] = {}  # request id -> the group it made (a live one first)
+        self.by_node: dict[str, set[str]] = {}
+        self.carved_free: dict[str, None] = {}  # ordered set of allocatable pre-carved groups
+        self.tombstones: deque[str] = deque()  # released groups, oldest first
+        self.usage: Counter[tuple[str, str, str]] = Counter()  # (pool, "component"|"tenant", name) -> milli
+        self.component_nodes: dict[str, dict[str, int]] = {}  # component -> node id -> groups held there
+        self.near: dict[tuple[str, Scope], frozenset[str]] = {}  # (component, scope) -> nodes near it
+        self.reservations: dict[str, dict[str, None]] = {}  # component -> its unclaimed reservations
+        self.expiry: list[tuple[float, str]] = []  # heap of (expires_at, group id)
+        self.victims: dict[str, set[str]] = {}  # waiting preemptor -> victims still holding capacity
+        self.nominated: dict[str, dict[str, tuple[int, int]]] = {}  # node -> preemptor -> (gpu mask, priority)
+        self.preemptible: dict[str, dict[str, None]] = {}  # node -> preemptible allocated groups
+        self.gangs: dict[str, list[str]] = {}  # gang id -> part ids
+        self.demand = FragmentationScore(WorkloadMix())  # the workload mix of committed groups
+
+    # -- change ------------------------------------------------------------------------
+    def reload(self, revision: int, records: Iterable[GroupRecord]) -> None:
+        """Forget everything and count ``records`` (a full read of the store at ``revision``)."""
+        self._reset()
+        for r in sorted(records, key=lambda r: (r.updated_at, r.id)):
+            self._count(r, None)
+        self.revision = revision
+
+    def apply(self, revision: int, upserts: Sequence[GroupRecord], deletes: Sequence[str]) -> None:
+        """Apply one committed change set (records written, ids deleted) that took the state to ``revision``."""
+        records = self.records
+        for r in upserts:
+            old = records.get(r.id)
+            if old is not None:
+                self._uncount(old)
+            self._count(r, old)
+        for gid in deletes:
+            old = records.get(gid)
+            if old is not None:
+                self._uncount(old)
+        self.revision = revision
+
+    def _count(self, r: GroupRecord, old: GroupRecord | None) -> None:
+        gid = r.id
+        self.records[gid] = r
+        released = r.state is _RELEASED
+        self.cluster.apply(r)  # counts only what holds capacity
+        if r.request_id:
+            if not released:
+                self.by_request[r.request_id] = gid
+            else:
+                self.by_request.setdefault(r.request_id, gid)
+        ids = self.by_node.get(r.node_id)
+        if ids is None:
+            ids = self.by_node[r.node_id] = set()
+        ids.add(gid)
+        if r.carved and r.state is AllocationState.FREE:
+            self.carved_free[gid] = None
+        if released:
+            self.tombstones.append(gid)
+        else:
+            self._count_live(r, 1)
+        if r.gang_id:
+            self.gangs.setdefault(r.gang_id, []).append(gid)
+        # A group got an owner: one request served (a multi-node group counts once, at its first part).
+        got_owner = r.component is not None and (old is None or old.component is None)
+        if got_owner and (r.gang_id is None or gid == f"{r.gang_id}.0"):
+            self.demand.mix.observe(r.requirements)
+
+    def _uncount(self, old: GroupRecord) -> None:
+        gid = old.id
+        del self.records[gid]
+        self.cluster.remove(old)
+        if old.request_id and self.by_request.get(old.request_id) == gid:
+            del self.by_request[old.request_id]
+        ids = self.by_node.get(old.node_id)
+        if ids is not None:
+            ids.discard(gid)
+        if old.carved:
+            self.carved_free.pop(gid, None)
+        if old.state is not _RELEASED:
+            self._count_live(old, -1)
+        if old.gang_id and old.gang_id in self.gangs:
+            parts = self.gangs[old.gang_id]
+            if gid in parts:
+                parts.remove(gid)
+            if not parts:
+                del self.gangs[old.gang_id]
+
+    def _count_live(self, r: GroupRecord, sign: int) -> None:
+        """Indexes over groups that are not released: quotas, affinity, reservations, preemption."""
+        component = r.component
+        if component is None:
+            return  # a free pre-carved group: no owner to count
+        if r.pool:
+            milli = sign * r.share_milli
+            self.usage[(r.pool, "component", component)] += milli
+            if r.tenant:
+                self.usage[(r.pool, "tenant", r.tenant)] += milli
+        state = r.state
+        if r.pending:
+            noms = self.nominated.setdefault(r.node_id, {})
+            if sign > 0:
+                noms[r.id] = (sum(1 << d.index for d in r.devices), r.priority)
+            else:
+                noms.pop(r.id, None)
+                if not noms:
+                    del self.nominated[r.node_id]
+        else:
+            nodes = self.component_nodes.setdefault(component, {})
+            count = nodes.get(r.node_id, 0) + sign
+            if count > 0:
+                nodes[r.node_id] = count
+            else:
+                nodes.pop(r.node_id, None)
+            if (count == 1 and sign > 0) or count <= 0:  # the component arrived on or left a node
+                self.near.pop((component, Scope.NODE), None)
+                self.near.pop((component, Scope.NVLINK_DOMAIN), None)
+            if state is AllocationState.RESERVED:
+                bucket = self.reservations.setdefault(component, {})
+                if sign > 0:
+                    bucket[r.id] = None
+                else:
+                    bucket.pop(r.id, None)
+            if sign > 0 and r.expires_at is not None:
+                heapq.heappush(self.expiry, (r.expires_at, r.id))  # a drained reservation expires too
+            if r.preempted_by:
+                victims = self.victims.setdefault(r.preempted_by, set())
+                (victims.add if sign > 0 else victims.discard)(r.id)
+        if r.preemptible and state is AllocationState.ALLOCATED and not r.carved:
+            bucket = self.preemptible.setdefault(r.node_id, {})
+            if sign > 0:
+                bucket[r.id] = None
+            else:
+                bucket.pop(r.id, None)
+
+    # -- device facts ------------------------------------------------------------------
+    def set_unhealthy(self, node_id: str, index: int, reason: str | None) -> bool:
+        """Mark a GPU unhealthy (``reason``) or healthy again (None); True if that changed anything."""
+        key = (node_id, index)
+        if reason is None:
+            if self.unhealthy.pop(key, None) is None:
+                return False
+            self.cluster.set_unhealthy(node_id, index, False)
+            return True
+        if key in self.unhealthy:
+            return False
+        self.unhealthy[key] = reason
+        self.cluster.set_unhealthy(node_id, index, True)
+        return True
+
+    # -- reading -------------------------------------------------------------------------
+    def parts(self, gid: str) -> list[GroupRecord]:
+        """The records behind a group id: one, or every part of a multi-node group (NotFoundError if none)."""
+        r = self.records.get(gid)
+        gang = gid if gid in self.gangs else (r.gang_id if r is not None else None)
+        if gang is not None and gang in self.gangs:
+            return sorted((self.records[p] for p in self.gangs[gang]), key=lambda x: x.id)
+        if r is None:
+            raise NotFoundError(f"group_id: no compute group {gid!r}")
+        return [r]
+
+    def nodes_near(self, component: str, scope: Scope) -> frozenset[str]:
+        """Nodes that share a node (or an NVLink domain) with a group of ``component`` (remembered)."""
+        key = (component, scope)
+        nodes = self.near.get(key)
+        if nodes is not None:
+            return nodes
+        hosts = self.component_nodes.get(component) or {}
+        if scope is Scope.NODE:
+            nodes = frozenset(hosts)
+        else:
+            out: set[str] = set()
+            for n in hosts:
+                out |= self.domain_nodes.get(self.domain_of.get(n, f"node:{n}"), {n})
+            nodes = frozenset(out)
+        self.near[key] = nodes
+        return nodes
+
+    def due(self, now: float) -> list[GroupRecord]:
+        """Reservations past their deadline (taken off the expiry heap; ``requeue`` puts them back)."""
+        heap = self.expiry
+        if not heap or heap[0][0] > now:
+            return []
+        due: list[GroupRecord] = []
+        while heap and heap[0][0] <= now:
+            at, gid = heapq.heappop(heap)
+            r = self.records.get(gid)
+            if r is None or r.expires_at != at or r.pending:
+                continue
+            if r.state in (AllocationState.RESERVED, AllocationState.DRAINING):
+                due.append(r)
+        return due
+
+    def requeue(self, records: Iterable[GroupRecord]) -> None:
+        """Put reservations ``due`` returned back on the expiry heap (their release was not committed)."""
+        for r in records:
+            if r.expires_at is not None:
+                heapq.heappush(self.expiry, (r.expires_at, r.id))
+
+    def expired(self, r: GroupRecord, now: float) -> bool:
+        """Whether ``r`` is a reservation whose deadline has passed (it holds nothing any more)."""
+        return (
+            r.expires_at is not None
+            and r.expires_at <= now
+            and not r.pending
+            and r.state in (AllocationState.RESERVED, AllocationState.DRAINING)
+        )

@@ -1,0 +1,99 @@
+"""Releasing, draining, deleting and expiring groups, and promoting the preemptors that were waiting.
+
+A release frees a group's capacity (a pre-carved group goes back to free); in the same change, a
+waiting preemptor whose last victim it was is allocated, if the placement rules still admit its
+devices (:func:`~computegroups.placement.existing.admits`). Pure: reads the ledger, returns a plan.
+"""
+
+from __future__ import annotations
+
+from computegroups.decide.ledger import Ledger
+from computegroups.decide.plan import Dematerialise, Effect, Emit, Materialise, Plan
+from computegroups.decide.request import context
+from computegroups.errors import ConflictError
+from computegroups.events import Event
+from computegroups.model import AllocationState, Constraints, GroupRecord, Requirements
+from computegroups.placement.existing import admits
+
+__all__ = ["plan_delete", "plan_drain", "plan_expire", "plan_release"]
+
+_RELEASED = AllocationState.RELEASED
+_DRAINING = AllocationState.DRAINING
+NOTHING = Plan([], [], changed=False)
+
+
+def plan_release(ledger: Ledger, gid: str, now: float) -> Plan:
+    """Release a group (every part of a multi-node one); nothing to do if it has no owner."""
+    prior = [r for r in ledger.parts(gid) if r.component is not None and r.state is not _RELEASED]
+    if not prior:
+        return NOTHING
+    ups: list[GroupRecord] = []
+    for r in prior:
+        if r.carved:
+            state = _DRAINING if r.state is _DRAINING else AllocationState.FREE
+            ups.append(r.replace(state=state, component=None, request_id=None, updated_at=now))
+        else:
+            ups.append(r.replace(state=_RELEASED, updated_at=now))
+    first = prior[0]
+    effects: list[Effect] = [
+        Dematerialise(tuple(prior)),
+        Emit(Event("released", first.gang_id or first.id, first.node_id, first.component)),
+    ]
+    promoted = _promotions(ledger, prior, now)
+    for waiter in promoted:
+        effects.append(Materialise(waiter))
+        effects.append(Emit(Event("allocated", waiter.id, waiter.node_id, waiter.component, "after preemption")))
+    return Plan(ups + promoted, [], tuple(effects), group=first.gang_id or first.id)
+
+
+def _promotions(ledger: Ledger, released: list[GroupRecord], now: float) -> list[GroupRecord]:
+    """Waiting preemptors whose last victim is among ``released`` and whose devices the rules admit now."""
+    gone = {r.id for r in released}
+    out: list[GroupRecord] = []
+    for waiter_id in sorted({r.preempted_by for r in released if r.preempted_by}):
+        waiter = ledger.records.get(waiter_id)
+        if waiter is None or not waiter.pending or waiter.state is _RELEASED:
+            continue
+        if ledger.victims.get(waiter_id, set()) - gone:
+            continue  # another victim still drains
+        req = Requirements.parse(dict(waiter.requirements))
+        cons = Constraints.parse(dict(waiter.constraints))
+        ctx = context(ledger, cons, waiter.priority, nominee=waiter.id)
+        if admits(ledger.cluster, waiter, req, cons, ctx, exact=True, released=released) is None:
+            out.append(waiter.replace(state=AllocationState.ALLOCATED, pending=False, updated_at=now))
+    return out
+
+
+def plan_drain(ledger: Ledger, gid: str) -> Plan:
+    """Mark a group draining: it gets no new owner; its owner keeps it until release."""
+    parts = ledger.parts(gid)
+    if all(r.state is _RELEASED for r in parts):
+        raise ConflictError(f"group {gid} is released; there is nothing to drain")
+    if any(r.pending for r in parts):
+        raise ConflictError(f"group {gid} waits for preempted groups; release it to cancel the request")
+    live = [r.replace(state=_DRAINING) for r in parts if r.state not in (_RELEASED, _DRAINING)]
+    if not live:
+        return NOTHING
+    first = live[0]
+    return Plan(live, [], (Emit(Event("drained", first.gang_id or gid, first.node_id, first.component)),), group=gid)
+
+
+def plan_delete(ledger: Ledger, gid: str) -> Plan:
+    """Delete a pre-carved group; a group with an owner is refused (ConflictError)."""
+    parts = ledger.parts(gid)
+    live = [r for r in parts if r.state is not _RELEASED]
+    for r in live:
+        if r.component is not None:
+            raise ConflictError(f"group {gid} is {r.state.value} by {r.component}; deallocate it before deleting")
+    if not live:
+        return NOTHING
+    return Plan([], [r.id for r in live], (Emit(Event("deleted", gid, parts[0].node_id)),), group=gid)
+
+
+def plan_expire(due: list[GroupRecord], now: float) -> Plan:
+    """Release reservations past their deadline (``Ledger.due``)."""
+    released = [r.replace(state=_RELEASED, updated_at=now) for r in due]
+    effects = tuple(
+        Emit(Event("reservation-expired", r.id, r.node_id, r.component, "its capacity returns")) for r in due
+    )
+    return Plan(released, [], effects)
