@@ -89,11 +89,7 @@ def test_no_import_circles() -> None:
 
 
 def test_the_decision_core_imports_no_edge() -> None:
-    offenders = {
-        name: sorted(t for t in GRAPH[name] if t.startswith(EDGES))
-        for name in GRAPH
-        if name.startswith(PURE)
-    }
+    offenders = {name: sorted(t for t in GRAPH[name] if t.startswith(EDGES)) for name in GRAPH if name.startswith(PURE)}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
