@@ -100,10 +100,8 @@ async def test_cpu_only_request_avoids_stranding_a_nodes_gpus() -> None:
         assert g.node_id == "big"
 
 
-def test_share_prefers_the_node_it_does_not_fragment() -> None:
-    # Node a: seven GPUs taken and half of the eighth; node b: seven taken, the eighth free.
-    # A 0.3 share on a would leave 0.2 of a GPU that this workload's 0.5 shares cannot use;
-    # on b it leaves 0.7, which they can. Bin-pack alone prefers the fuller node a.
+def _half_gpu_apart() -> Cluster:
+    """Node a: seven GPUs taken and half of the eighth; node b: seven taken, the eighth free."""
     spec = {"nodes": [{"id": "a", "gpus": 8, "cpus": 64}, {"id": "b", "gpus": 8, "cpus": 64}]}
     cluster = Cluster(nodes_from_spec(spec))
     for n, (node, req) in enumerate(
@@ -111,6 +109,14 @@ def test_share_prefers_the_node_it_does_not_fragment() -> None:
     ):
         d = place(cluster, req, Constraints(node_id=node))
         cluster.apply(GroupRecord(f"g{n}", node, AllocationState.ALLOCATED, "c", d.devices))
+    return cluster
+
+
+def test_share_prefers_the_node_it_does_not_fragment() -> None:
+    # Node a: seven GPUs taken and half of the eighth; node b: seven taken, the eighth free.
+    # A 0.3 share on a would leave 0.2 of a GPU that this workload's 0.5 shares cannot use;
+    # on b it leaves 0.7, which they can. Bin-pack alone prefers the fuller node a.
+    cluster = _half_gpu_apart()
     demand = FragmentationScore(WorkloadMix())
     for _ in range(20):
         demand.mix.observe(Requirements(gpus=0.5).stored)
@@ -125,13 +131,7 @@ def test_share_prefers_the_node_it_does_not_fragment() -> None:
 
 
 def test_fragmentation_scoring_can_be_switched_off() -> None:
-    spec = {"nodes": [{"id": "a", "gpus": 8, "cpus": 64}, {"id": "b", "gpus": 8, "cpus": 64}]}
-    cluster = Cluster(nodes_from_spec(spec))
-    for n, (node, req) in enumerate(
-        [("a", Requirements(gpus=7)), ("a", Requirements(gpus=0.5)), ("b", Requirements(gpus=7))]
-    ):
-        d = place(cluster, req, Constraints(node_id=node))
-        cluster.apply(GroupRecord(f"g{n}", node, AllocationState.ALLOCATED, "c", d.devices))
+    cluster = _half_gpu_apart()
     demand = FragmentationScore(WorkloadMix.of({Shape(0, 500, 0, 0): 1.0}))
     assert enabled() and place(cluster, Requirements(gpus=0.3), Constraints(), demand=demand).node_id == "b"
     set_enabled(False)

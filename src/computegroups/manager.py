@@ -240,25 +240,9 @@ class ComputeGroupManager:
     async def _write(self, plan: Plan) -> None:
         """Commit one plan's change set (and a batch of old tombstones) and apply it to the ledger."""
         ledger = self.ledger
-        deletes = plan.deletes
-        excess = len(ledger.tombstones) - self._tombstone_limit
-        if excess > min(_PRUNE_SLACK, self._tombstone_limit // 8):
-            deletes = deletes + self._prunable(excess, plan)
+        deletes = plan.deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
         rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
         ledger.apply(rev, plan.upserts, deletes)
-
-    def _prunable(self, excess: int, plan: Plan) -> list[str]:
-        """The oldest ``excess`` released groups (unless the plan writes them)."""
-        ledger = self.ledger
-        written = {r.id for r in plan.upserts} | set(plan.deletes)
-        out: list[str] = []
-        for _ in range(excess):
-            gid = ledger.tombstones.popleft()
-            r = ledger.records.get(gid)
-            if r is not None and r.state is AllocationState.RELEASED and gid not in written:
-                out.append(gid)
-                written.add(gid)
-        return out
 
     async def _run(self, decide: Callable[[float], Plan]) -> Plan:
         """Decide and commit under the lock, then run the plan's effects and raise its error."""

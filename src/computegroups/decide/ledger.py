@@ -13,9 +13,11 @@ Pure and synchronous: no awaits, no I/O.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 
+from computegroups.decide.plan import Plan
 from computegroups.errors import NotFoundError
 from computegroups.model import AllocationState, GroupRecord, NodeSpec, Scope
 from computegroups.placement.cluster import Cluster
@@ -92,6 +94,12 @@ class Ledger:
             old = records.get(gid)
             if old is not None:
                 self._uncount(old)
+        tombstones = self.tombstones
+        while tombstones:  # forget pruned groups from the oldest end
+            oldest = records.get(tombstones[0])
+            if oldest is not None and oldest.state is _RELEASED:
+                break
+            tombstones.popleft()
         self.revision = revision
 
     def _count(self, r: GroupRecord, old: GroupRecord | None) -> None:
@@ -187,6 +195,22 @@ class Ledger:
                 bucket[r.id] = None
             else:
                 bucket.pop(r.id, None)
+
+    def prunable(self, limit: int, slack: int, plan: Plan) -> list[str]:
+        """The oldest released groups past ``limit`` to delete with ``plan`` (none of its own records);
+        a batch at a time, once more than ``min(slack, limit // 8)`` are over, since a delete per
+        release would cost every release."""
+        excess = len(self.tombstones) - limit
+        if excess <= min(slack, limit // 8):
+            return []
+        written = {r.id for r in plan.upserts} | set(plan.deletes)
+        out: list[str] = []
+        for gid in itertools.islice(self.tombstones, excess):
+            r = self.records.get(gid)
+            if r is not None and r.state is _RELEASED and gid not in written:
+                out.append(gid)
+                written.add(gid)
+        return out
 
     # -- device facts ------------------------------------------------------------------
     def set_unhealthy(self, node_id: str, index: int, reason: str | None) -> bool:
