@@ -179,3 +179,31 @@ async def test_default_path_honours_environment(tmp_path: Path, monkeypatch: pyt
     async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC)) as mgr:
         await mgr.allocate_compute_group("c", {"gpus": 1})
     assert (tmp_path / "explicit.db").exists()
+
+
+_OPEN_AT = """
+import asyncio, sys, time
+from computegroups.state.sqlite import SqliteStateStore
+while time.time() < float(sys.argv[2]):
+    pass
+async def main() -> None:
+    store = SqliteStateStore(sys.argv[1])
+    await store.open()
+    await store.close()
+asyncio.run(main())
+"""
+
+
+def test_processes_opening_a_new_file_together_all_succeed(tmp_path: Path) -> None:
+    # Switching a new file to WAL needs an exclusive lock that SQLite refuses at once, not after its
+    # busy timeout, when several processes open the file together; the store waits its turn instead.
+    for trial in range(10):
+        state = tmp_path / f"state{trial}.db"
+        at = str(time.time() + 0.5)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(state), at], cwd=REPO, stderr=subprocess.PIPE)
+            for _ in range(8)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()[-500:]

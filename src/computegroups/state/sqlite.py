@@ -10,10 +10,12 @@ commit. A file that is not SQLite, or is SQLite but not ours, raises
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,7 +61,7 @@ class SqliteStateStore:
         except sqlite3.Error as exc:
             raise StateError(f"state {self.path}: cannot open: {exc}") from exc
         try:
-            self._prepare(conn, existed)
+            await self._prepare_when_free(conn, existed)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StateError(f"state {self.path}: not a usable SQLite database: {exc}") from exc
@@ -70,6 +72,25 @@ class SqliteStateStore:
         if not existed:
             with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o600)
+
+    async def _prepare_when_free(self, conn: sqlite3.Connection, existed: bool) -> None:
+        """``_prepare``, retried (without blocking the event loop) while another process holds its lock.
+
+        Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is
+        locked" at once, without its busy handler, when several processes open a new file together.
+        """
+        deadline = time.monotonic() + self._timeout
+        delay = 0.005
+        while True:
+            try:
+                self._prepare(conn, existed)
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def _prepare(self, conn: sqlite3.Connection, existed: bool) -> None:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
