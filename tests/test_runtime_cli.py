@@ -82,3 +82,37 @@ def test_errors_are_one_line_with_exit_codes(env: dict[str, str]) -> None:
     r = invoke(env, "run", "x", "--gpus", "1", "--", "/nonexistent/binary")
     assert r.exit_code == 2 and "not an executable" in r.output
     assert json.loads(invoke(env, "--json", "ps").output) == []
+
+
+def _processes_of(gid: str) -> list[int]:
+    """Live processes (zombies aside) whose environment names group ``gid``."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("COMPUTEGROUPS_GROUP_ID") == gid:
+                out.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def test_release_stops_the_worker_before_anyone_else_gets_its_gpus(env: dict[str, str]) -> None:
+    from computegroups.cli import cli as main_cli
+
+    r = invoke(env, "run", "w", "--gpus", "8", "--", sys.executable, "-c", "import time; time.sleep(600)")
+    assert r.exit_code == 0, r.output
+    gid = r.output.strip()
+    deadline = time.monotonic() + 20
+    while not _processes_of(gid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_of(gid), "the worker never started"
+    r = invoke(env, "release", gid)
+    assert r.exit_code == 0 and f"{gid}: released" in r.output, r.output
+    assert _processes_of(gid) == []  # stopped before the release was committed, not after
+    base = ["--state", env["COMPUTEGROUPS_STATE"], "--spec", env["SPEC"]]
+    thief = CliRunner().invoke(main_cli, [*base, "--json", "allocate", "thief", "--gpus", "8"], env=env)
+    assert thief.exit_code == 0, thief.output
+    (ended,) = json.loads(invoke(env, "--json", "ps", "--all").output)
+    assert ended["state"] == "stopped" and ended["note"] == "stopped: its group was released"

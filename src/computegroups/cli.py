@@ -215,19 +215,6 @@ def reserve(ctx: Context, /, component: str, ttl: float, **opts: Any) -> None:
 @cli.command()
 @click.argument("group_id")
 @click.pass_obj
-def release(ctx: Context, group_id: str) -> None:
-    """Release a group (a no-op, reported, if it had no owner)."""
-    changed = with_manager(ctx, lambda m: m.deallocate_compute_group(group_id))
-    emit(
-        ctx,
-        {"group_id": group_id, "released": changed},
-        lambda: click.echo(f"{group_id}: {'released' if changed else 'already free; nothing changed'}"),
-    )
-
-
-@cli.command()
-@click.argument("group_id")
-@click.pass_obj
 def drain(ctx: Context, group_id: str) -> None:
     """Mark a group draining: it gets no new owner."""
     changed = with_manager(ctx, lambda m: m.drain_compute_group(group_id))

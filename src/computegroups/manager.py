@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -63,6 +63,7 @@ log = logging.getLogger("computegroups")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$")
 _FILTER_KEYS = ("component", "state", "node_id", "include_released")
 _STATES = [s.value for s in AllocationState]
+_RELEASED = AllocationState.RELEASED
 MAX_TTL_S = 7 * 24 * 3600.0
 _PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
 
@@ -147,6 +148,8 @@ class ComputeGroupManager:
         self.reconcile_on_start = reconcile_on_start
         self.monitor_hooks: list[Hook] = []
         self.reconcile_hooks: list[Hook] = []
+        #: awaited with a group's records before its release is committed (a runtime stops its worker)
+        self.release_hooks: list[Callable[[Sequence[GroupRecord]], Awaitable[None]]] = []
         self.monitor: Monitor | None = None
 
     # -- lifecycle ----------------------------------------------------------------
@@ -442,9 +445,19 @@ class ComputeGroupManager:
         return Ask(component, req, cons, state, ttl, priority_of(self.pools, cons))
 
     async def deallocate_compute_group(self, group_id: object) -> bool:
-        """Release a group. Returns False (and changes nothing) if it already had no owner."""
+        """Release a group. Returns False (and changes nothing) if it already had no owner.
+
+        Release hooks run first (a local runtime stops the group's worker and waits until none of
+        its processes is left), so the devices are free before anyone else can be given them.
+        """
         self._require_open()
         gid = _check_group_id(group_id)
+        if self.release_hooks:
+            async with self._lock:
+                await self._read()
+                held = [r for r in self.ledger.parts(gid) if r.component is not None and r.state is not _RELEASED]
+            for hook in self.release_hooks if held else ():
+                await hook(held)
         return (await self._run(lambda now: plan_release(self.ledger, gid, now))).changed
 
     async def drain_compute_group(self, group_id: object) -> bool:

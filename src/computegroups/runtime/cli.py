@@ -24,7 +24,7 @@ from computegroups.manager import ComputeGroupManager
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.local import LocalRuntime, RestartPolicy
 
-__all__ = ["ps_command", "register", "run_command", "stop_command", "supervise_command"]
+__all__ = ["ps_command", "register", "release_command", "run_command", "stop_command", "supervise_command"]
 
 T = TypeVar("T")
 
@@ -119,6 +119,20 @@ def stop_command(ctx: CliContext, group_id: str, runtime_dir: str | None) -> Non
     )
 
 
+@click.command("release")
+@click.argument("group_id")
+@_runtime_dir
+@click.pass_obj
+def release_command(ctx: CliContext, group_id: str, runtime_dir: str | None) -> None:
+    """Release a group (a no-op, reported, if it had no owner); a worker running on it is stopped first."""
+    changed = _with_runtime(ctx, runtime_dir, lambda rt: rt.manager.deallocate_compute_group(group_id))
+    _emit(
+        ctx,
+        {"group_id": group_id, "released": changed},
+        lambda: click.echo(f"{group_id}: {'released' if changed else 'already free; nothing changed'}"),
+    )
+
+
 @click.command("ps")
 @click.option("--all", "show_all", is_flag=True, help="Include workers that ended.")
 @_runtime_dir
@@ -192,6 +206,6 @@ def supervise_command(ctx: CliContext, interval: float, duration: float | None, 
 
 
 def register(group: click.Group) -> None:
-    """Add ``run``, ``stop``, ``ps`` and ``supervise`` to a click group (the main ``computegroups`` CLI)."""
-    for command in (run_command, stop_command, ps_command, supervise_command):
+    """Add ``run``, ``stop``, ``release``, ``ps`` and ``supervise`` to a click group (the main CLI)."""
+    for command in (run_command, stop_command, release_command, ps_command, supervise_command):
         group.add_command(command)

@@ -43,7 +43,7 @@ from typing import Any
 
 from computegroups.errors import InvalidRequestError, NotFoundError, ProviderError, one_of
 from computegroups.manager import ComputeGroupManager, Event
-from computegroups.model import MILLI, AllocationState, ComputeGroup, Constraints, Requirements
+from computegroups.model import MILLI, AllocationState, ComputeGroup, Constraints, GroupRecord, Requirements
 from computegroups.runtime.circus import CircusDaemon, CircusError
 
 __all__ = ["REQUEST_PREFIX", "LocalRuntime", "RestartPolicy", "Worker", "sharing_env"]
@@ -138,8 +138,10 @@ class LocalRuntime:
         self.daemon = daemon or CircusDaemon()
         self.graceful_timeout_s = graceful_timeout_s
         self._lock = asyncio.Lock()
+        self._holder: asyncio.Task[Any] | None = None  # the task holding the runtime lock
         manager.reconcile_hooks.append(self._reconcile_hook)
         manager.monitor_hooks.append(self._check_hook)
+        manager.release_hooks.append(self._before_release)
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -153,8 +155,10 @@ class LocalRuntime:
             fd = os.open(self.dir / "runtime.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                self._holder = asyncio.current_task()
                 yield
             finally:
+                self._holder = None
                 os.close(fd)
 
     async def _circus(self, method: str, *args: Any) -> Any:
@@ -296,26 +300,45 @@ class LocalRuntime:
 
     async def stop(self, group_id: str) -> bool:
         """Stop a group's worker gracefully, then release the group. False if there was nothing to stop."""
+        await self.manager.get_compute_group(group_id)  # NotFoundError for an unknown id
         async with self._locked():
-            workers = self._load()
-            w = workers.get(group_id)
-            group = await self.manager.get_compute_group(group_id)  # NotFoundError for an unknown id
-            stopped = False
-            if await asyncio.to_thread(self.daemon.is_running) and WATCHER_PREFIX + group_id in await self._circus(
-                "watchers"
-            ):
-                await self._circus("remove_watcher", WATCHER_PREFIX + group_id)
-                stopped = True
-            released = await self.manager.deallocate_compute_group(group_id)
-            if w is not None and not w.ended:
-                w.state, w.pids, w.updated_at = "stopped", [], time.time()
-                w.note = "stopped; group released"
-                workers[group_id] = w
-                self._save(workers)
-                self._emit("worker-stopped", w, w.note)
-            elif w is None and group.component is None:
-                return False
+            stopped = await self._stop_workers([group_id], "stopped; group released")
+        released = await self.manager.deallocate_compute_group(group_id)
         return stopped or released
+
+    async def _before_release(self, records: Sequence[GroupRecord]) -> None:
+        """The manager's release hook: a group's worker stops, and none of its processes is left,
+        before the group is released (from the API, the CLI or the Dynamo actuator alike)."""
+        if not any((r.request_id or "").startswith(REQUEST_PREFIX) for r in records):
+            return  # not started by a runtime: no worker to stop
+        gids = sorted({r.gang_id or r.id for r in records})
+        if self._holder is asyncio.current_task():  # released by this runtime's own bookkeeping
+            await self._stop_workers(gids, "stopped: its group was released")
+            return
+        async with self._locked():
+            await self._stop_workers(gids, "stopped: its group was released")
+
+    async def _stop_workers(self, gids: Sequence[str], note: str) -> bool:
+        """Stop the workers of ``gids`` (the runtime lock held) and wait until no process of theirs is left."""
+        workers = self._load()
+        running = await asyncio.to_thread(self.daemon.is_running)
+        watchers = set(await self._circus("watchers")) if running else set()
+        stopped = False
+        for gid in gids:
+            if WATCHER_PREFIX + gid in watchers:
+                await self._circus("remove_watcher", WATCHER_PREFIX + gid)  # stop signal, grace, then SIGKILL
+                stopped = True
+            w = workers.get(gid)
+            if w is None or w.ended:
+                continue
+            if w.pids:  # whatever outlived its watcher (or a daemon that died) ends too
+                await asyncio.to_thread(_end_worker_processes, w, self.graceful_timeout_s)
+            w.state, w.pids, w.updated_at, w.note = "stopped", [], time.time(), note
+            workers[gid] = w
+            self._save(workers)
+            self._emit("worker-stopped", w, note)
+            stopped = True
+        return stopped
 
     async def ps(self) -> list[dict[str, Any]]:
         """Workers, newest first: component, group, state, pids, restarts, policy, command, devices."""
