@@ -22,10 +22,7 @@ from typing import Any
 
 from computegroups.decide import (
     Ask,
-    Dematerialise,
-    Emit,
     Ledger,
-    Materialise,
     Plan,
     plan_acquire,
     plan_create,
@@ -220,44 +217,37 @@ class ComputeGroupManager:
             if due:
                 expiry = plan_expire(due, now)
                 try:
-                    await self._write(expiry)
+                    ledger.apply(await self.store.commit(ledger.revision, expiry.upserts, ()), expiry.upserts, ())
                 except RevisionConflict:
                     ledger.requeue(due)  # someone else moved on; look at them again after catching up
                     continue
                 self.expired += len(due)
-                for e in expiry.effects:
-                    if isinstance(e, Emit):
-                        log.info("reservation %s of %s expired", e.event.group_id, e.event.component)
-                        self.emit(e.event)
+                for event in expiry.events:
+                    log.info("reservation %s of %s expired", event.group_id, event.component)
+                    self.emit(event)
                 continue
             plan = decide(now)
             if not plan.upserts and not plan.deletes:
                 return plan
+            deletes = plan.deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
             try:
-                await self._write(plan)
+                rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
             except RevisionConflict:
                 continue
+            ledger.apply(rev, plan.upserts, deletes)
             return plan
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
-
-    async def _write(self, plan: Plan) -> None:
-        """Commit one plan's change set (and a batch of old tombstones) and apply it to the ledger."""
-        ledger = self.ledger
-        deletes = plan.deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
-        rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
-        ledger.apply(rev, plan.upserts, deletes)
 
     async def _run(self, decide: Callable[[float], Plan]) -> Plan:
         """Decide and commit under the lock, then run the plan's effects and raise its error."""
         async with self._lock:
             plan = await self._commit(decide)
-        for effect in plan.effects:
-            if isinstance(effect, Materialise):
-                await self._materialise(effect.record, own=plan.group in (effect.record.id, effect.record.gang_id))
-            elif isinstance(effect, Dematerialise):
-                await self._dematerialise(effect.records)
-            else:
-                self.emit(effect.event)
+        if plan.dematerialise:
+            await self._dematerialise(plan.dematerialise)
+        for record in plan.materialise:
+            await self._materialise(record, own=plan.group in (record.id, record.gang_id))
+        for event in plan.events:
+            self.emit(event)
         if plan.error is not None:
             raise plan.error
         return plan

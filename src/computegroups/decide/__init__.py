@@ -9,17 +9,13 @@ set, applies it to the ledger, then runs its effects.
 
 from computegroups.decide.acquire import plan_acquire, plan_create
 from computegroups.decide.ledger import Ledger
-from computegroups.decide.plan import Dematerialise, Effect, Emit, Materialise, Plan
+from computegroups.decide.plan import Plan
 from computegroups.decide.release import plan_delete, plan_drain, plan_expire, plan_release
 from computegroups.decide.request import Ask, context, priority_of, resolve_pool
 
 __all__ = [
     "Ask",
-    "Dematerialise",
-    "Effect",
-    "Emit",
     "Ledger",
-    "Materialise",
     "Plan",
     "context",
     "plan_acquire",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from computegroups.decide.ledger import Ledger
-from computegroups.decide.plan import Effect, Emit, Materialise, Plan
+from computegroups.decide.plan import Plan
 from computegroups.decide.quota import check_quota
 from computegroups.decide.request import Ask, context
 from computegroups.errors import (
@@ -91,16 +91,15 @@ def plan_create(ledger: Ledger, ask: Ask, now: float, new_id: Callable[[], str])
         updated_at=now,
         pool=ask.cons.pool,
     )
-    return Plan([rec], [], (Emit(Event("created", rec.id, rec.node_id)),), group=rec.id)
+    return Plan([rec], [], events=(Event("created", rec.id, rec.node_id),), group=rec.id)
 
 
 def _granted(ask: Ask, records: list[GroupRecord]) -> Plan:
     first = records[0]
-    effects: list[Effect] = [Materialise(r) for r in records] if ask.state is _ALLOCATED else []
-    kind = "allocated" if ask.state is _ALLOCATED else "reserved"
+    allocated = ask.state is _ALLOCATED
     group = first.gang_id or first.id
-    effects.append(Emit(Event(kind, group, first.node_id, ask.component)))
-    return Plan(records, [], tuple(effects), group=group)
+    event = Event("allocated" if allocated else "reserved", group, first.node_id, ask.component)
+    return Plan(records, [], materialise=tuple(records) if allocated else (), events=(event,), group=group)
 
 
 def _reused(ledger: Ledger, ask: Ask, prior: GroupRecord) -> Plan:
@@ -241,9 +240,8 @@ def _preemption(
     )
     drained = [v.replace(state=AllocationState.DRAINING, preempted_by=gid, updated_at=now) for v in found.victims]
     ids = [v.id for v in found.victims]
-    effects = tuple(
-        Emit(Event("preempted", v.id, v.node_id, v.component, f"by {gid} ({ask.component})")) for v in found.victims
-    )
+    by = f"by {gid} ({ask.component})"
+    events = tuple(Event("preempted", v.id, v.node_id, v.component, by) for v in found.victims)
     error = PreemptionPendingError(
         f"{ask.component}: preempting {len(ids)} group(s) ({', '.join(ids)}) on {waiting.node_id}; "
         f"retry with request_id {waiting.request_id!r} once they have drained",
@@ -251,7 +249,7 @@ def _preemption(
         request_id=waiting.request_id or "",
         victims=ids,
     )
-    return Plan([waiting, *drained], [], effects, group=gid, error=error)
+    return Plan([waiting, *drained], [], events=events, group=gid, error=error)
 
 
 def _record(

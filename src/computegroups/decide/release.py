@@ -8,7 +8,7 @@ devices (:func:`~computegroups.placement.existing.admits`). Pure: reads the ledg
 from __future__ import annotations
 
 from computegroups.decide.ledger import Ledger
-from computegroups.decide.plan import Dematerialise, Effect, Emit, Materialise, Plan
+from computegroups.decide.plan import Plan
 from computegroups.decide.request import context
 from computegroups.errors import ConflictError
 from computegroups.events import Event
@@ -35,19 +35,21 @@ def plan_release(ledger: Ledger, gid: str, now: float) -> Plan:
         else:
             ups.append(r.replace(state=_RELEASED, updated_at=now))
     first = prior[0]
-    effects: list[Effect] = [
-        Dematerialise(tuple(prior)),
-        Emit(Event("released", first.gang_id or first.id, first.node_id, first.component)),
-    ]
+    group = first.gang_id or first.id
+    released = Event("released", group, first.node_id, first.component)
     promoted = _promotions(ledger, prior, now)
-    for waiter in promoted:
-        effects.append(Materialise(waiter))
-        effects.append(Emit(Event("allocated", waiter.id, waiter.node_id, waiter.component, "after preemption")))
-    return Plan(ups + promoted, [], tuple(effects), group=first.gang_id or first.id)
+    if not promoted:
+        return Plan(ups, [], dematerialise=tuple(prior), events=(released,), group=group)
+    events = [released] + [Event("allocated", w.id, w.node_id, w.component, "after preemption") for w in promoted]
+    return Plan(
+        ups + promoted, [], dematerialise=tuple(prior), materialise=tuple(promoted), events=tuple(events), group=group
+    )
 
 
 def _promotions(ledger: Ledger, released: list[GroupRecord], now: float) -> list[GroupRecord]:
     """Waiting preemptors whose last victim is among ``released`` and whose devices the rules admit now."""
+    if not ledger.victims:
+        return []  # nobody waits for a preempted group
     gone = {r.id for r in released}
     out: list[GroupRecord] = []
     for waiter_id in sorted({r.preempted_by for r in released if r.preempted_by}):
@@ -75,7 +77,7 @@ def plan_drain(ledger: Ledger, gid: str) -> Plan:
     if not live:
         return NOTHING
     first = live[0]
-    return Plan(live, [], (Emit(Event("drained", first.gang_id or gid, first.node_id, first.component)),), group=gid)
+    return Plan(live, [], events=(Event("drained", first.gang_id or gid, first.node_id, first.component),), group=gid)
 
 
 def plan_delete(ledger: Ledger, gid: str) -> Plan:
@@ -87,13 +89,11 @@ def plan_delete(ledger: Ledger, gid: str) -> Plan:
             raise ConflictError(f"group {gid} is {r.state.value} by {r.component}; deallocate it before deleting")
     if not live:
         return NOTHING
-    return Plan([], [r.id for r in live], (Emit(Event("deleted", gid, parts[0].node_id)),), group=gid)
+    return Plan([], [r.id for r in live], events=(Event("deleted", gid, parts[0].node_id),), group=gid)
 
 
 def plan_expire(due: list[GroupRecord], now: float) -> Plan:
     """Release reservations past their deadline (``Ledger.due``)."""
     released = [r.replace(state=_RELEASED, updated_at=now) for r in due]
-    effects = tuple(
-        Emit(Event("reservation-expired", r.id, r.node_id, r.component, "its capacity returns")) for r in due
-    )
-    return Plan(released, [], effects)
+    events = tuple(Event("reservation-expired", r.id, r.node_id, r.component, "its capacity returns") for r in due)
+    return Plan(released, [], events=events)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 from computegroups.decide.ledger import Ledger
 from computegroups.errors import InvalidRequestError, one_of
@@ -15,15 +14,31 @@ from computegroups.pools import Pool
 __all__ = ["Ask", "context", "priority_of", "resolve_pool"]
 
 
-class Ask(NamedTuple):
-    """One allocate or reserve call: who asks, for what, under which constraints, into which state."""
+class Ask:
+    """One allocate, reserve or create call: who asks, for what, under which constraints, into which state.
 
-    component: str
-    req: Requirements
-    cons: Constraints  # with the pool of ``req`` merged in (``resolve_pool``)
-    state: AllocationState  # ALLOCATED or RESERVED (FREE: a pre-carved group)
-    ttl: float | None  # reservations: seconds until the capacity returns
-    priority: int  # the request's own, else its pool's
+    ``cons`` has the pool of ``req`` merged in (``resolve_pool``); ``state`` is ALLOCATED, RESERVED
+    or FREE (a pre-carved group); ``ttl``: for reservations, seconds until the capacity returns;
+    ``priority``: the request's own, else its pool's.
+    """
+
+    __slots__ = ("component", "cons", "priority", "req", "state", "ttl")
+
+    def __init__(
+        self,
+        component: str,
+        req: Requirements,
+        cons: Constraints,
+        state: AllocationState,
+        ttl: float | None,
+        priority: int,
+    ) -> None:
+        self.component = component
+        self.req = req
+        self.cons = cons
+        self.state = state
+        self.ttl = ttl
+        self.priority = priority
 
 
 _WITH_POOL: Memo[tuple[int, str | None], tuple[Constraints, Constraints]] = Memo("constraints object, pool", 1024)

@@ -109,6 +109,29 @@ def prefilter(
     return Screen(tuple(active), visit, outside, allowed, barred)
 
 
+_SCREENS: Memo[tuple[int, int, int, bool], tuple[Requirements, Constraints, Sequence[FilterPlugin], Screen]] = Memo(
+    "requirements, constraints and filters objects, any node cordoned", 1024
+)
+
+
+def _screen(
+    filters: Sequence[FilterPlugin], cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context
+) -> Screen:
+    """``prefilter``, remembered for requests that repeat without a context or a node (the common case).
+
+    Pre-filters read the request, the constraints, the context and, of the cluster, whether a node
+    is cordoned and (for ``node_id``) which nodes exist; without a context or a node id, the key
+    holds all of that.
+    """
+    if ctx is not EMPTY_CONTEXT or cons.node_id is not None:
+        return prefilter(filters, cluster, req, cons, ctx)
+    key = (id(req), id(cons), id(filters), bool(cluster.cordoned))
+    known = _SCREENS.get(key)
+    if known is None or known[0] is not req or known[1] is not cons or known[2] is not filters:
+        known = _SCREENS.put(key, (req, cons, filters, prefilter(filters, cluster, req, cons, ctx)))
+    return known[3]
+
+
 def candidates(
     cluster: Cluster, req: Requirements, cons: Constraints, visit: frozenset[str] | None
 ) -> Iterator[NodeState]:
@@ -195,7 +218,7 @@ def place(
         if demand is not None and binpack and demand.mix.engaged and fragmentation.enabled():
             scores = (*scores, demand)
             limit = max(limit, fragmentation.FRAGMENTATION_LIMIT)
-    screen = prefilter(filters, cluster, req, cons, ctx)
+    screen = _screen(filters, cluster, req, cons, ctx)
     active = screen.filters
     # Set checks first: a node outside the pool, holding another part of the gang or beside a component
     # it must avoid is passed over without running the filters (they explain it only if nothing fits).
