@@ -326,6 +326,7 @@ class DynamoActuator:
         self._lock_fd: int | None = None
         self._failures: dict[str, int] = {role: 0 for role in ROLES}
         self._next_start: dict[str, float] = {role: 0.0 for role in ROLES}
+        self._failure_reason: dict[str, str] = {}
         self._state_file = runtime.dir / f"dynamo-{namespace}.json"
         self._last_seen: int | None = self._load_state().get("decision_id")
 
@@ -498,6 +499,7 @@ class DynamoActuator:
                     del pending[gid]
                     self._failures[role] = 0
                     self._next_start[role] = 0.0
+                    self._failure_reason.pop(role, None)
                 elif gid not in running_ids:
                     del pending[gid]
                     failed_here[role] += 1
@@ -506,7 +508,7 @@ class DynamoActuator:
                     last = _last_line(
                         next((r["log_file"] for r in await self.runtime.ps() if r["group_id"] == gid), "")
                     )
-                    outcome.reasons[role] = (
+                    outcome.reasons[role] = self._failure_reason[role] = (
                         f"a worker exited before it was {self.readiness.description} "
                         f"({self._failures[role]} time(s) in a row{'; last output: ' + last if last else ''})"
                     )
@@ -578,8 +580,8 @@ class DynamoActuator:
                 pause = max(0.05, min(pause, *starts))
             await asyncio.sleep(pause)
 
-        counts = {role: len(self._of(rows, role)) for role in ROLES}
-        outcome.running = counts
+        rows = await self._rows()  # with the workers started last, if any
+        outcome.running = {role: len(self._of(rows, role)) for role in ROLES}
         outcome.failures = {r: n for r, n in failed_here.items() if n}
         for role in ROLES:
             outcome.ready[role] = sum(1 for r in self._of(rows, role) if r["group_id"] in ready)
@@ -589,6 +591,8 @@ class DynamoActuator:
                 outcome.shortfall[role] = target - outcome.ready[role]
                 if role in capacity:
                     outcome.reasons[role] = capacity[role]
+                elif role in self._failure_reason:
+                    outcome.reasons.setdefault(role, self._failure_reason[role])
                 outcome.reasons.setdefault(role, f"workers not {self.readiness.description}")
             else:
                 outcome.reasons.pop(role, None)
