@@ -19,6 +19,8 @@ down, which revokes its lease and so removes its registration.
 its model first), so that an actuator acknowledging a worker merely for running would be caught.
 
 --crash: exits with status 3 right after recording, before registering anything.
+--crash-first N: the same for the first N starts of this command (counted in DIR/starts-<mode>),
+then works normally.
 """
 
 from __future__ import annotations
@@ -90,7 +92,13 @@ def main(argv: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     record(record_dir, argv)
-    if "--crash" in argv:
+    crash = "--crash" in argv
+    if "--crash-first" in argv:
+        counter = record_dir / f"starts-{argv[argv.index('--disaggregation-mode') + 1]}"
+        starts = int(counter.read_text()) if counter.exists() else 0
+        counter.write_text(str(starts + 1))
+        crash = starts < int(argv[argv.index("--crash-first") + 1])
+    if crash:
         print("worker: crashing at start-up, as asked", flush=True)
         sys.exit(3)
     if "--register" in argv:

@@ -387,11 +387,14 @@ def test_real_planner_scaling_sequence_restart_and_sigkill(
         "--decode-cmd", worker_cmd(record_dir, "decode", "--register", "--load-time", "1"),
     ]  # fmt: skip
     logs = tmp_path / "actuator.log"
-    assert "ETCD_ENDPOINTS" not in loopback_env and "DYN_NAMESPACE" not in loopback_env
+    # The actuator's own environment names no etcd, and Dynamo's default namespace: neither may reach
+    # the workers, who must join the planner's namespace and the --etcd given.
+    assert "ETCD_ENDPOINTS" not in loopback_env
+    actuator_env = {**loopback_env, "DYN_NAMESPACE": "dynamo"}
 
     def start_actuator() -> subprocess.Popen[bytes]:
         with open(logs, "ab") as fh:
-            return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=loopback_env)
+            return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=actuator_env)
 
     def counts() -> dict[str, int]:
         out = {"prefill": 0, "decode": 0}
@@ -464,6 +467,13 @@ def test_real_planner_scaling_sequence_restart_and_sigkill(
         actuator.wait(10)
         actuator = start_actuator()
         step(planner, 3, 1, decision_id=did)
+
+        # planner killed and restarted before its lease ran out: the new coordinator reads the old
+        # keys back and goes on counting from there
+        planner.kill()
+        planner = RealPlanner(etcd_url, ns, tmp_path / "planner.log")
+        assert planner.state() == {"prefill": 3, "decode": 1, "decision_id": 1}
+        assert step(planner, 2, 1) == 2
         planner.stop()
     finally:
         planner.kill()
@@ -513,6 +523,46 @@ async def test_crashing_worker_is_retried_then_the_shortfall_acknowledged(
             assert len(exits) >= 3
             # The planner counts the ready prefill worker and no decode worker.
             await asyncio.to_thread(wait_until, lambda: planner.counts() == (1, 0), 30, "the planner's count")
+        finally:
+            stop.set()
+            await task
+            await asyncio.to_thread(planner.stop)
+            for s in live(record_dir):
+                os.kill(s.pid, signal.SIGTERM)
+
+
+@pytest.mark.etcd
+@pytest.mark.circus
+async def test_a_role_past_its_retry_budget_is_retried_until_it_works(
+    etcd_url: str, dynamo_runtime: None, daemon: CircusDaemon, loopback_env: dict[str, str], tmp_path: Path
+) -> None:
+    ns = "retry"
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    etcd = EtcdClient(etcd_url)
+    mgr = ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), tmp_path / "state.db")
+    runtime = LocalRuntime(mgr, daemon, graceful_timeout_s=10)
+    specs = worker_specs(record_dir, decode=("--register", "--crash-first", "4"))
+    async with mgr:
+        actuator = DynamoActuator(
+            runtime, etcd, ns, specs, poll_interval_s=0.3, max_start_failures=2, retry_backoff_s=0.1
+        )
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(actuator.run(stop))
+        planner = await asyncio.to_thread(RealPlanner, etcd_url, ns, tmp_path / "planner.log")
+        try:
+            assert await asyncio.to_thread(planner.decide, 1, 1) == 0
+            await asyncio.to_thread(planner.wait_ready, 90)  # after 2 failures: the shortfall acknowledged
+            assert [e for e in mgr.recent_events if e.kind == "dynamo-shortfall"]
+            # Later rounds try again (after 0.2 s, 0.4 s, ...): the 5th start works.
+            deadline = time.monotonic() + 60
+            while not any(e.kind == "dynamo-converged" for e in mgr.recent_events):
+                assert time.monotonic() < deadline, "the role was not retried until it worked"
+                await asyncio.sleep(0.1)
+            assert int((record_dir / "starts-decode").read_text()) == 5
+            found = await asyncio.to_thread(registered, etcd, ns, record_dir)
+            assert {r: len(v) for r, v in found.items()} == {"prefill": 1, "decode": 1}
+            assert await actuator.ready_counts() == {"prefill": 1, "decode": 1}
         finally:
             stop.set()
             await task
