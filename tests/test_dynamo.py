@@ -364,6 +364,92 @@ def worker_specs(
     }
 
 
+# -- what docs/dynamo.md says Dynamo 1.6.1 does, observed on its own code -------------------------------------
+def _lease_ttl(etcd_url: str, lease: int) -> int:
+    request = urllib.request.Request(
+        etcd_url + "/v3/lease/timetolive", json.dumps({"ID": str(lease)}).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return int(json.load(resp)["grantedTTL"])
+
+
+@pytest.mark.etcd
+def test_dynamo_1_6_1_facts(etcd_url: str, dynamo_runtime: None, loopback_env: dict[str, str], tmp_path: Path) -> None:
+    ns = "facts"
+    root = root_key(ns)
+    etcd = EtcdClient(etcd_url)
+    planner = RealPlanner(etcd_url, ns, tmp_path / "planner.log")
+    try:
+        assert planner.is_ready()  # no decision yet
+        assert planner.decide(2, 1) == 0
+        kvs, _ = etcd.get_prefix(root)
+        assert {k.removeprefix(root): kv.value for k, kv in kvs.items()} == {
+            "num_prefill_workers": "2",
+            "num_decode_workers": "1",
+            "decision_id": "0",
+        }
+        # One transaction (one revision), under one lease of 30 s.
+        assert len({kv.mod_revision for kv in kvs.values()}) == 1
+        (lease,) = {kv.lease for kv in kvs.values()}
+        assert lease and _lease_ttl(etcd_url, lease) == 30
+        assert not planner.is_ready()
+        # Dropped while the last decision is unacknowledged.
+        assert planner.decide(3, 3) == 0
+        etcd.put(root + "scaled_decision_id", "0")
+        wait_until(planner.is_ready, 30, "the coordinator to see the acknowledgement")
+        # A role once set is written again with every decision.
+        assert planner.decide(None, 3) == 1
+        after, _ = etcd.get_prefix(root)
+        assert after[root + "num_prefill_workers"].value == "2"
+        assert after[root + "num_prefill_workers"].mod_revision == after[root + "decision_id"].mod_revision
+        assert after[root + "num_prefill_workers"].mod_revision > kvs[root + "num_prefill_workers"].mod_revision
+        # Ready means scaled_decision_id >= decision_id: a larger, stale acknowledgement passes.
+        etcd.put(root + "scaled_decision_id", "7")
+        wait_until(planner.is_ready, 30, "the coordinator to take a larger acknowledgement")
+        # Killed, its keys stay until the lease runs out, and a new coordinator continues from them.
+        planner.kill()
+        assert etcd.get(root + "decision_id") == "1"
+        planner = RealPlanner(etcd_url, ns, tmp_path / "planner.log")
+        assert planner.state() == {"prefill": 2, "decode": 3, "decision_id": 1}
+        assert planner.decide(1, 1) == 2  # (its keys are now under its own lease)
+        kvs, _ = etcd.get_prefix(root)
+        assert {kv.lease for k, kv in kvs.items() if k != root + "scaled_decision_id"} != {lease}
+        # Stopped, its runtime revokes the lease: the keys go at once.
+        planner.stop()
+        assert set(etcd.get_prefix(root)[0]) == {root + "scaled_decision_id"}
+    finally:
+        planner.kill()
+
+    # A worker's registration: v1/instances/NS/COMPONENT/ENDPOINT/ID under a 30 s lease, gone on SIGTERM.
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    env = {
+        **loopback_env,
+        "ETCD_ENDPOINTS": etcd_url,
+        "DYN_NAMESPACE": ns,
+        "COMPUTEGROUPS_DYNAMO_COMPONENT": "backend",
+        "COMPUTEGROUPS_DYNAMO_ENDPOINT": "generate",
+    }
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            worker_cmd(record_dir, "decode", "--register").split(), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_until(lambda: etcd.get_prefix(instances_prefix(ns, "backend", "generate"))[0], 60, "registration")
+            ((key, kv),) = etcd.get_prefix(instances_prefix(ns, "backend", "generate"))[0].items()
+            inst = parse_instance(key, kv.value)
+            assert inst is not None and (inst.namespace, inst.component, inst.endpoint) == (ns, "backend", "generate")
+            assert inst.host == "127.0.0.1" and inst.port is not None
+            assert _lease_ttl(etcd_url, kv.lease) == 30
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(30) == 0
+            assert etcd.get(key) is None
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+
+
 # -- the scaling sequence: Dynamo's real coordinator, real registered workers, the actuator as its own process ---
 @pytest.mark.etcd
 @pytest.mark.circus
@@ -483,6 +569,51 @@ def test_real_planner_scaling_sequence_restart_and_sigkill(
             os.kill(s.pid, signal.SIGTERM)
         if os.environ.get("CG_DYNAMO_SHOW_LOG"):
             print(logs.read_text())
+
+
+# -- a planner that dies and is restarted at once must not be held up when its old keys run out ---------------
+@pytest.mark.etcd
+@pytest.mark.circus
+@pytest.mark.slow
+async def test_planner_killed_and_restarted_is_not_blocked_when_its_old_keys_expire(
+    etcd_url: str, dynamo_runtime: None, daemon: CircusDaemon, loopback_env: dict[str, str], tmp_path: Path
+) -> None:
+    ns = "expire"
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    etcd = EtcdClient(etcd_url)
+    mgr = ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), tmp_path / "state.db")
+    runtime = LocalRuntime(mgr, daemon, graceful_timeout_s=10)
+    async with mgr:
+        actuator = DynamoActuator(runtime, etcd, ns, worker_specs(record_dir), poll_interval_s=0.5)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(actuator.run(stop))
+        planner = await asyncio.to_thread(RealPlanner, etcd_url, ns, tmp_path / "planner.log")
+        try:
+            assert await asyncio.to_thread(planner.decide, 1, 1) == 0
+            await asyncio.to_thread(planner.wait_ready, 90)
+            # Killed, and restarted at once: the new coordinator reads decision 0 back and counts on from it,
+            # while the keys stay under the dead planner's lease until it runs out (30 s).
+            await asyncio.to_thread(planner.kill)
+            planner = await asyncio.to_thread(RealPlanner, etcd_url, ns, tmp_path / "planner.log")
+            assert (await asyncio.to_thread(planner.state))["decision_id"] == 0
+            await asyncio.to_thread(
+                wait_until, lambda: etcd.get(root_key(ns) + "decision_id") is None, 60, "the old lease to run out"
+            )
+            await asyncio.sleep(1.5)  # the actuator has seen the keys go
+            # The acknowledgement stays, so the coordinator's next decision is not dropped.
+            assert etcd.get(root_key(ns) + "scaled_decision_id") == "0"
+            assert await asyncio.to_thread(planner.is_ready)
+            assert await asyncio.to_thread(planner.decide, 2, 1) == 1
+            await asyncio.to_thread(planner.wait_ready, 90)
+            found = await asyncio.to_thread(registered, etcd, ns, record_dir)
+            assert {r: len(v) for r, v in found.items()} == {"prefill": 2, "decode": 1}
+        finally:
+            stop.set()
+            await task
+            await asyncio.to_thread(planner.stop)
+            for s in live(record_dir):
+                os.kill(s.pid, signal.SIGTERM)
 
 
 # -- a worker that exits at start-up: retried with backoff, never ready; then the shortfall is acknowledged -----

@@ -41,9 +41,11 @@ The actuator converges on each decision:
   growing backoff, up to ``retry_backoff_max_s``) as capacity frees.
 * A ``decision_id`` lower than the last one seen is a planner restart: logged
   (event ``dynamo-planner-restart``), then handled like any decision. When the
-  planner's keys vanish (its lease ended), the actuator deletes its
-  ``scaled_decision_id`` so the next planner waits for a real acknowledgement,
-  and keeps the workers it has.
+  planner's keys vanish because the planner stopped (its lease revoked), the
+  actuator deletes its ``scaled_decision_id`` so the next planner waits for a real
+  acknowledgement; when they ran out with the lease of a planner that died, it keeps
+  it, for a planner restarted meanwhile goes on counting from the old
+  ``decision_id``. Either way it keeps the workers it has.
 
 Changes are noticed by an etcd watch and, because a watch can miss events (a
 reconnect, a compaction), by reading the keys on a timer too.
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -160,7 +163,8 @@ class Decision:
 
     ``source``: ``"keys"`` (the three keys of Dynamo 1.6.1) or ``"record"`` (the JSON record
     ``scaling_decision``). ``error``: why a record present could not be read (it is then
-    not carried out, and the three keys are not read instead).
+    not carried out, and the three keys are not read instead). ``lease``: the planner's
+    lease the decision was written under (0: none, or not known).
     """
 
     num_prefill_workers: int | None = None
@@ -170,6 +174,7 @@ class Decision:
     revision: int = 0
     source: str = "keys"
     error: str | None = None
+    lease: int = 0
 
     @classmethod
     def from_values(cls, values: Mapping[str, str], revision: int = 0) -> Decision:
@@ -327,8 +332,11 @@ class DynamoActuator:
         self._failures: dict[str, int] = {role: 0 for role in ROLES}
         self._next_start: dict[str, float] = {role: 0.0 for role in ROLES}
         self._failure_reason: dict[str, str] = {}
+        # (lease, seconds left, when seen) of the planner's decision; whether its keys have gone since.
+        self._planner_lease: tuple[int, int, float] | None = None
         self._state_file = runtime.dir / f"dynamo-{namespace}.json"
         self._last_seen: int | None = self._load_state().get("decision_id")
+        self._keys_gone = bool(self._load_state().get("keys_gone", False))
 
     # -- persisted memory ------------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
@@ -389,7 +397,33 @@ class DynamoActuator:
         assert self.etcd is not None
         kvs, revision = await self.etcd.aget_prefix(self.root)
         values = {k.removeprefix(self.root): kv.value for k, kv in kvs.items()}
-        return Decision.from_values(values, revision)
+        decision = Decision.from_values(values, revision)
+        holder = kvs.get(self.root + (SCALING_DECISION_KEY if decision.source == "record" else "decision_id"))
+        return dataclasses.replace(decision, lease=holder.lease) if holder is not None else decision
+
+    async def _observe_lease(self, decision: Decision) -> None:
+        """Note how long the planner's lease has left, to tell later whether it was revoked or ran out."""
+        if self.etcd is None or not decision.lease:
+            return
+        try:
+            ttl = await self.etcd.alease_ttl(decision.lease)
+        except EtcdError:
+            return
+        if ttl >= 0:
+            self._planner_lease = (decision.lease, ttl, time.monotonic())
+
+    def _lease_was_revoked(self) -> bool:
+        """Whether the planner's keys went with a revoked lease (the planner stopped) rather than an expired one.
+
+        A planner that stops revokes its lease: its keys go while the lease had time left. A
+        planner that dies leaves them until the lease runs out, and a planner restarted
+        meanwhile goes on counting from the old ``decision_id`` (it read it back), so its
+        acknowledgement must stay. Unknown (never observed): revoked.
+        """
+        if self._planner_lease is None:
+            return True
+        _, ttl, seen = self._planner_lease
+        return ttl - (time.monotonic() - seen) > 3.0
 
     async def _rows(self) -> list[dict[str, Any]]:
         return [r for r in await self.runtime.ps() if r["state"] == "running"]
@@ -676,19 +710,38 @@ class DynamoActuator:
             log.warning("dynamo %s: %s; not carried out", self.namespace, decision.error)
             return None
         if decision.decision_id is None:
-            if decision.scaled_decision_id is not None:
-                # The planner's keys ended with its lease: let the next planner wait for a real ack.
-                log.info("dynamo %s: planner keys are gone; withdrawing scaled_decision_id", self.namespace)
-                await self.etcd.adelete(self.root + "scaled_decision_id")
+            if decision.scaled_decision_id is not None and not self._keys_gone:
+                if self._lease_was_revoked():
+                    # The planner stopped and its keys went with its lease: let the next planner
+                    # (from decision_id 0) wait for a real acknowledgement.
+                    log.info("dynamo %s: planner keys are gone; withdrawing scaled_decision_id", self.namespace)
+                    await self.etcd.adelete(self.root + "scaled_decision_id")
+                else:
+                    log.info(
+                        "dynamo %s: planner keys ran out with its lease; keeping scaled_decision_id for a planner "
+                        "that goes on counting",
+                        self.namespace,
+                    )
+                self._keys_gone = True
+                self._save_state(keys_gone=True)  # an actuator restarted meanwhile decides nothing again
             # No decision yet.
             return None
-        elif self._last_seen is not None and decision.decision_id < self._last_seen:
-            detail = f"namespace {self.namespace}: decision_id went from {self._last_seen} to {decision.decision_id}"
+        decision_id = decision.decision_id
+        if self._keys_gone:
+            self._keys_gone = False
+            self._save_state(keys_gone=False)
+        await self._observe_lease(decision)
+        if self._last_seen is not None and decision_id < self._last_seen:
+            detail = f"namespace {self.namespace}: decision_id went from {self._last_seen} to {decision_id}"
             log.warning("planner restart: %s", detail)
             self.manager.emit(Event("dynamo-planner-restart", None, None, None, detail))
-        if decision.decision_id != self._last_seen:
-            self._last_seen = decision.decision_id
-            self._save_state(decision_id=decision.decision_id)
+            if decision.scaled_decision_id is not None and decision.scaled_decision_id > decision_id:
+                # A stale acknowledgement from before the restart would pass for this decision.
+                await self.etcd.adelete(self.root + "scaled_decision_id")
+                decision = dataclasses.replace(decision, scaled_decision_id=None)
+        if decision_id != self._last_seen:
+            self._last_seen = decision_id
+            self._save_state(decision_id=decision_id)
         targets = {role: decision.target(role) for role in ROLES}
 
         async def superseded() -> bool:
@@ -696,15 +749,17 @@ class DynamoActuator:
                 now = await self.read_decision()
             except EtcdError:
                 return False
+            if now.decision_id is not None:
+                await self._observe_lease(now)
             return (now.decision_id, now.source) != (decision.decision_id, decision.source)
 
-        outcome = await self.converge(targets, decision.decision_id, superseded=superseded)
+        outcome = await self.converge(targets, decision_id, superseded=superseded)
         if outcome.superseded:
-            log.info("dynamo %s: decision %s superseded while converging", self.namespace, decision.decision_id)
+            log.info("dynamo %s: decision %s superseded while converging", self.namespace, decision_id)
             return outcome
-        if decision.scaled_decision_id != decision.decision_id:
-            await self._acknowledge(decision.decision_id)
-            self._save_state(acknowledged=decision.decision_id)
+        if decision.scaled_decision_id != decision_id:
+            await self._acknowledge(decision_id)
+            self._save_state(acknowledged=decision_id)
         return outcome
 
     async def _acknowledge(self, decision_id: int) -> None:
