@@ -39,7 +39,8 @@ __all__ = ["dynamo_actuate_command", "register"]
     default="http://127.0.0.1:2379",
     show_default=True,
     envvar="ETCD_ENDPOINTS",
-    help="etcd endpoint (http://host:port; the first of a comma-separated list).",
+    help="etcd endpoints (http://host:port, comma-separated): the actuator uses the first; the workers get them "
+    "all as ETCD_ENDPOINTS.",
 )
 @click.option(
     "--prefill-gpus",
