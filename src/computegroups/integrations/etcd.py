@@ -139,6 +139,11 @@ class EtcdClient:
         answer = self._post("/v3/lease/keepalive", {"ID": str(lease)})
         return int(answer.get("result", {}).get("TTL", 0))
 
+    def lease_ttl(self, lease: int) -> int:
+        """Seconds left on a lease (-1: it has ended, or never existed)."""
+        answer = self._post("/v3/lease/timetolive", {"ID": str(lease)})
+        return int(answer.get("TTL", -1))
+
     def lease_revoke(self, lease: int) -> None:
         """End a lease now, deleting its keys (no error if it has already ended)."""
         with contextlib.suppress(EtcdError):
@@ -164,6 +169,9 @@ class EtcdClient:
 
     async def alease_keepalive(self, lease: int) -> int:
         return await asyncio.to_thread(self.lease_keepalive, lease)
+
+    async def alease_ttl(self, lease: int) -> int:
+        return await asyncio.to_thread(self.lease_ttl, lease)
 
     async def alease_revoke(self, lease: int) -> None:
         await asyncio.to_thread(self.lease_revoke, lease)

@@ -2,8 +2,9 @@
 
 * :class:`DynamoActuator` (CLI ``computegroups dynamo-actuate``): watches the keys
   the planner writes with ``environment: virtual`` (``v1/{namespace}/planner/``),
-  converges prefill and decode workers under the local runtime, and acknowledges
-  with ``scaled_decision_id``.
+  converges prefill and decode workers under the local runtime, waits until they
+  are registered in Dynamo's discovery (:mod:`.readiness`), and acknowledges with
+  ``scaled_decision_id``.
 * :class:`ComputeGroupsConnector`: the planner's ``PlannerConnector`` shape, to run
   the planner in process with compute groups as its environment.
 
@@ -12,8 +13,11 @@ Importable without Dynamo installed. See ``docs/dynamo.md``.
 
 from computegroups.integrations.dynamo.actuator import (
     DECODE,
+    DEFAULT_DYNAMO_COMPONENTS,
+    DEFAULT_DYNAMO_ENDPOINT,
     PREFILL,
     ROLES,
+    SCALING_DECISION_KEY,
     Decision,
     DynamoActuator,
     Outcome,
@@ -24,19 +28,34 @@ from computegroups.integrations.dynamo.actuator import (
 )
 from computegroups.integrations.dynamo.cli import register
 from computegroups.integrations.dynamo.connector import ComputeGroupsConnector, GpuShape, WorkerInfo
+from computegroups.integrations.dynamo.readiness import (
+    DiscoveryReadiness,
+    HealthReadiness,
+    Readiness,
+    SettleReadiness,
+    instances_prefix,
+)
 
 __all__ = [
     "DECODE",
+    "DEFAULT_DYNAMO_COMPONENTS",
+    "DEFAULT_DYNAMO_ENDPOINT",
     "PREFILL",
     "ROLES",
+    "SCALING_DECISION_KEY",
     "ComputeGroupsConnector",
     "Decision",
+    "DiscoveryReadiness",
     "DynamoActuator",
     "GpuShape",
+    "HealthReadiness",
     "Outcome",
+    "Readiness",
+    "SettleReadiness",
     "WorkerInfo",
     "WorkerSpec",
     "component_name",
+    "instances_prefix",
     "parse_specs",
     "register",
     "root_key",

@@ -14,8 +14,16 @@ from typing import Any
 import click
 
 from computegroups._cliutil import fail, run
-from computegroups.integrations.dynamo.actuator import DynamoActuator, parse_specs
-from computegroups.integrations.etcd import EtcdClient
+from computegroups.errors import InvalidRequestError
+from computegroups.integrations.dynamo.actuator import (
+    DEFAULT_DYNAMO_COMPONENTS,
+    DEFAULT_DYNAMO_ENDPOINT,
+    DynamoActuator,
+    check_name,
+    parse_specs,
+)
+from computegroups.integrations.dynamo.readiness import DiscoveryReadiness, HealthReadiness, Readiness, SettleReadiness
+from computegroups.integrations.etcd import EtcdClient, EtcdError
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.cli import CliContext
 from computegroups.runtime.local import LocalRuntime
@@ -31,7 +39,8 @@ __all__ = ["dynamo_actuate_command", "register"]
     default="http://127.0.0.1:2379",
     show_default=True,
     envvar="ETCD_ENDPOINTS",
-    help="etcd endpoint (http://host:port; the first of a comma-separated list).",
+    help="etcd endpoints (http://host:port, comma-separated): the actuator uses the first; the workers get them "
+    "all as ETCD_ENDPOINTS.",
 )
 @click.option(
     "--prefill-gpus",
@@ -49,6 +58,58 @@ __all__ = ["dynamo_actuate_command", "register"]
 )
 @click.option("--prefill-cmd", help="Prefill worker command (one shell-quoted string); omit to never scale prefill.")
 @click.option("--decode-cmd", help="Decode worker command (one shell-quoted string); omit to never scale decode.")
+@click.option(
+    "--prefill-component",
+    default=DEFAULT_DYNAMO_COMPONENTS["prefill"],
+    show_default=True,
+    help="Dynamo component the prefill workers register under (given to them as COMPUTEGROUPS_DYNAMO_COMPONENT).",
+)
+@click.option(
+    "--decode-component",
+    default=DEFAULT_DYNAMO_COMPONENTS["decode"],
+    show_default=True,
+    help="Dynamo component the decode workers register under.",
+)
+@click.option("--prefill-endpoint", default=DEFAULT_DYNAMO_ENDPOINT, show_default=True, help="Their Dynamo endpoint.")
+@click.option("--decode-endpoint", default=DEFAULT_DYNAMO_ENDPOINT, show_default=True, help="Their Dynamo endpoint.")
+@click.option(
+    "--ready",
+    "ready_mode",
+    type=click.Choice(["discovery", "health", "settle"]),
+    default="discovery",
+    show_default=True,
+    help="When a worker is ready: registered in Dynamo's discovery in etcd, healthy at --health-url, "
+    "or running for --settle seconds.",
+)
+@click.option(
+    "--health-url",
+    metavar="URL",
+    help="With --ready health: a worker's health URL; {port} is the DYN_SYSTEM_PORT it is given, "
+    "e.g. http://127.0.0.1:{port}/health.",
+)
+@click.option("--settle", type=float, default=5.0, show_default=True, help="With --ready settle: seconds.")
+@click.option(
+    "--ready-timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for workers to be ready before acknowledging the shortfall.",
+)
+@click.option(
+    "--max-start-failures",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Workers of a role that may exit before they are ready (retried with backoff) before the role counts as "
+    "short and the decision is acknowledged.",
+)
+@click.option(
+    "--retry-backoff",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds before the first retry of a failed worker (doubled each time, at most 60).",
+)
 @click.option("--gpu-model", help="Substring of the GPU product name.")
 @click.option("--node", "node_id", help="Only this node.")
 @click.option("--nvlink", is_flag=True, help="Every pair of a worker's GPUs joined by NVLink.")
@@ -86,6 +147,16 @@ def dynamo_actuate_command(
     decode_gpus: int,
     prefill_cmd: str | None,
     decode_cmd: str | None,
+    prefill_component: str,
+    decode_component: str,
+    prefill_endpoint: str,
+    decode_endpoint: str,
+    ready_mode: str,
+    health_url: str | None,
+    settle: float,
+    ready_timeout: float,
+    max_start_failures: int,
+    retry_backoff: float,
     gpu_model: str | None,
     node_id: str | None,
     nvlink: bool,
@@ -121,18 +192,56 @@ def dynamo_actuate_command(
         cons["same_numa"] = True
     if strategy:
         cons["strategy"] = strategy
-    specs = parse_specs(
-        prefill_gpus,
-        shlex.split(prefill_cmd) if prefill_cmd else None,
-        decode_gpus,
-        shlex.split(decode_cmd) if decode_cmd else None,
-        req,
-        cons,
-    )
-    etcd = EtcdClient(etcd_url.split(",")[0].strip())
+    if ready_mode == "health" and not health_url:
+        fail("dynamo-actuate: --ready health needs --health-url", 2)
+    if health_url and ready_mode != "health":
+        fail("dynamo-actuate: --health-url is only used with --ready health", 2)
+    try:
+        check_name("namespace", namespace)
+        specs = parse_specs(
+            prefill_gpus,
+            shlex.split(prefill_cmd) if prefill_cmd else None,
+            decode_gpus,
+            shlex.split(decode_cmd) if decode_cmd else None,
+            req,
+            cons,
+            components={"prefill": prefill_component, "decode": decode_component},
+            endpoints={"prefill": prefill_endpoint, "decode": decode_endpoint},
+        )
+        endpoints = [e.strip() for e in etcd_url.split(",") if e.strip()]
+        if not endpoints:
+            raise InvalidRequestError(f"--etcd: {etcd_url!r} names no endpoint", key="etcd")
+        etcd = EtcdClient(endpoints[0])
+        readiness: Readiness
+        if ready_mode == "health":
+            readiness = HealthReadiness(health_url or "")
+        elif ready_mode == "settle":
+            readiness = SettleReadiness(settle)
+        else:
+            readiness = DiscoveryReadiness(etcd)
+        # Validate the rest before anything starts (the runtime and the manager are opened later).
+        if max_start_failures < 1:
+            raise InvalidRequestError(f"--max-start-failures: {max_start_failures} is less than 1")
+        for flag, value in (("--ready-timeout", ready_timeout), ("--retry-backoff", retry_backoff)):
+            if value < 0:
+                raise InvalidRequestError(f"{flag}: {value} is negative")
+    except (InvalidRequestError, EtcdError) as exc:
+        fail(f"dynamo-actuate: {exc}", 2)
 
     async def body(rt: LocalRuntime) -> None:
-        actuator = DynamoActuator(rt, etcd, namespace, specs, poll_interval_s=poll_interval, lease_ttl_s=lease_ttl)
+        actuator = DynamoActuator(
+            rt,
+            etcd,
+            namespace,
+            specs,
+            poll_interval_s=poll_interval,
+            lease_ttl_s=lease_ttl,
+            readiness=readiness,
+            ready_timeout_s=ready_timeout,
+            max_start_failures=max_start_failures,
+            retry_backoff_s=retry_backoff,
+            etcd_endpoints=",".join(endpoints),
+        )
         if once:
             actuator.acquire()
             try:

@@ -30,6 +30,8 @@ from computegroups.integrations.dynamo.actuator import (
     Outcome,
     WorkerSpec,
 )
+from computegroups.integrations.dynamo.readiness import Readiness
+from computegroups.integrations.etcd import EtcdClient
 from computegroups.runtime.local import LocalRuntime
 
 __all__ = ["ComputeGroupsConnector", "GpuShape", "WorkerInfo"]
@@ -74,7 +76,10 @@ class ComputeGroupsConnector:
 
     ``runtime``: a :class:`LocalRuntime` whose manager is open. ``specs``: the
     :class:`WorkerSpec` per role (``"prefill"``, ``"decode"``). ``model_name``: what
-    ``get_model_name`` answers (Dynamo lower-cases it, so do we).
+    ``get_model_name`` answers (Dynamo lower-cases it, so do we). ``etcd``: Dynamo's
+    etcd; with it a worker is ready once registered in Dynamo's discovery (and the
+    workers get ``ETCD_ENDPOINTS``), without it once it has run ``settle_s`` seconds
+    (``readiness`` chooses otherwise).
     """
 
     def __init__(
@@ -87,8 +92,23 @@ class ComputeGroupsConnector:
         ready_timeout_s: float = 1800.0,
         settle_s: float = 0.3,
         env: Mapping[str, str] | None = None,
+        etcd: EtcdClient | None = None,
+        readiness: Readiness | None = None,
+        max_start_failures: int = 3,
+        retry_backoff_s: float = 1.0,
     ) -> None:
-        self.actuator = DynamoActuator(runtime, None, namespace, specs, settle_s=settle_s, env=env)
+        self.actuator = DynamoActuator(
+            runtime,
+            etcd,
+            namespace,
+            specs,
+            settle_s=settle_s,
+            env=env,
+            readiness=readiness,
+            ready_timeout_s=ready_timeout_s,
+            max_start_failures=max_start_failures,
+            retry_backoff_s=retry_backoff_s,
+        )
         self.model_name = model_name.lower()
         self.ready_timeout_s = ready_timeout_s
         self.targets: dict[str, int | None] = {role: None for role in ROLES}
@@ -173,13 +193,23 @@ class ComputeGroupsConnector:
     async def get_actual_worker_counts(
         self, prefill_component_name: str | None = None, decode_component_name: str | None = None
     ) -> tuple[int, int, bool]:
-        """Running prefill and decode workers, and whether they match the targets (all stable)."""
-        del prefill_component_name, decode_component_name
+        """Ready prefill and decode workers, and whether the deployment is stable.
+
+        Ready as the actuator's readiness says (registered in Dynamo's discovery, where
+        Dynamo's planner counts them, when there is an etcd). Stable, as Dynamo's
+        Kubernetes connector reports it: no scaling under way, and every running worker
+        ready and matching its target. A role whose name argument is None counts 0, and
+        not against stability (as in Dynamo's connectors), when both are None all count.
+        """
+        wanted = {PREFILL: prefill_component_name is not None, DECODE: decode_component_name is not None}
+        if not any(wanted.values()):
+            wanted = {PREFILL: True, DECODE: True}
         counts = await self.actuator.counts()
+        ready = await self.actuator.ready_counts()
         stable = (self._task is None or self._task.done()) and all(
-            t is None or counts[r] == t for r, t in self.targets.items()
+            ready[r] == counts[r] and (t is None or ready[r] == t) for r, t in self.targets.items() if wanted[r]
         )
-        return counts[PREFILL], counts[DECODE], stable
+        return (ready[PREFILL] if wanted[PREFILL] else 0), (ready[DECODE] if wanted[DECODE] else 0), stable
 
     async def set_component_replicas(self, target_replicas: Sequence[Any], blocking: bool = True) -> None:
         """Set targets from Dynamo ``TargetReplica``s (``sub_component_type``, ``desired_replicas``) and converge.
@@ -225,7 +255,13 @@ class ComputeGroupsConnector:
         await self.set_component_replicas([_Target(role, n)], blocking)
 
     def get_worker_info(self, sub_component_type: Any, backend: str = "vllm") -> Any:
-        """Dynamo's ``WorkerInfo`` (or :class:`WorkerInfo`) naming this role's component and the model."""
+        """Dynamo's ``WorkerInfo`` (or :class:`WorkerInfo`) for a role: its Dynamo component, endpoint and the model.
+
+        ``component_name`` and ``endpoint`` are where the role's workers register in
+        Dynamo's discovery: the planner finds them as
+        ``{namespace}.{component_name}.{endpoint}``.
+        """
+        del backend
         role = _role(sub_component_type)
         try:
             from dynamo.planner.monitoring.worker_info import (  # type: ignore[import-not-found]
@@ -233,7 +269,11 @@ class ComputeGroupsConnector:
             )
         except ImportError:
             info = WorkerInfo
-        return info(component_name=self.actuator.component(role), model_name=self.model_name)
+        return info(
+            component_name=self.actuator.dynamo_component(role),
+            endpoint=self.actuator.dynamo_endpoint(role),
+            model_name=self.model_name,
+        )
 
     async def close(self) -> None:
         """Wait for a running convergence and drop the namespace lock (workers keep running)."""
