@@ -213,7 +213,8 @@ class ComputeGroupManager:
         for _ in range(self._max_attempts):
             await self._refresh()
             now = self._clock()
-            due = ledger.due(now)
+            heap = ledger.expiry
+            due = ledger.due(now) if heap and heap[0][0] <= now else None
             if due:
                 expiry = plan_expire(due, now)
                 try:
@@ -229,7 +230,9 @@ class ComputeGroupManager:
             plan = decide(now)
             if not plan.upserts and not plan.deletes:
                 return plan
-            deletes = plan.deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
+            deletes = plan.deletes
+            if len(ledger.tombstones) > self._tombstone_limit:
+                deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
             try:
                 rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
             except RevisionConflict:
@@ -245,7 +248,7 @@ class ComputeGroupManager:
         if plan.dematerialise:
             await self._dematerialise(plan.dematerialise)
         for record in plan.materialise:
-            await self._materialise(record, own=plan.group in (record.id, record.gang_id))
+            await self._materialise(record, own=plan.group == record.id or plan.group == record.gang_id)
         for event in plan.events:
             self.emit(event)
         if plan.error is not None:
@@ -431,8 +434,10 @@ class ComputeGroupManager:
         ttl: float | None,
     ) -> Ask:
         req = Requirements.parse(requirements)
-        cons = resolve_pool(self.pools, req, Constraints.parse(constraints))
-        return Ask(component, req, cons, state, ttl, priority_of(self.pools, cons))
+        cons = Constraints.parse(constraints)
+        if req.pool is not None or cons.pool is not None:
+            cons = resolve_pool(self.pools, req, cons)
+        return Ask(component, req, cons, state, ttl, priority_of(self.pools, cons) if cons.pool else cons.priority)
 
     async def deallocate_compute_group(self, group_id: object) -> bool:
         """Release a group. Returns False (and changes nothing) if it already had no owner.

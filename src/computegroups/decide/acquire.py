@@ -26,7 +26,7 @@ from computegroups.events import Event
 from computegroups.model import MILLI, AllocationState, GroupRecord
 from computegroups.placement.engine import Decision, place
 from computegroups.placement.existing import admits
-from computegroups.placement.plugins import Context
+from computegroups.placement.plugins import EMPTY_CONTEXT, Context
 from computegroups.placement.preemption import find_victims
 
 __all__ = ["plan_acquire", "plan_create"]
@@ -50,9 +50,15 @@ def plan_acquire(ledger: Ledger, ask: Ask, now: float, new_id: Callable[[], str]
         plan = _existing(ledger, ask, expires, now)
         if plan is not None:
             return plan
-    milli = (req.whole_gpus * MILLI or req.share_milli) * req.nodes
-    check_quota(ledger, ask.component, cons.pool, cons.tenant, milli)
-    ctx = context(ledger, cons, ask.priority)
+    if cons.pool is not None:
+        check_quota(
+            ledger, ask.component, cons.pool, cons.tenant, (req.whole_gpus * MILLI or req.share_milli) * req.nodes
+        )
+    ctx = (
+        context(ledger, cons, ask.priority)
+        if cons.pool or cons.affinity or cons.anti_affinity or ledger.nominated
+        else EMPTY_CONTEXT
+    )
     try:
         if req.nodes == 1:
             d = place(ledger.cluster, req, cons, ctx=ctx, demand=ledger.demand)

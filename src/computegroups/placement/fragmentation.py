@@ -98,7 +98,18 @@ class WorkloadMix:
     so the mix follows a workload that changes.
     """
 
-    __slots__ = ("_cache", "_counts", "_engaged", "_shape_of", "_since", "_total", "_weighted", "horizon", "top")
+    __slots__ = (
+        "_cache",
+        "_counts",
+        "_engaged",
+        "_raw_of",
+        "_shape_of",
+        "_since",
+        "_total",
+        "_weighted",
+        "horizon",
+        "top",
+    )
 
     def __init__(self, top: int = 24, horizon: int = 20_000) -> None:
         self.top = top
@@ -112,6 +123,7 @@ class WorkloadMix:
         self._weighted: tuple[tuple[Shape, float], ...] = ()
         self._engaged = False
         self._cache: Memo[tuple[object, ...], float] = Memo("free per GPU, CPUs, memory, GPU name", 100_000)
+        self._raw_of: Memo[int, tuple[Mapping[str, Any], tuple[object, ...]]] = Memo("stored requirements object", 1024)
 
     @classmethod
     def of(cls, shapes: dict[Shape, float], top: int = 24) -> WorkloadMix:
@@ -126,15 +138,21 @@ class WorkloadMix:
 
     def observe(self, requirements: Mapping[str, Any]) -> None:
         """Count one group's requirements, as its record stores them (MIG is not modelled, not counted)."""
-        if "mig_profile" in requirements:
+        known = self._raw_of.get(id(requirements))  # repeated requests share one stored mapping
+        if known is not None and known[0] is requirements:
+            raw = known[1]
+        else:
+            model = requirements.get("gpu_model")
+            raw = (
+                requirements.get("gpus", 0),
+                requirements.get("cpus", 0),
+                requirements.get("memory_mib", 0),
+                tuple(model) if isinstance(model, list) else model,
+                "mig_profile" in requirements,
+            )
+            self._raw_of.put(id(requirements), (requirements, raw))
+        if raw[4]:
             return
-        model = requirements.get("gpu_model")
-        raw = (
-            requirements.get("gpus", 0),
-            requirements.get("cpus", 0),
-            requirements.get("memory_mib", 0),
-            tuple(model) if isinstance(model, list) else model,
-        )
         counts = self._counts
         seen = counts.get(raw)
         if seen is None:
