@@ -23,6 +23,7 @@ from computegroups import (
     SimulatedComputeResourceProvider,
 )
 from computegroups.decide import context, resolve_pool
+from computegroups.errors import PreemptionPendingError
 from computegroups.model import MILLI, Constraints, Requirements
 from computegroups.placement.cluster import Cluster
 from computegroups.placement.engine import place
@@ -170,7 +171,15 @@ NODES = [
 POOLS = [{"name": "left", "nodes": ["pairs-0", "dgx"]}]
 
 
-def pipeline_accepts(mgr: ComputeGroupManager, gid: str, req: Requirements, cons: Constraints) -> bool:
+def pipeline_accepts(
+    mgr: ComputeGroupManager,
+    gid: str,
+    req: Requirements,
+    cons: Constraints,
+    *,
+    priority: int = 0,
+    nominee: str | None = None,
+) -> bool:
     """The oracle: ``place()`` on a copy of the cluster where the group is gone and, on its node, only
     its devices are usable; accepted when it then picks exactly the group's devices."""
     ledger = mgr.ledger
@@ -189,7 +198,7 @@ def pipeline_accepts(mgr: ComputeGroupManager, gid: str, req: Requirements, cons
     if cons.node_id is not None and cons.node_id != record.node_id:
         return False
     try:
-        d = place(cluster, req, pinned, ctx=context(ledger, pinned, 0))
+        d = place(cluster, req, pinned, ctx=context(ledger, pinned, priority, nominee=nominee))
     except InsufficientResourcesError:
         return False
     held = record.devices
@@ -234,5 +243,53 @@ def test_an_existing_group_is_handed_out_exactly_when_the_pipeline_accepts_it(
                 assert g.id == accepted[0]  # the first acceptable one, in the order they were made
             else:
                 assert g.id not in made
+
+    asyncio.run(scenario())
+
+
+PROMOTION_RULES = st.sampled_from([{}, {"nvlink": True}, {"anti_affinity": ["decode"]}, {"labels": {"rack": "r1"}}])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.sampled_from([{"gpus": 2}, {"gpus": 4}, {"gpus": 8}]),
+    rules=PROMOTION_RULES,
+    disturb=st.sampled_from(["none", "decode-beside", "gpu-fails"]),
+)
+def test_a_waiting_preemptor_is_promoted_exactly_when_the_pipeline_accepts_its_devices(
+    shape: dict[str, Any], rules: dict[str, Any], disturb: str
+) -> None:
+    """Preemption picks the devices; when the last victim goes, the same rules judge them again."""
+
+    async def scenario() -> None:
+        provider = SimulatedComputeResourceProvider.from_spec(
+            {"nodes": [{"id": "dgx", "count": 2, "preset": "dgx-h100", "labels": {"rack": "r1"}}]}
+        )
+        async with ComputeGroupManager(provider, ":memory:") as mgr:
+            victims = [
+                (await mgr.allocate_compute_group("batch", {"gpus": 2}, {"priority": 1, "preemptible": True})).id
+                for _ in range(8)
+            ]
+            try:
+                await mgr.allocate_compute_group("x", shape, {**rules, "priority": 10, "request_id": "p"})
+            except PreemptionPendingError as exc:
+                waiter, drained = exc.group_id, exc.victims
+            else:  # pragma: no cover - the fleet is full
+                raise AssertionError("the preemptor was placed without preempting")
+            node = mgr.ledger.records[waiter].node_id
+            if disturb == "decode-beside":
+                await mgr.allocate_compute_group("decode", {"cpus": 1}, {"node_id": node})
+            elif disturb == "gpu-fails":
+                provider.set_health(node, mgr.ledger.records[waiter].devices[0].index, False, "Xid 79")
+                await mgr.refresh_health()
+            for vid in drained:
+                await mgr.deallocate_compute_group(vid)
+            record = mgr.ledger.records[waiter]
+            req = Requirements.parse(dict(record.requirements))
+            cons = Constraints.parse(dict(record.constraints))
+            accepted = pipeline_accepts(mgr, waiter, req, cons, priority=record.priority, nominee=waiter)
+            assert (record.state.value == "allocated") == accepted, (disturb, rules, record.state)
+            assert accepted == (disturb == "none" or (disturb == "decode-beside" and "anti_affinity" not in rules))
+            assert set(drained) <= set(victims)
 
     asyncio.run(scenario())
