@@ -156,6 +156,9 @@ class ComputeGroupManager:
             self.inventory = await self.provider.discover_resources()
             self.ledger = Ledger(self.inventory.nodes, self.pools.values(), self.inventory.cordoned)
             self.views = Views(self.ledger, self._telemetry_of)
+            bind = getattr(self.store, "bind", None)  # a store bound to the cluster that made it
+            if bind is not None:
+                bind(self.provider.cluster_identity(self.inventory))
             await self.store.open()
             await self._refresh()
         except BaseException:
