@@ -39,8 +39,16 @@ def link_rank(name: str) -> int:
     return LINK_RANKS.get(name, 0)
 
 
+MAX_CPU_ID = 65_535  # CPU ids of one machine in a CPU affinity list
+_CPU_PART = re.compile(r"([0-9]{1,6})(?:-([0-9]{1,6}))?")
+
+
 def _parse_cpu_list(text: str) -> frozenset[int]:
-    """Parse ``0-23,48-71`` into a set of CPU ids; ``N/A`` gives the empty set."""
+    """Parse ``0-23,48-71`` into a set of CPU ids; ``N/A`` gives the empty set.
+
+    Raises InvalidRequestError for anything else, or a CPU id above :data:`MAX_CPU_ID` (checked
+    before a range is expanded).
+    """
     cpus: set[int] = set()
     if text in ("N/A", "", "[N/A]"):
         return frozenset()
@@ -48,11 +56,15 @@ def _parse_cpu_list(text: str) -> frozenset[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            cpus.update(range(int(lo), int(hi) + 1))
-        else:
-            cpus.add(int(part))
+        m = _CPU_PART.fullmatch(part)
+        lo = int(m.group(1)) if m else -1
+        hi = int(m.group(2)) if m and m.group(2) is not None else lo
+        if m is None or not 0 <= lo <= hi <= MAX_CPU_ID:
+            raise InvalidRequestError(
+                f"nvidia-smi topo: CPU affinity {text[:40]!r} is not a list of CPU ids and ranges in 0-{MAX_CPU_ID}",
+                key="topology",
+            )
+        cpus.update(range(lo, hi + 1))
     return frozenset(cpus)
 
 
