@@ -362,3 +362,18 @@ async def test_a_0_1_0_file_with_damage_is_refused_unchanged(tmp_path: Path) -> 
         async with ComputeGroupManager(_provider(), path):
             pass
     assert _sha(path) == before
+
+
+async def test_an_open_store_can_be_bound_and_still_refuses_another_cluster(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path)
+    await store.open()  # opened first, as a benchmark that fills the store before the manager does
+    async with ComputeGroupManager(_provider(), store) as mgr:
+        await mgr.allocate_compute_group("c", {"gpus": 1})
+    other = SqliteStateStore(path)
+    await other.open()
+    try:
+        with pytest.raises(StateError, match="belongs to cluster"):
+            other.bind("simulated:another")
+    finally:
+        await other.close()

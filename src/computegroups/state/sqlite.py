@@ -119,16 +119,23 @@ class SqliteStateStore:
         self._opened: tuple[int, list[GroupRecord]] | None = None  # what open() read, served once
 
     def bind(self, identity: str) -> None:
-        """Name the cluster this store serves; call before :meth:`open`.
+        """Name the cluster this store serves (before :meth:`open`, or on an open store).
 
-        A new file records it; a file made for another cluster is refused on open (StateError
-        naming both); a file not yet bound to any cluster is bound to this one.
+        A new file records it; a file made for another cluster is refused (StateError naming both);
+        a file not yet bound to any cluster is bound to this one.
         """
         if not isinstance(identity, str) or not identity or len(identity) > 1024:
             raise StateError(f"state {self.path}: {identity!r} is not a cluster identity")
-        if self._conn is not None and identity != self._identity:
-            raise StateError(f"state {self.path}: bind before open")
-        self._identity = identity
+        before, self._identity = self._identity, identity
+        if self._conn is not None:
+            try:
+                self._bind(self._conn)
+            except sqlite3.DatabaseError as exc:
+                self._identity = before
+                raise self._error(f"not a usable SQLite database: {exc}") from exc
+            except BaseException:
+                self._identity = before
+                raise
 
     def _error(self, what: str) -> StateError:
         return StateError(f"state {self.path}: {what}")
@@ -322,6 +329,10 @@ class SqliteStateStore:
         """After the inspection passed: WAL on, and under the write lock, re-check and bind."""
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
+        self._bind(conn)
+
+    def _bind(self, conn: sqlite3.Connection) -> None:
+        """Under the write lock: re-check the header and meta rows, adopt a 0.1.0 file, record the cluster."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             found = self._check_meta(conn)  # the file may have changed since the read-only pass
