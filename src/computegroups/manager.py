@@ -73,7 +73,9 @@ _PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batc
 _check_name = check_name
 
 
-def _check_group_id(value: object) -> str:
+def _check_group_id(value: object, known: Mapping[str, GroupRecord]) -> str:
+    if type(value) is str and value in known:  # an id the ledger holds (the common case, without a regex)
+        return value
     return check_text("group_id", value, what="a group id")
 
 
@@ -361,7 +363,7 @@ class ComputeGroupManager:
     async def get_compute_group(self, group_id: object) -> ComputeGroup:
         """Get one group by id; raises NotFoundError if unknown."""
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         async with self._lock:
             await self._read()
             return self.views.by_id(gid)
@@ -385,7 +387,7 @@ class ComputeGroupManager:
         Returns False if the group was already released.
         """
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         return (await self._run(lambda now: plan_delete(self.ledger, gid))).changed
 
     async def allocate_compute_group(
@@ -462,7 +464,7 @@ class ComputeGroupManager:
     async def deallocate_compute_group(self, group_id: object) -> bool:
         """Release a group. Returns False (and changes nothing) if it already had no owner."""
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         return (await self._run(lambda now: plan_release(self.ledger, gid, now))).changed
 
     async def drain_compute_group(self, group_id: object) -> bool:
@@ -471,7 +473,7 @@ class ComputeGroupManager:
         Returns False if it was already draining; ConflictError if it was released.
         """
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         return (await self._run(lambda now: plan_drain(self.ledger, gid))).changed
 
     async def expire_reservations(self) -> int:
