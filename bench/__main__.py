@@ -1,6 +1,7 @@
 """``python -m bench [SECTION ...] [--light] [--out DIR]``: run benchmarks, write results, tables and plots.
 
-Sections: speed, features (the advanced features in use), ray, topology, packing, openb,
+Sections: speed, features (the advanced features in use), ray, topology, worst_case (the slowest
+decisions inside one node: the largest nodes, MIG slices), packing, openb,
 openb_binpack (the same replay with the fragmentation score disabled: the "before"), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
 so; it checks that every benchmark runs and never judges a time.
@@ -23,7 +24,7 @@ from typing import Any
 
 from bench import common, report
 
-SECTIONS = ("speed", "features", "ray", "topology", "packing", "openb", "openb_binpack", "memory")
+SECTIONS = ("speed", "features", "ray", "topology", "worst_case", "packing", "openb", "openb_binpack", "memory")
 
 
 def _save(out: Path, name: str, data: Any) -> None:
@@ -62,6 +63,10 @@ def run_section(name: str, light: bool, workers: int) -> Any:
         from bench import topology_quality
 
         return topology_quality.run()
+    if name == "worst_case":
+        from bench import worst_case
+
+        return worst_case.run(samples=2 if light else 8)
     if name == "packing":
         from bench import packing
 

@@ -128,6 +128,21 @@ def write(out: Path) -> Path:
         rows.append(["**all**", "", tot, best, f"{100 * best / tot:.1f}%" if tot else "n/a"])
         parts.append("## Topology: groups with the best achievable bottleneck link (every size, every occupancy)\n")
         parts.append(_table(["topology", "GPUs", "placements", "best bottleneck", "share"], rows) + "\n")
+    if "worst_case" in data:
+        rows = [
+            [
+                r["case"],
+                r["devices"],
+                r["decisions"],
+                f"{r['p50_ms']:.2f}",
+                f"{r['p99_ms']:.2f}",
+                f"{r['max_ms']:.2f}",
+                r["worst"],
+            ]
+            for r in data["worst_case"]
+        ]
+        parts.append("## Worst-case decisions: device choice on the largest and MIG-sliced nodes (memo emptied)\n")
+        parts.append(_table(["node", "devices", "decisions", "p50 ms", "p99 ms", "max ms", "slowest"], rows) + "\n")
     if "packing" in data:
         rows = [
             [

@@ -62,8 +62,8 @@ def test_human_tables(tmp_path: Path, spec: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
-        (["allocate", "c", "--gpus", "-1"], 2, "requirements.gpus"),
-        (["allocate", "c", "--gpus", "1.5"], 2, "requirements.gpus"),
+        (["allocate", "c", "--gpus", "-1"], 2, "--gpus: -1.0 is negative"),
+        (["allocate", "c", "--gpus", "1.5"], 2, "--gpus"),
         (["allocate", "c", "--gpus", "9"], 3, "no node can take"),
         (["allocate", "c", "--gpus", "2", "--strategy", "pak"], 2, "pak"),
         (["allocate", "c", "--gpus", "1", "--label", "novalue"], 2, "KEY=VALUE"),

@@ -111,6 +111,94 @@ BAD: list[tuple[str, str, tuple[Any, ...], type[ComputeGroupsError], str]] = [
     ("clear health of a node that is not a name", "clear_health", (None, 0), InvalidRequestError, "node_id"),
 ]
 
+R, C = "requirements", "constraints"
+_ALLOC: list[tuple[str, dict[str, Any], dict[str, Any] | None, str]] = [
+    # (what, requirements, constraints, key): numbers that must be finite and bounded
+    ("gpus a 401-digit integer", {"gpus": 10**400}, None, f"{R}.gpus"),
+    ("gpus an integer past str()'s digit limit", {"gpus": 10**5000}, None, f"{R}.gpus"),
+    ("gpus 1e308", {"gpus": 1e308}, None, f"{R}.gpus"),
+    ("gpus above the maximum", {"gpus": 1025}, None, f"{R}.gpus"),
+    ("gpus 1e-10 (finer than 0.001)", {"gpus": 1e-10}, None, f"{R}.gpus"),
+    ("gpus 0.0005", {"gpus": 0.0005}, None, f"{R}.gpus"),
+    ("gpus minus infinity", {"gpus": float("-inf")}, None, f"{R}.gpus"),
+    ("memory a 401-digit integer", {"memory_mib": 10**400}, None, f"{R}.memory_mib"),
+    ("memory infinite", {"memory_mib": float("inf")}, None, f"{R}.memory_mib"),
+    ("memory above 1 PiB", {"memory_mib": 2**30 + 1}, None, f"{R}.memory_mib"),
+    ("gpu memory a 401-digit integer", {"gpus": 1, "gpu_memory_mib": 10**400}, None, f"{R}.gpu_memory_mib"),
+    ("gpu memory NaN", {"gpus": 1, "gpu_memory_mib": float("nan")}, None, f"{R}.gpu_memory_mib"),
+    ("nodes a 401-digit integer", {"gpus": 1, "nodes": 10**400}, None, f"{R}.nodes"),
+    ("nodes zero", {"gpus": 1, "nodes": 0}, None, f"{R}.nodes"),
+    ("nodes a fraction", {"gpus": 1, "nodes": 1.5}, None, f"{R}.nodes"),
+    ("nodes above the maximum", {"gpus": 1, "nodes": 4097}, None, f"{R}.nodes"),
+    ("cpus 1e308", {"cpus": 1e308}, None, f"{R}.cpus"),
+    ("cpus a 401-digit integer", {"cpus": 10**400}, None, f"{R}.cpus"),
+    ("cpus 1e-10", {"cpus": 1e-10}, None, f"{R}.cpus"),
+    ("cpus NaN", {"cpus": float("nan")}, None, f"{R}.cpus"),
+    ("priority a 401-digit integer", {"gpus": 1}, {"priority": 10**400}, f"{C}.priority"),
+    ("priority a fraction", {"gpus": 1}, {"priority": 1.5}, f"{C}.priority"),
+    # names and ids, matched whole: no trailing newline, no control characters, bounded
+    ("mig profile with a trailing newline", {"mig_profile": "1g.10gb\n"}, None, f"{R}.mig_profile"),
+    ("mig profile with a trailing space", {"mig_profile": "1g.10gb "}, None, f"{R}.mig_profile"),
+    ("mig profile a number", {"mig_profile": 5}, None, f"{R}.mig_profile"),
+    ("gpu model with a newline", {"gpus": 1, "gpu_model": "h100\n"}, None, f"{R}.gpu_model"),
+    ("gpu model with a NUL", {"gpus": 1, "gpu_model": "h\x00100"}, None, f"{R}.gpu_model"),
+    ("gpu model alternatives not strings", {"gpus": 1, "gpu_model": ["h100", 3]}, None, f"{R}.gpu_model"),
+    ("gpu model with 65 alternatives", {"gpus": 1, "gpu_model": ["h100"] * 65}, None, f"{R}.gpu_model"),
+    ("pool with a trailing newline", {"gpus": 1, "pool": "serving\n"}, None, f"{R}.pool"),
+    ("pool empty", {"gpus": 1, "pool": ""}, None, f"{R}.pool"),
+    ("label key with a trailing newline", {"gpus": 1}, {"labels": {"pool\n": "dev"}}, f"{C}.labels"),
+    ("label value with a trailing newline", {"gpus": 1}, {"labels": {"pool": "dev\n"}}, f"{C}.labels"),
+    ("label value with a bell", {"gpus": 1}, {"labels": {"pool": "d\x07ev"}}, f"{C}.labels"),
+    ("65 labels", {"gpus": 1}, {"labels": {f"k{n}": "v" for n in range(65)}}, f"{C}.labels"),
+    ("node id with a trailing newline", {"gpus": 1}, {"node_id": "a6000\n"}, f"{C}.node_id"),
+    ("request id with a newline", {"gpus": 1}, {"request_id": "r\n1"}, f"{C}.request_id"),
+    ("request id of 300 characters", {"gpus": 1}, {"request_id": "r" * 300}, f"{C}.request_id"),
+    ("reservation id with an escape", {"gpus": 1}, {"reservation_id": "cg-\x1b[2J"}, f"{C}.reservation_id"),
+    ("tenant with a space", {"gpus": 1}, {"tenant": "team a"}, f"{C}.tenant"),
+    ("pool constraint with a trailing newline", {"gpus": 1}, {"pool": "serving\n"}, f"{C}.pool"),
+    ("affinity to a name with a newline", {"gpus": 1}, {"affinity": ["decode\n"]}, f"{C}.affinity[0]"),
+    ("65 anti-affinity rules", {"gpus": 1}, {"anti_affinity": ["x"] * 65}, f"{C}.anti_affinity"),
+    ("anti-affinity a number", {"gpus": 1}, {"anti_affinity": 5}, f"{C}.anti_affinity"),
+    ("affinity scope unknown", {"gpus": 1}, {"affinity": [{"component": "x", "scope": "rack"}]}, f"{C}.affinity[0]"),
+    ("strategy a number", {"gpus": 1}, {"strategy": 5}, f"{C}.strategy"),
+    ("same_numa an integer", {"gpus": 1}, {"same_numa": 1}, f"{C}.same_numa"),
+]
+BAD += [(what, "allocate", ("c", req, cons), InvalidRequestError, key) for what, req, cons, key in _ALLOC]
+BAD += [
+    ("component with a trailing newline", "allocate", ("decode\n", {"gpus": 1}), InvalidRequestError, "component_name"),
+    ("component with a NUL", "allocate", ("dec\x00ode", {"gpus": 1}), InvalidRequestError, "component_name"),
+    ("component of 254 characters", "allocate", ("c" * 254, {"gpus": 1}), InvalidRequestError, "component_name"),
+    ("filters a string", "list", ("x",), InvalidRequestError, "filters"),
+    ("filters a list", "list", ([("state", "allocated")],), InvalidRequestError, "filters"),
+    ("component filter a number", "list", ({"component": 5},), InvalidRequestError, "filters.component"),
+    (
+        "include_released a string",
+        "list",
+        ({"include_released": "yes"},),
+        InvalidRequestError,
+        "filters.include_released",
+    ),
+    ("group id with a trailing newline", "release", ("cg-1\n",), InvalidRequestError, "group_id"),
+    ("group id empty", "get", ("",), InvalidRequestError, "group_id"),
+    ("group id a huge integer", "drain", (10**400,), InvalidRequestError, "group_id"),
+    ("group id of 300 characters", "delete", ("g" * 300,), InvalidRequestError, "group_id"),
+    ("reserve for 10**400 seconds", "reserve", ("c", {"gpus": 1}, None, 10**400), InvalidRequestError, "ttl_seconds"),
+    ("reserve for NaN seconds", "reserve", ("c", {"gpus": 1}, None, float("nan")), InvalidRequestError, "ttl_seconds"),
+    ("reserve for -1 seconds", "reserve", ("c", {"gpus": 1}, None, -1), InvalidRequestError, "ttl_seconds"),
+    ("reserve with huge gpus", "reserve", ("c", {"gpus": 10**400}), InvalidRequestError, "requirements.gpus"),
+    ("held_by a name with a newline", "held_by", ("c\n",), InvalidRequestError, "component_name"),
+    ("allocations of 300 characters", "allocations", ("c" * 300,), InvalidRequestError, "component_name"),
+    (
+        "create with 10**400 memory",
+        "create",
+        ({"memory_mib": 10**400},),
+        InvalidRequestError,
+        "requirements.memory_mib",
+    ),
+    ("create on a node with a newline", "create", ({"gpus": 1}, "a6000\n"), InvalidRequestError, "constraints.node_id"),
+    ("clear health of a node with a newline", "clear_health", ("a6000\n", 0), InvalidRequestError, "node_id"),
+]
+
 
 async def _call(mgr: ComputeGroupManager, method: str, args: tuple[Any, ...]) -> Any:
     if method == "held_by":  # the synchronous one
@@ -136,7 +224,7 @@ async def _snapshot(mgr: ComputeGroupManager) -> tuple[Any, ...]:
 
 
 def test_the_table_is_big_enough() -> None:
-    assert len(BAD) >= 20
+    assert len(BAD) >= 60
 
 
 @pytest.mark.parametrize(("what", "method", "args", "error", "key"), BAD, ids=[b[0] for b in BAD])
@@ -151,6 +239,8 @@ async def test_bad_request_is_typed_and_changes_nothing(
         assert isinstance(info.value, InvalidRequestError)
         assert info.value.key == key
         assert key.split(".")[-1] in str(info.value)
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 400  # one line, short even for a 5000-digit number
     assert await _snapshot(a6000) == before
     assert (await a6000.get_compute_group(held.id)).allocation_state == "allocated"
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
 from computegroups.errors import InvalidRequestError
-from computegroups.topology import Topology, link_rank, parse_nvidia_smi_topo
+from computegroups.providers.simulated import nodes_from_spec
+from computegroups.topology import SEARCH_BUDGET, Topology, _SubsetSearch, link_rank, parse_nvidia_smi_topo
 from tests.conftest import TOPO_FIXTURES, topo_fixture
 
 
@@ -139,3 +141,87 @@ def test_same_numa_preferred_on_nvswitch() -> None:
 def test_asymmetric_matrix_rejected() -> None:
     with pytest.raises(InvalidRequestError):
         Topology([["X", "NV1"], ["SYS", "X"]])
+
+
+# -- the bounded search beyond small nodes ------------------------------------------------
+
+_LINKS = ["SYS", "NODE", "PHB", "PXB", "PIX", "NV1", "NV2", "NV4", "NV12", "NV18"]
+
+
+def _random_topology(rng: random.Random, n: int) -> Topology:
+    links = [["X"] * n for _ in range(n)]
+    for a in range(n):
+        for b in range(a + 1, n):
+            links[a][b] = links[b][a] = rng.choice(_LINKS[: rng.randint(1, len(_LINKS))])
+    numa: list[int | None] = [rng.choice([0, 1, None]) if rng.random() < 0.2 else 2 * a // n for a in range(n)]
+    return Topology(links, numa)
+
+
+def test_branch_and_bound_equals_the_exhaustive_search() -> None:
+    """The search used beyond the enumeration limit gives exactly what evaluating every subset gives."""
+    rng = random.Random(11)
+    cases = 0
+    for _ in range(120):
+        n = rng.randint(3, 11)
+        t = _random_topology(rng, n)
+        free = [i for i in range(n) if rng.random() < 0.8] or [0]
+        for k in range(2, len(free) + 1):
+            for nvlink, same_numa in itertools.product((False, True), repeat=2):
+                found = _SubsetSearch(t._ranks, t._numa, free, k, nvlink, same_numa, 0).run()
+                expected = t._enumerate(free, k, nvlink, same_numa)
+                assert (None if found is None else t.evaluate(found)) == expected, (free, k, nvlink, same_numa)
+                cases += 1
+    assert cases > 1000
+
+
+def test_sixteen_devices_are_searched_exactly() -> None:
+    rng = random.Random(3)
+    t = _random_topology(rng, 16)
+    full = (1 << 16) - 1
+    for k in (5, 8, 11):
+        assert t.best_subset(full, k) == t._enumerate(list(range(16)), k, False, False)
+
+
+def _nvswitch(n: int) -> Topology:
+    return Topology([["NV18"] * n for _ in range(n)], [2 * i // n for i in range(n)])
+
+
+def test_large_nodes_are_decided_with_the_best_bottleneck() -> None:
+    """A 32-GPU and a 64-GPU node asked for half their GPUs, and an A100 node cut into 56 MIG slices."""
+    for n in (32, 64):
+        choice = _nvswitch(n).best_subset((1 << n) - 1, n // 2)
+        assert choice is not None and choice.numa_nodes == 1 and choice.indices == tuple(range(n // 2))
+    mig = nodes_from_spec({"nodes": [{"id": "m", "preset": "hgx-a100", "mig": {i: ["1g.5gb"] * 7 for i in range(8)}}]})
+    topo = mig[0].topology
+    assert topo is not None and topo.gpu_count == 56
+    six = topo.best_subset((1 << 56) - 1, 6)
+    assert six is not None and six.bottleneck == link_rank("NV12")  # six slices on six different GPUs
+    assert len({mig[0].gpus[i].parent_index for i in six.indices}) == 6 and six.numa_nodes == 2
+    assert topo.best_subset((1 << 56) - 1, 6, nvlink=True) == six
+    # 12 slices cannot all be on different GPUs; the answer still spans all 8 (more NVLink pairs).
+    twelve = topo.best_subset((1 << 56) - 1, 12)
+    assert twelve is not None and len({mig[0].gpus[i].parent_index for i in twelve.indices}) == 8
+
+
+def test_a_bounded_search_counts_its_nodes() -> None:
+    """Beyond 16 devices the search stops at its budget (and still answers with the proven bottleneck)."""
+    rng = random.Random(8)
+    links = [["NV18" if a // 20 == b // 20 else rng.choice(_LINKS[:5]) for b in range(40)] for a in range(40)]
+    for a in range(40):
+        for b in range(a):
+            links[a][b] = links[b][a]
+    t = Topology(links, [a // 10 for a in range(40)])
+    search = _SubsetSearch(t._ranks, t._numa, list(range(40)), 20, False, False, SEARCH_BUDGET)
+    found = search.run()
+    assert found is not None and len(found) == 20
+    assert search.nodes <= SEARCH_BUDGET + 1
+    assert t.evaluate(found).bottleneck == link_rank("NV18")  # one of the two NVSwitch halves
+    assert t.evaluate(found).numa_nodes == 2
+
+
+def test_cpu_lists_are_bounded_before_they_are_expanded() -> None:
+    header = "        GPU0    CPU Affinity    NUMA Affinity\n"
+    for bad in ("x-y", "0-2000000000", "5-3", "1,,x", "-1"):
+        with pytest.raises(InvalidRequestError, match="CPU affinity"):
+            parse_nvidia_smi_topo(f"{header}GPU0     X      {bad}     0\n")
+    assert parse_nvidia_smi_topo(f"{header}GPU0     X      0-3,8     0\n").cpu_affinity(0) == frozenset({0, 1, 2, 3, 8})

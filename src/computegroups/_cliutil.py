@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -17,8 +19,9 @@ from computegroups.errors import (
     InvalidRequestError,
     NotFoundError,
 )
+from computegroups.model import Constraints, Requirements
 
-__all__ = ["EXIT_CODES", "emit", "exit_code", "fail", "parse_request", "request_options", "run"]
+__all__ = ["EXIT_CODES", "emit", "exit_code", "fail", "flag_message", "parse_request", "request_options", "run"]
 
 #: Exit code per error class; anything else that the library raises on purpose is 1.
 EXIT_CODES: dict[type[ComputeGroupsError], int] = {
@@ -38,14 +41,62 @@ def exit_code(exc: ComputeGroupsError) -> int:
 
 def fail(message: str, code: int) -> NoReturn:
     """Print one line on stderr and exit."""
-    click.echo(f"computegroups: {message}", err=True)
+    click.echo(f"computegroups: {' '.join(message.split())}", err=True)
     sys.exit(code)
+
+
+#: The flag a user typed for each API key an error can name (``requirements.gpus`` is ``--gpus``).
+REQUEST_FLAGS: dict[str, str] = {
+    "requirements.gpus": "--gpus",
+    "requirements.gpu_memory_mib": "--gpu-memory-mib",
+    "requirements.gpu_model": "--gpu-model",
+    "requirements.mig_profile": "--mig-profile",
+    "requirements.nodes": "--nodes",
+    "requirements.cpus": "--cpus",
+    "requirements.memory_mib": "--memory-mib",
+    "requirements.pool": "--pool",
+    "requirements": "request",
+    "constraints.nvlink": "--nvlink",
+    "constraints.same_numa": "--same-numa",
+    "constraints.strategy": "--strategy",
+    "constraints.node_id": "--node",
+    "constraints.labels": "--label",
+    "constraints.pool": "--pool",
+    "constraints.tenant": "--tenant",
+    "constraints.priority": "--priority",
+    "constraints.preemptible": "--preemptible",
+    "constraints.affinity": "--affinity",
+    "constraints.anti_affinity": "--anti-affinity",
+    "constraints.request_id": "--request-id",
+    "constraints.reservation_id": "--reservation",
+}
+#: Keys only one flag or argument can set; translated always.
+_ALWAYS = {
+    "ttl_seconds": "--ttl",
+    "monitor_interval": "--interval",
+    "component_name": "COMPONENT",
+    "group_id": "GROUP_ID",
+}
+_active: dict[str, str] = dict(_ALWAYS)
+_KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(\[\d+\])?(\.[a-z_]+)?:")
+
+
+def flag_message(exc: InvalidRequestError, flags: dict[str, str] | None = None) -> str:
+    """The error's message with the API key it starts with replaced by the flag the user typed."""
+    message = str(exc)
+    m = _KEY.match(message)
+    flag = (flags if flags is not None else _active).get(m.group(1)) if m else None
+    if m is None or flag is None:
+        return message
+    return f"{flag}:{message[m.end() :]}"
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning library errors into one line and an exit code."""
     try:
         return asyncio.run(coro)
+    except InvalidRequestError as exc:
+        fail(flag_message(exc), exit_code(exc))
     except ComputeGroupsError as exc:
         fail(str(exc), exit_code(exc))
     except KeyboardInterrupt:
@@ -65,7 +116,7 @@ def _requirements(
 ) -> dict[str, Any]:
     req: dict[str, Any] = {}
     if gpus is not None:
-        req["gpus"] = int(gpus) if gpus >= 1 and gpus == int(gpus) else gpus
+        req["gpus"] = int(gpus) if math.isfinite(gpus) and 1 <= gpus <= 2**31 and gpus == int(gpus) else gpus
     if gpu_memory_mib is not None:
         req["gpu_memory_mib"] = gpu_memory_mib
     if gpu_model:
@@ -130,7 +181,22 @@ def rule_option(text: str, flag: str) -> dict[str, Any]:
 
 
 def parse_request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Requirements and constraints from the options of :func:`request_options`."""
+    """Requirements and constraints from the options of :func:`request_options`, validated.
+
+    A bad value exits 2 with one line naming the flag (``--gpus: inf is not a finite number``), before
+    any state is opened; later errors about the request name the flags too.
+    """
+    _active.update(REQUEST_FLAGS)
+    req, cons = _request(opts)
+    try:
+        Requirements.parse(req)
+        Constraints.parse(cons)
+    except InvalidRequestError as exc:
+        fail(flag_message(exc), 2)
+    return req, cons
+
+
+def _request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     req = _requirements(opts["gpus"], opts["gpu_memory_mib"], opts["gpu_model"], opts["cpus"], opts["memory_mib"])
     if opts["mig_profile"]:
         req["mig_profile"] = opts["mig_profile"]

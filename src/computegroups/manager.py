@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -43,7 +41,13 @@ from computegroups.model import (
     GroupRecord,
     NodeSpec,
     Requirements,
+    check_callable,
+    check_int_in,
+    check_name,
+    check_seconds,
+    check_text,
     group_env,
+    shown,
 )
 from computegroups.monitor import Hook, Monitor, reconcile
 from computegroups.pools import Pool, parse_pools
@@ -57,7 +61,6 @@ __all__ = ["ComputeGroupManager", "Event"]
 
 log = logging.getLogger("computegroups")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$")
 _FILTER_KEYS = ("component", "state", "node_id", "include_released")
 _STATES = [s.value for s in AllocationState]
 _RELEASED = AllocationState.RELEASED
@@ -65,19 +68,13 @@ MAX_TTL_S = 7 * 24 * 3600.0
 _PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
 
 
-def _check_name(key: str, value: object) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise InvalidRequestError(
-            f"{key}: {value!r} is not a name (1-253 of letters, digits and . _ : / @ -, starting alphanumeric)",
-            key=key,
-        )
-    return value
+_check_name = check_name
 
 
-def _check_group_id(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError(f"group_id: {value!r} is not a group id", key="group_id")
-    return value
+def _check_group_id(value: object, known: Mapping[str, GroupRecord]) -> str:
+    if type(value) is str and value in known:  # an id the ledger holds (the common case, without a regex)
+        return value
+    return check_text("group_id", value, what="a group id")
 
 
 def _open_store(state: StateStore | str | os.PathLike[str] | None) -> StateStore:
@@ -111,27 +108,34 @@ class ComputeGroupManager:
         state: StateStore | str | os.PathLike[str] | None = None,
         *,
         id_factory: Callable[[], str] | None = None,
-        tombstone_limit: int = 10_000,
-        max_attempts: int = 64,
+        tombstone_limit: object = 10_000,
+        max_attempts: object = 64,
         pools: Sequence[Pool | Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
-        monitor_interval: float | None = None,
-        reconcile_on_start: bool = True,
+        monitor_interval: object = None,
+        reconcile_on_start: object = True,
     ) -> None:
         if not isinstance(provider, ComputeResourceProvider):
             raise InvalidRequestError(
                 f"provider: {type(provider).__name__} is not a ComputeResourceProvider", key="provider"
             )
+        self._tombstone_limit = check_int_in("tombstone_limit", tombstone_limit, 0, 10**9)
+        self._max_attempts = check_int_in("max_attempts", max_attempts, 1, 100_000)
+        self._monitor_interval = check_seconds("monitor_interval", monitor_interval)
+        if not isinstance(reconcile_on_start, bool):
+            raise InvalidRequestError(
+                f"reconcile_on_start: {shown(reconcile_on_start)} is not true or false", key="reconcile_on_start"
+            )
+        self._new_id: Callable[[], str] = (
+            check_callable("id_factory", id_factory) if id_factory is not None else lambda: "cg-" + os.urandom(8).hex()
+        )
+        self._clock: Callable[[], float] = check_callable("clock", clock)
         self.provider = provider
         self.store = _open_store(state)
         # Stores in this process can tell their revision without I/O (optional ``local_revision()``).
         self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)
-        self._new_id = id_factory or (lambda: "cg-" + os.urandom(8).hex())
-        self._tombstone_limit = tombstone_limit
-        self._max_attempts = max_attempts
         self._lock = asyncio.Lock()
         self._entered = False
-        self._clock = clock
         self.inventory: Inventory = Inventory((), source="none")
         self.pools: dict[str, Pool] = {p.name: p for p in parse_pools(pools)}
         self.ledger = Ledger((), self.pools.values())
@@ -141,13 +145,21 @@ class ComputeGroupManager:
         self.recent_events: deque[Event] = deque(maxlen=1000)
         self.expired = 0  # reservations this manager released at their deadline
         # Monitoring and reconciliation (computegroups.monitor): hooks return the events they caused.
-        self.monitor_interval = monitor_interval
         self.reconcile_on_start = reconcile_on_start
         self.monitor_hooks: list[Hook] = []
         self.reconcile_hooks: list[Hook] = []
         #: awaited with a group's records before its release is committed (a runtime stops its worker)
         self.release_hooks: list[Callable[[Sequence[GroupRecord]], Awaitable[None]]] = []
         self.monitor: Monitor | None = None
+
+    @property
+    def monitor_interval(self) -> float | None:
+        """Seconds between monitoring rounds once entered (None: no monitor); checked when set."""
+        return self._monitor_interval
+
+    @monitor_interval.setter
+    def monitor_interval(self, value: float | None) -> None:
+        self._monitor_interval = check_seconds("monitor_interval", value)
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> ComputeGroupManager:
@@ -156,6 +168,9 @@ class ComputeGroupManager:
             self.inventory = await self.provider.discover_resources()
             self.ledger = Ledger(self.inventory.nodes, self.pools.values(), self.inventory.cordoned)
             self.views = Views(self.ledger, self._telemetry_of)
+            bind = getattr(self.store, "bind", None)  # a store bound to the cluster that made it
+            if bind is not None:
+                bind(self.provider.cluster_identity(self.inventory))
             await self.store.open()
             await self._refresh()
         except BaseException:
@@ -320,6 +335,11 @@ class ComputeGroupManager:
             raise InvalidRequestError(
                 f"filters.{unknown[0]}: unknown key; allowed: {one_of(_FILTER_KEYS)}", key=f"filters.{unknown[0]}"
             )
+        for key in ("component", "node_id"):
+            if key in f:
+                check_text(f"filters.{key}", f[key])
+        if not isinstance(f.get("include_released", False), bool):
+            raise InvalidRequestError("filters.include_released: not true or false", key="filters.include_released")
         state = f.get("state")
         if state is not None and state not in _STATES:
             raise InvalidRequestError(f"filters.state: {state!r} is not one of {one_of(_STATES)}", key="filters.state")
@@ -339,7 +359,7 @@ class ComputeGroupManager:
     async def get_compute_group(self, group_id: object) -> ComputeGroup:
         """Get one group by id; raises NotFoundError if unknown."""
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         async with self._lock:
             await self._read()
             return self.views.by_id(gid)
@@ -363,7 +383,7 @@ class ComputeGroupManager:
         Returns False if the group was already released.
         """
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         return (await self._run(lambda now: plan_delete(self.ledger, gid))).changed
 
     async def allocate_compute_group(
@@ -410,10 +430,10 @@ class ComputeGroupManager:
         if (
             isinstance(ttl_seconds, bool)
             or not isinstance(ttl_seconds, int | float)
-            or not (math.isfinite(ttl_seconds) and 0 < ttl_seconds <= MAX_TTL_S)
+            or not 0 < ttl_seconds <= MAX_TTL_S  # NaN fails the comparison too
         ):
             raise InvalidRequestError(
-                f"ttl_seconds: {ttl_seconds!r} is not a number of seconds in (0, {MAX_TTL_S:g}]", key="ttl_seconds"
+                f"ttl_seconds: {shown(ttl_seconds)} is not a number of seconds in (0, {MAX_TTL_S:g}]", key="ttl_seconds"
             )
         ask = self._ask(component, resource_requirements, constraints, AllocationState.RESERVED, float(ttl_seconds))
         if ask.cons.reservation_id is not None:
@@ -446,7 +466,7 @@ class ComputeGroupManager:
         its processes is left), so the devices are free before anyone else can be given them.
         """
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         if self.release_hooks:
             async with self._lock:
                 await self._read()
@@ -461,7 +481,7 @@ class ComputeGroupManager:
         Returns False if it was already draining; ConflictError if it was released.
         """
         self._require_open()
-        gid = _check_group_id(group_id)
+        gid = _check_group_id(group_id, self.ledger.records)
         return (await self._run(lambda now: plan_drain(self.ledger, gid))).changed
 
     async def expire_reservations(self) -> int:

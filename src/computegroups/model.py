@@ -21,7 +21,12 @@ from computegroups.memo import Memo
 from computegroups.topology import Topology
 
 __all__ = [
+    "MAX_CPUS",
+    "MAX_GPUS",
+    "MAX_MEMORY_MIB",
+    "MAX_NODES",
     "MILLI",
+    "NAME",
     "AllocationState",
     "ComputeGroup",
     "ComputeNode",
@@ -36,6 +41,15 @@ __all__ = [
 ]
 
 MILLI = 1000  # one whole GPU, one CPU core
+# Bounds of one request, far above any real machine: a number past them is a mistake, not a wish.
+MAX_GPUS = 1024  # GPUs (or MIG devices) per node of a request
+MAX_CPUS = 1_048_576  # CPU cores
+MAX_MEMORY_MIB = 2**30  # MiB of host or GPU memory (1 PiB)
+MAX_NODES = 4096  # nodes of one multi-node group
+#: A component, pool or tenant name: matched whole (no trailing newline), 1-253 characters.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
+_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,253}")  # an id or a model: no control characters
+_LABEL_VALUE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,253}")
 _T = TypeVar("_T")
 
 
@@ -127,17 +141,67 @@ def _uniform_topology(n: int) -> Topology:
 
 
 # -- requests -----------------------------------------------------------------
-def _number(key: str, value: object, *, integer: bool = False) -> float:
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, short even for an integer of a thousand digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(value)) if value.bit_length() < 10_000 else 'thousands of'} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _number(key: str, value: object, maximum: float, *, integer: bool = False) -> float:
+    """A finite number in [0, maximum] (an int or a float; a whole one if ``integer``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         kind = "an integer" if integer else "a number"
-        raise InvalidRequestError(f"{key}: {value!r} is not {kind}", key=key)
-    if not math.isfinite(value):
+        raise InvalidRequestError(f"{key}: {shown(value)} is not {kind}", key=key)
+    if isinstance(value, float) and not math.isfinite(value):
         raise InvalidRequestError(f"{key}: {value!r} is not a finite number", key=key)
     if value < 0:
-        raise InvalidRequestError(f"{key}: {value!r} is negative; it must be >= 0", key=key)
+        raise InvalidRequestError(f"{key}: {shown(value)} is negative; it must be >= 0", key=key)
+    if value > maximum:
+        raise InvalidRequestError(f"{key}: {shown(value)} is above the maximum of {maximum:.0f}", key=key)
     if integer and value != int(value):
         raise InvalidRequestError(f"{key}: {value!r} is not a whole number", key=key)
     return value
+
+
+def check_text(key: str, value: object, pattern: re.Pattern[str] = _TEXT, what: str = "") -> str:
+    """A string matched whole by ``pattern`` (by default: 1-253 characters, none of them a control character)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        what = what or "a non-empty string of at most 253 characters without control characters"
+        raise InvalidRequestError(f"{key}: {shown(value)} is not {what}", key=key)
+    return value
+
+
+def check_int_in(key: str, value: object, low: int, high: int) -> int:
+    """An int (not a bool) in low..high."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequestError(f"{key}: {shown(value)} is not an integer in {low}..{high}", key=key)
+    return value
+
+
+def check_seconds(key: str, value: object) -> float | None:
+    """None, or a number of seconds in (0, 1 day]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86_400:
+        raise InvalidRequestError(f"{key}: {shown(value)} is not a number of seconds in (0, 86400]", key=key)
+    return float(value)
+
+
+def check_callable(key: str, value: object) -> Any:
+    """A callable (a factory, a clock)."""
+    if not callable(value):
+        raise InvalidRequestError(f"{key}: {type(value).__name__} is not callable", key=key)
+    return value
+
+
+_NAME_RULE = "a name (1-253 of letters, digits and . _ : / @ -, starting alphanumeric)"
+
+
+def check_name(key: str, value: object) -> str:
+    """A component, pool or tenant name (:data:`NAME`)."""
+    return check_text(key, value, NAME, _NAME_RULE)
 
 
 def _known_keys(value: object, prefix: str, typename: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -192,7 +256,7 @@ def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[], _
 def _milli(key: str, value: float) -> int:
     scaled = value * MILLI
     rounded = round(scaled)
-    if abs(scaled - rounded) > 1e-6:
+    if abs(scaled - rounded) > 1e-6 or (value > 0 and rounded == 0):
         raise InvalidRequestError(f"{key}: {value!r} is finer than the 0.001 resolution", key=key)
     return int(rounded)
 
@@ -234,14 +298,14 @@ class Requirements:
 
     def __post_init__(self) -> None:
         if self.mig_profile is not None:
-            if not isinstance(self.mig_profile, str) or not _MIG_PROFILE.match(self.mig_profile):
+            if not isinstance(self.mig_profile, str) or not _MIG_PROFILE.fullmatch(self.mig_profile):
                 raise InvalidRequestError(
-                    f"requirements.mig_profile: {self.mig_profile!r} is not a MIG profile such as '1g.10gb'",
+                    f"requirements.mig_profile: {shown(self.mig_profile)} is not a MIG profile such as '1g.10gb'",
                     key="requirements.mig_profile",
                 )
             if self.gpus == 0:
                 object.__setattr__(self, "gpus", 1)  # one MIG device unless more are asked for
-        g = _number("requirements.gpus", self.gpus)
+        g = _number("requirements.gpus", self.gpus, MAX_GPUS)
         if self.mig_profile is not None and (g < 1 or g != int(g)):
             raise InvalidRequestError(
                 "requirements.gpus: with mig_profile, gpus counts whole MIG devices", key="requirements.gpus"
@@ -255,29 +319,36 @@ class Requirements:
         if g < 1:
             _milli("requirements.gpus", g)
         if self.gpu_memory_mib is not None:
-            _number("requirements.gpu_memory_mib", self.gpu_memory_mib, integer=True)
+            _number("requirements.gpu_memory_mib", self.gpu_memory_mib, MAX_MEMORY_MIB, integer=True)
             if g == 0:
                 raise InvalidRequestError(
                     "requirements.gpu_memory_mib: given without any gpus", key="requirements.gpu_memory_mib"
                 )
         if self.gpu_model is not None:
             models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model
-            if not isinstance(models, tuple) or not models or not all(isinstance(m, str) and m for m in models):
+            if (
+                not isinstance(models, tuple)
+                or not 0 < len(models) <= 64
+                or not all(isinstance(m, str) and _TEXT.fullmatch(m) for m in models)
+            ):
                 raise InvalidRequestError(
-                    f"requirements.gpu_model: {self.gpu_model!r} is not a non-empty string",
+                    f"requirements.gpu_model: {shown(self.gpu_model)} is not a non-empty string "
+                    "(or list of them) without control characters",
                     key="requirements.gpu_model",
                 )
             if g == 0:
                 raise InvalidRequestError(
                     "requirements.gpu_model: given without any gpus", key="requirements.gpu_model"
                 )
-        _milli("requirements.cpus", _number("requirements.cpus", self.cpus))
-        _number("requirements.memory_mib", self.memory_mib, integer=True)
-        if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
-            raise InvalidRequestError(f"requirements.pool: {self.pool!r} is not a pool name", key="requirements.pool")
-        _number("requirements.nodes", self.nodes, integer=True)
-        if self.nodes < 1 or self.nodes > 4096:
-            raise InvalidRequestError(f"requirements.nodes: {self.nodes!r} is not in 1..4096", key="requirements.nodes")
+        _milli("requirements.cpus", _number("requirements.cpus", self.cpus, MAX_CPUS))
+        _number("requirements.memory_mib", self.memory_mib, MAX_MEMORY_MIB, integer=True)
+        if self.pool is not None:
+            check_name("requirements.pool", self.pool)
+        _number("requirements.nodes", self.nodes, MAX_NODES, integer=True)
+        if self.nodes < 1:
+            raise InvalidRequestError(
+                f"requirements.nodes: {self.nodes!r} is not in 1..{MAX_NODES}", key="requirements.nodes"
+            )
         if self.nodes > 1 and g < 1:
             raise InvalidRequestError(
                 "requirements.nodes: a multi-node group needs whole gpus per node", key="requirements.nodes"
@@ -359,8 +430,8 @@ class AffinityRule:
         if unknown:
             raise InvalidRequestError(f"{key}.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}", key=key)
         comp = value.get("component")
-        if not isinstance(comp, str) or not comp:
-            raise InvalidRequestError(f"{key}.component: {comp!r} is not a component name", key=key)
+        if not isinstance(comp, str) or not NAME.fullmatch(comp):
+            raise InvalidRequestError(f"{key}.component: {shown(comp)} is not a component name", key=key)
         scope = value.get("scope", "node")
         if scope not in [s.value for s in Scope]:
             raise InvalidRequestError(
@@ -375,8 +446,9 @@ class AffinityRule:
         return {"component": self.component, "scope": self.scope.value, "required": self.required}
 
 
-_MIG_PROFILE = re.compile(r"^\d+g\.\d+gb(\+me)?$", re.IGNORECASE)
-_LABEL_KEY = re.compile(r"^([A-Za-z0-9.\-]+/)?[A-Za-z0-9]([A-Za-z0-9_.\-]*[A-Za-z0-9])?$")
+_MIG_PROFILE = re.compile(r"[1-9][0-9]?g\.[1-9][0-9]{0,3}gb(\+me)?", re.IGNORECASE)
+_LABEL_KEY = re.compile(r"([A-Za-z0-9.\-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?")
+_MAX_RULES = 64  # labels, affinity or anti-affinity rules in one request
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,12 +499,14 @@ class Constraints:
     )
 
     def __post_init__(self) -> None:
-        for key in ("node_id", "request_id", "pool", "tenant", "reservation_id"):
+        for key in ("node_id", "request_id", "reservation_id"):
             v = getattr(self, key)
-            if v is not None and (not isinstance(v, str) or not v):
-                raise InvalidRequestError(
-                    f"constraints.{key}: {v!r} is not a non-empty string", key=f"constraints.{key}"
-                )
+            if v is not None:
+                check_text(f"constraints.{key}", v)
+        for key in ("pool", "tenant"):
+            v = getattr(self, key)
+            if v is not None:
+                check_name(f"constraints.{key}", v)
         if not isinstance(self.strategy, Strategy):
             allowed = [s.value for s in Strategy]
             if self.strategy not in allowed:
@@ -443,15 +517,17 @@ class Constraints:
             object.__setattr__(self, "strategy", Strategy(self.strategy))
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or abs(self.priority) > 10**9:
             raise InvalidRequestError(
-                f"constraints.priority: {self.priority!r} is not an integer in [-1e9, 1e9]", key="constraints.priority"
+                f"constraints.priority: {shown(self.priority)} is not an integer in [-1e9, 1e9]",
+                key="constraints.priority",
             )
         for key in ("affinity", "anti_affinity"):
             rules = getattr(self, key)
             if isinstance(rules, str | Mapping | AffinityRule):
                 rules = (rules,)
-            if not isinstance(rules, list | tuple):
+            if not isinstance(rules, list | tuple) or len(rules) > _MAX_RULES:
                 raise InvalidRequestError(
-                    f"constraints.{key}: {rules!r} is not a list of rules", key=f"constraints.{key}"
+                    f"constraints.{key}: {shown(rules)} is not a list of at most {_MAX_RULES} rules",
+                    key=f"constraints.{key}",
                 )
             object.__setattr__(
                 self, key, tuple(AffinityRule.parse(r, f"constraints.{key}[{n}]") for n, r in enumerate(rules))
@@ -461,13 +537,18 @@ class Constraints:
                 raise InvalidRequestError(
                     f"constraints.{key}: {getattr(self, key)!r} is not true or false", key=f"constraints.{key}"
                 )
-        if not isinstance(self.labels, Mapping):
-            raise InvalidRequestError(f"constraints.labels: {self.labels!r} is not a mapping", key="constraints.labels")
+        if not isinstance(self.labels, Mapping) or len(self.labels) > _MAX_RULES:
+            raise InvalidRequestError(
+                f"constraints.labels: {shown(self.labels)} is not a mapping of at most {_MAX_RULES} labels",
+                key="constraints.labels",
+            )
         for k, v in self.labels.items():
-            if not isinstance(k, str) or not _LABEL_KEY.match(k) or not isinstance(v, str):
+            if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k) or not isinstance(v, str):
                 raise InvalidRequestError(
-                    f"constraints.labels: {k!r}={v!r} is not a label key and string value", key="constraints.labels"
+                    f"constraints.labels: {shown(k)}={shown(v)} is not a label key and string value",
+                    key="constraints.labels",
                 )
+            check_text("constraints.labels", v, _LABEL_VALUE, "a label value without control characters")
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))  # the caller's dict may change
         object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
 

@@ -8,14 +8,18 @@ affinity of each GPU. Links are named as nvidia-smi names them and ranked
 
 :meth:`Topology.best_subset` picks the k free GPUs with the best bottleneck
 link, then the best total, then NUMA locality, then the choice that leaves the
-best-connected GPUs free. Nodes hold 8 or 16 GPUs, so an exact search over
-subsets is cheap; results are cached by the free-device mask, and nodes of one
-type share one Topology object (and so one cache).
+best-connected GPUs free. Small searches (every request on an 8-GPU node)
+evaluate every subset; larger ones run a branch and bound that is exact up to
+:data:`EXACT_DEVICES` free devices and stops after :data:`SEARCH_BUDGET` search
+nodes beyond (64 GPUs or 56 MIG slices: milliseconds). Results are cached by
+the free-device mask, and nodes of one type share one Topology object (and so
+one cache).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,14 @@ __all__ = ["LINK_RANKS", "Topology", "link_rank", "parse_nvidia_smi_topo"]
 #: Rank of each PCIe/SMP link class; NVLink ranks are ``NV_BASE + links``.
 LINK_RANKS: dict[str, int] = {"SYS": 1, "SOC": 1, "NODE": 2, "PHB": 3, "PXB": 4, "PIX": 5}
 NV_BASE = 100
+#: Searches of at most this many links over all subsets (subsets x pairs in one) evaluate every subset
+#: (every request on an 8-GPU node: at most 560).
+ENUMERATE_WORK = 2_000
+#: Nodes with at most this many free devices are searched exactly (branch and bound, no budget).
+EXACT_DEVICES = 16
+#: Beyond that, the branch and bound visits at most this many search nodes per phase, then takes the
+#: best set found (always one with the best bottleneck it could prove exists).
+SEARCH_BUDGET = 400
 _NV = re.compile(r"^NV(\d+)$")
 
 
@@ -39,8 +51,16 @@ def link_rank(name: str) -> int:
     return LINK_RANKS.get(name, 0)
 
 
+MAX_CPU_ID = 65_535  # CPU ids of one machine in a CPU affinity list
+_CPU_PART = re.compile(r"([0-9]{1,6})(?:-([0-9]{1,6}))?")
+
+
 def _parse_cpu_list(text: str) -> frozenset[int]:
-    """Parse ``0-23,48-71`` into a set of CPU ids; ``N/A`` gives the empty set."""
+    """Parse ``0-23,48-71`` into a set of CPU ids; ``N/A`` gives the empty set.
+
+    Raises InvalidRequestError for anything else, or a CPU id above :data:`MAX_CPU_ID` (checked
+    before a range is expanded).
+    """
     cpus: set[int] = set()
     if text in ("N/A", "", "[N/A]"):
         return frozenset()
@@ -48,11 +68,15 @@ def _parse_cpu_list(text: str) -> frozenset[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            cpus.update(range(int(lo), int(hi) + 1))
-        else:
-            cpus.add(int(part))
+        m = _CPU_PART.fullmatch(part)
+        lo = int(m.group(1)) if m else -1
+        hi = int(m.group(2)) if m and m.group(2) is not None else lo
+        if m is None or not 0 <= lo <= hi <= MAX_CPU_ID:
+            raise InvalidRequestError(
+                f"nvidia-smi topo: CPU affinity {text[:40]!r} is not a list of CPU ids and ranges in 0-{MAX_CPU_ID}",
+                key="topology",
+            )
+        cpus.update(range(lo, hi + 1))
     return frozenset(cpus)
 
 
@@ -228,6 +252,14 @@ class Topology:
         free = [i for i in range(self.gpu_count) if free_mask >> i & 1]
         if k <= 0 or k > len(free):
             return None
+        if math.comb(len(free), k) * max(1, k * (k - 1) // 2) > ENUMERATE_WORK:
+            budget = 0 if len(free) <= EXACT_DEVICES else SEARCH_BUDGET
+            found = _SubsetSearch(self._ranks, self._numa, free, k, nvlink, same_numa, budget).run()
+            return None if found is None else self.evaluate(found)
+        return self._enumerate(free, k, nvlink, same_numa)
+
+    def _enumerate(self, free: list[int], k: int, nvlink: bool, same_numa: bool) -> SubsetChoice | None:
+        """Every k-subset of ``free``, the best by :meth:`best_subset`'s order (small searches)."""
         ranks = self._ranks
         # Connectivity each free GPU contributes to the free set; what a choice
         # removes from the remaining set is the sum over its members minus the
@@ -246,6 +278,210 @@ class Topology:
             if best_key is None or cand > best_key:
                 best_key, best = cand, choice
         return best
+
+
+class _SubsetSearch:
+    """Branch and bound over k-subsets of free devices, in the order of :meth:`Topology.best_subset`.
+
+    Phase 1 finds the best bottleneck: the highest link rank b such that k free devices are pairwise
+    joined by links of rank >= b (a k-clique of that graph; cliques are bounded by a greedy colouring).
+    Phase 2 searches the cliques of that graph in lexicographic order for the best (total, fewest NUMA
+    nodes, connectivity left), pruning a branch when its upper bound cannot beat the best found (ties
+    lose, so the lowest indices win, as in the exhaustive search). With a budget (0: none) each phase
+    stops after that many search nodes, and phase 2 starts from greedy sets: the answer is the best
+    of them and of what the search found, with the best bottleneck phase 1 proved.
+    """
+
+    def __init__(
+        self,
+        ranks: tuple[tuple[int, ...], ...],
+        numa: tuple[int | None, ...],
+        free: list[int],
+        k: int,
+        nvlink: bool,
+        same_numa: bool,
+        budget: int,
+    ) -> None:
+        n = len(free)
+        self.free = free
+        self.k = k
+        self.n = n
+        self.r = [[ranks[a][b] for b in free] for a in free]
+        self.contrib = [sum(row) for row in self.r]
+        groups: dict[int | None, int] = {}
+        for p, i in enumerate(free):
+            groups[numa[i]] = groups.get(numa[i], 0) | 1 << p
+        self.group_masks = list(groups.values())
+        self.group_of = [0] * n
+        for g, m in enumerate(self.group_masks):
+            for p in range(n):
+                if m >> p & 1:
+                    self.group_of[p] = g
+        self.nvlink = nvlink
+        self.same_numa = same_numa
+        self.budget = budget
+        self.nodes = 0
+        self.adj: list[int] = []
+        self.best_link = [0] * n  # per device, its best link inside the phase-2 graph
+        self.gain = [0] * n  # per device, the ranks of its links to the chosen devices
+        self.chosen: list[int] = []
+        self.best: tuple[int, int, int] | None = None
+        self.best_set: list[int] = []
+
+    def _forget(self) -> None:
+        """Start a level afresh (a method, so that no caller's view of ``best`` is narrowed to None)."""
+        self.nodes = 0
+        self.best = None
+        self.best_set = []
+
+    def _spent(self) -> bool:
+        self.nodes += 1
+        return self.budget > 0 and self.nodes > self.budget
+
+    def _colours(self, cand: int, enough: int) -> int:
+        """Colours of a greedy colouring of ``cand`` (at least its largest clique), counted up to ``enough``."""
+        adj = self.adj
+        colours = 0
+        rest = cand
+        while rest:
+            colours += 1
+            if colours >= enough:
+                return colours
+            avail = rest
+            while avail:
+                low = avail & -avail
+                rest &= ~low
+                avail &= ~low & ~adj[low.bit_length() - 1]
+        return colours
+
+    def _domain(self, p: int) -> int:
+        """The devices ``p`` may be chosen with."""
+        return self.group_masks[self.group_of[p]] if self.same_numa else (1 << self.n) - 1
+
+    def _clique(self, chosen: list[int], cand: int, need: int) -> list[int] | None:
+        if need == 0:
+            return chosen
+        if self._spent() or cand.bit_count() < need or self._colours(cand, need) < need:
+            return None
+        while cand and cand.bit_count() >= need:
+            low = cand & -cand
+            cand &= ~low
+            v = low.bit_length() - 1
+            found = self._clique([*chosen, v], cand & self.adj[v], need - 1)
+            if found is not None:
+                return found
+        return None
+
+    def run(self) -> tuple[int, ...] | None:
+        n, k, r = self.n, self.k, self.r
+        levels = sorted({r[a][b] for a in range(n) for b in range(a + 1, n)}, reverse=True)
+        if self.nvlink:
+            levels = [lv for lv in levels if lv >= NV_BASE]
+        for level in levels:
+            # Devices joined at this level or better (and, for same_numa, on the same NUMA node).
+            self.adj = [
+                sum(1 << q for q in range(n) if q != p and r[p][q] >= level) & self._domain(p) for p in range(n)
+            ]
+            self._forget()
+            clique = self._clique([], (1 << n) - 1, k)
+            if clique is None and self.budget > 0 and self.nodes > self.budget:
+                # Out of budget before an answer: greedy sets from the best-connected devices decide.
+                for start in sorted(range(n), key=lambda p: -self.adj[p].bit_count())[:8]:
+                    self._greedy(start)
+                clique = self.best_set if self.best is not None else None
+            if clique is None:
+                continue
+            self.best_link = [max([r[p][q] for q in range(n) if self.adj[p] >> q & 1], default=0) for p in range(n)]
+            self.nodes = 0
+            if self.budget > 0:  # bounded: start from greedy sets, so that the budget only improves on them
+                for start in clique[:4]:
+                    self._greedy(start)
+            self._optimise((1 << n) - 1, 0, 0, 0)
+            if self.best is None:  # the budget ran out before any set: the clique of phase 1
+                self.best_set = clique
+            return tuple(self.free[p] for p in sorted(self.best_set))
+        return None
+
+    def _greedy(self, start: int) -> None:
+        """A set grown from ``start`` by the best next device (links to the chosen ones, NUMA, fewest links)."""
+        r, n, k = self.r, self.n, self.k
+        gain = list(r[start])
+        chosen, cand = [start], self.adj[start]
+        total, csum, groups = 0, self.contrib[start], 1 << self.group_of[start]
+        while len(chosen) < k and cand:
+            pick, pick_key = -1, (0, 0, 0)
+            rest = cand
+            while rest:
+                low = rest & -rest
+                rest &= ~low
+                q = low.bit_length() - 1
+                key = (gain[q], -(groups | 1 << self.group_of[q]).bit_count(), -self.contrib[q])
+                if pick < 0 or key > pick_key:
+                    pick, pick_key = q, key
+            chosen.append(pick)
+            total += gain[pick]
+            csum += self.contrib[pick]
+            groups |= 1 << self.group_of[pick]
+            cand &= self.adj[pick] & ~(1 << pick)
+            row = r[pick]
+            for q in range(n):
+                gain[q] += row[q]
+        if len(chosen) == k:
+            key = (total, -groups.bit_count(), total - csum)
+            if self.best is None or key > self.best:
+                self.best, self.best_set = key, chosen
+
+    def _optimise(self, cand: int, total: int, csum: int, groups: int) -> None:
+        """Extend ``self.chosen`` (pairwise joined, total link rank ``total``) from ``cand``."""
+        need = self.k - len(self.chosen)
+        if need == 0:
+            key = (total, -groups.bit_count(), total - csum)
+            if self.best is None or key > self.best:
+                self.best, self.best_set = key, list(self.chosen)
+            return
+        if self._spent() or cand.bit_count() < need or self._colours(cand, need) < need:
+            return
+        if self.best is not None and not self._may_beat(cand, need, total, csum, groups):
+            return
+        r, gain = self.r, self.gain
+        while cand and cand.bit_count() >= need:
+            low = cand & -cand
+            cand &= ~low
+            v = low.bit_length() - 1
+            row = r[v]
+            for q in range(self.n):
+                gain[q] += row[q]
+            self.chosen.append(v)
+            self._optimise(
+                cand & self.adj[v], total + gain[v] - row[v], csum + self.contrib[v], groups | 1 << self.group_of[v]
+            )
+            self.chosen.pop()
+            for q in range(self.n):
+                gain[q] -= row[q]
+            if self.budget > 0 and self.nodes > self.budget:
+                return
+
+    def _may_beat(self, cand: int, need: int, total: int, csum: int, groups: int) -> bool:
+        """Whether some completion from ``cand`` could rank above the best found (ties lose)."""
+        assert self.best is not None
+        best_total, best_numa, best_left = self.best
+        members = [q for q in range(self.n) if cand >> q & 1]
+        # A new device adds its links to the chosen ones, and to each other new one at most its best link.
+        doubled = sorted((2 * self.gain[q] + (need - 1) * self.best_link[q] for q in members), reverse=True)
+        bound = total + sum(doubled[:need]) // 2
+        if bound != best_total:
+            return bound > best_total
+        numa = groups.bit_count()
+        inside = 0
+        for g, m in enumerate(self.group_masks):
+            if groups >> g & 1:
+                inside |= m
+        if numa == 0 or self._colours(cand & inside, need) < need:
+            numa += 1  # the rest cannot all come from the NUMA nodes already spanned
+        if -numa != best_numa:
+            return -numa > best_numa
+        cheapest = sorted(self.contrib[q] for q in members)[:need]
+        return best_total - csum - sum(cheapest) > best_left
 
 
 # -- parsing nvidia-smi topo -m -------------------------------------------------

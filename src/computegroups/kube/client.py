@@ -110,6 +110,11 @@ class KubeClient:
             raise KubeError(0, "load", "configuration", f"{where}: {exc}") from exc
         return cls(client.ApiClient(configuration=cfg))
 
+    @property
+    def server(self) -> str:
+        """The API server's address."""
+        return str(getattr(getattr(self._api, "configuration", None), "host", "") or "")
+
     async def close(self) -> None:
         if self._api is not None:
             await self._api.close()

@@ -9,6 +9,7 @@ the same way everywhere.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,17 @@ class ComputeResourceProvider(ABC):
     @abstractmethod
     async def get_resource_state(self) -> dict[str, Any]:
         """The environment's own view of its resources (for diagnostics)."""
+
+    def cluster_identity(self, inventory: Inventory) -> str:
+        """The cluster a state file is bound to (a file made for one cluster is refused by another).
+
+        By default the provider's name and a digest of the discovered node ids: a simulated cluster
+        is its set of nodes. Providers of one machine or one API server name that instead, so that
+        GPUs coming and going do not make the machine another cluster.
+        """
+        ids = "\n".join(sorted(n.id for n in inventory.nodes))
+        digest = hashlib.sha256(ids.encode()).hexdigest()[:16]
+        return f"{self.name}:{len(inventory.nodes)}-nodes-{digest}"
 
     async def sample_health(self) -> Sequence[DeviceHealth]:
         """Health and utilization of every device; providers that cannot tell return nothing."""

@@ -194,6 +194,11 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             client, self._client = self._client, None
             await client.close()
 
+    def cluster_identity(self, inventory: Inventory) -> str:
+        """The API server and the namespace (nodes come and go; the cluster stays)."""
+        server = self._client.server if self._client is not None else ""
+        return f"kubernetes:{server}/{self.namespace}"
+
     def state_store(self) -> KubernetesStateStore:
         """A state store on the same cluster and namespace (its own connection)."""
         return KubernetesStateStore(

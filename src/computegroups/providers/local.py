@@ -104,6 +104,10 @@ class LocalComputeResourceProvider(EnvironmentProvider):
         """The open NVML (or nvidia-smi) source, after discovery."""
         return self._source
 
+    def cluster_identity(self, inventory: Inventory) -> str:
+        """This machine, by its node id (the host name unless given)."""
+        return f"local:{self.node_id}"
+
     async def discover_resources(self) -> Inventory:
         notes: list[str] = []
         gpus: list[GpuSpec] = []

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from computegroups.errors import InvalidRequestError, one_of
-from computegroups.model import MILLI, GpuSpec, NodeSpec
+from computegroups.model import MAX_CPUS, MAX_GPUS, MAX_MEMORY_MIB, MILLI, GpuSpec, NodeSpec
 from computegroups.providers.base import DeviceHealth, Inventory
 from computegroups.providers.materialise import EnvironmentProvider
 from computegroups.topology import Topology, parse_nvidia_smi_topo
@@ -39,6 +39,24 @@ from computegroups.topology import Topology, parse_nvidia_smi_topo
 __all__ = ["PRESETS", "Preset", "SimulatedComputeResourceProvider", "simulated_uuid"]
 
 _UUID_NAMESPACE = uuid.UUID("6f1d3c52-8a0e-4f59-9b51-3d0c0a4c7e21")
+MAX_SPEC_BYTES = 16 * 2**20  # a spec file, checked before it is parsed
+MAX_TOPOLOGY_BYTES = 2**20  # an `nvidia-smi topo -m` output
+MAX_NODES = 100_000  # nodes of one spec
+
+
+def read_text(path: Path, limit: int, what: str, key: str) -> str:
+    """A UTF-8 text file of at most ``limit`` bytes, or InvalidRequestError naming it and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InvalidRequestError(f"{what} {path}: {exc.strerror or exc}", key=key) from exc
+    if len(data) > limit:
+        raise InvalidRequestError(f"{what} {path}: larger than {limit} bytes", key=key)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{what} {path}: not UTF-8 text (byte {exc.start})", key=key) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +114,7 @@ def _preset_topology(filename: str) -> Topology:
 def _file_topology(path: Path) -> Topology:
     key = str(path.resolve())
     if key not in _topology_cache:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise InvalidRequestError(f"spec: topology file {path}: {exc.strerror}", key="topology") from exc
-        topo = parse_nvidia_smi_topo(text)
+        topo = parse_nvidia_smi_topo(read_text(path, MAX_TOPOLOGY_BYTES, "spec: topology file", "topology"))
         topo.name = path.stem
         _topology_cache[key] = topo
     return _topology_cache[key]
@@ -147,10 +161,21 @@ def _mig_layout(value: object, gpu_count: int, where: str) -> dict[int, list[str
     return out
 
 
+_MAXIMA = {"gpus": MAX_GPUS, "count": MAX_NODES, "memory_mib": MAX_MEMORY_MIB}
+
+
 def _int(entry: Mapping[str, Any], key: str, default: int, where: str) -> int:
     value = entry.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or value != int(value):
-        raise InvalidRequestError(f"{where}.{key}: {value!r} is not a whole number >= 0", key=key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= _MAXIMA.get(key, MAX_MEMORY_MIB)
+        or value != int(value)
+    ):
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+        raise InvalidRequestError(
+            f"{where}.{key}: {shown} is not a whole number in 0..{_MAXIMA.get(key, MAX_MEMORY_MIB)}", key=key
+        )
     return int(value)
 
 
@@ -188,8 +213,8 @@ def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[N
         model = str(gpu.get("model") or (preset.gpu_model if preset else "") or ("GPU" if gpu_count else ""))
         mem = _int(gpu, "memory_mib", preset.gpu_memory_mib if preset else 0, f"{where}.gpu")
         cpus = entry.get("cpus", preset.cpus if preset else 0)
-        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus < 0:
-            raise InvalidRequestError(f"{where}.cpus: {cpus!r} is not a number >= 0", key="cpus")
+        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0 <= cpus <= MAX_CPUS:
+            raise InvalidRequestError(f"{where}.cpus: {cpus!r:.40} is not a number in 0..{MAX_CPUS}", key="cpus")
         memory = _int(entry, "memory_mib", preset.memory_mib if preset else 0, where)
         labels = entry.get("labels") or {}
         if not isinstance(labels, Mapping):
@@ -252,14 +277,17 @@ def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[N
 def load_spec(path: str | Path) -> tuple[dict[str, Any], Path]:
     """Read a YAML or JSON spec file."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InvalidRequestError(f"spec {p}: {exc.strerror}", key="spec") from exc
+    text = read_text(p, MAX_SPEC_BYTES, "spec", "spec")
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InvalidRequestError(
+            f"spec {p}: not valid YAML: {exc.problem or exc.context}{where}", key="spec"
+        ) from None
     except (ValueError, yaml.YAMLError) as exc:
-        raise InvalidRequestError(f"spec {p}: not valid YAML/JSON: {exc}", key="spec") from exc
+        raise InvalidRequestError(f"spec {p}: not valid YAML/JSON: {' '.join(str(exc).split())}", key="spec") from None
     return data, p.parent
 
 

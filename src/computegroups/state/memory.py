@@ -20,6 +20,10 @@ class MemoryStateStore:
         self._log_start = 0  # revisions at or below this are no longer in the log
         self._log_limit = log_limit
 
+    def bind(self, identity: str) -> None:
+        """Any cluster may use an in-memory store (it lives and dies with its process)."""
+        return None
+
     async def open(self) -> None:
         return None
 

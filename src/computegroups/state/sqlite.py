@@ -4,29 +4,89 @@ WAL journal, one ``BEGIN IMMEDIATE`` transaction per commit (so the revision
 check and the write happen under SQLite's write lock), ``synchronous=NORMAL`` by
 default: a committed change survives a crash of any process; ``durable=True``
 selects ``synchronous=FULL`` to survive power loss as well, at an fsync per
-commit. A file that is not SQLite, or is SQLite but not ours, raises
-:class:`StateError`; the store never resets a file it does not recognise.
+commit.
+
+A state file knows what it is. Its header carries :data:`APPLICATION_ID` and the
+format version :data:`FORMAT` (``user_version``); its meta table the schema, the
+revision, the start of the deletion log and the identity of the cluster it was
+made for. Opening a file first inspects it through a read-only connection: the
+header, ``PRAGMA quick_check``, the exact tables and indexes, every meta row and
+its type, and every record. Anything else raises :class:`StateError` naming the
+file and what is wrong, and the file is left byte for byte as it was (no WAL
+switch, no table created). The store never resets, repairs or initialises a file
+it did not create:
+
+* a missing file is created whole: the database is built in a private temporary
+  file (mode 0600 from its first byte, so its WAL and shared-memory files, which
+  SQLite creates with the database's mode, are 0600 too) and hard-linked into
+  place, so no process ever sees a half-made state file, and two processes
+  creating one at once end up sharing the one that was linked first;
+* an existing empty (0-byte) file, or a SQLite database without tables, is
+  refused, never initialised: computegroups never leaves one behind, so it is
+  someone else's;
+* a file written by computegroups 0.1.0 (no application id, format 0, schema
+  ``computegroups/1``, the same tables) passes the same checks and is then
+  stamped with the application id and format in place.
+
+:meth:`SqliteStateStore.bind` names the cluster the caller manages (the manager
+binds its provider's :meth:`~computegroups.providers.base.ComputeResourceProvider.cluster_identity`).
+A file records the identity of the first cluster bound to it and refuses any
+other, so a state file made on a simulated cluster cannot count allocations on a
+real machine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
-import time
-from collections.abc import Sequence
+import stat
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote
 
 from computegroups.errors import StateError
-from computegroups.model import GroupRecord
+from computegroups.model import AllocationState, GroupRecord
 from computegroups.state.base import Changes, RevisionConflict
 
-__all__ = ["SCHEMA", "SqliteStateStore", "default_state_path"]
+__all__ = ["APPLICATION_ID", "FORMAT", "SCHEMA", "SqliteStateStore", "default_state_path"]
 
-SCHEMA = "computegroups/1"
+#: ``PRAGMA application_id`` of a computegroups state file ("CGst").
+APPLICATION_ID = 0x43477374
+#: ``PRAGMA user_version``: the file format this version reads and writes.
+FORMAT = 2
+SCHEMA = "computegroups/2"
+_LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, user_version 0
 _DELETION_LOG_LIMIT = 100_000
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_REVISION = re.compile(r"0|[1-9][0-9]{0,17}")
+_META_KEYS = ("schema", "revision", "log_start", "cluster")
+
+_DDL = (
+    "CREATE TABLE computegroups_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE groups (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL)",
+    "CREATE INDEX groups_rev ON groups(rev)",
+    "CREATE TABLE deletions (id TEXT NOT NULL, rev INTEGER NOT NULL)",
+    "CREATE INDEX deletions_rev ON deletions(rev)",
+)
+_SCHEMA_SQL = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+
+
+def _expected_objects() -> list[tuple[str, str, str, str | None]]:
+    """sqlite_master as this SQLite stores :data:`_DDL` (its normalisation of the text included)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for ddl in _DDL:
+            conn.execute(ddl)
+        return [tuple(row) for row in conn.execute(_SCHEMA_SQL)]
+    finally:
+        conn.close()
+
+
+_OBJECTS = _expected_objects()
 
 
 def default_state_path() -> Path:
@@ -38,6 +98,15 @@ def default_state_path() -> Path:
     return Path(base) / "computegroups" / "state.db"
 
 
+class _Found(NamedTuple):
+    """What inspecting a file found: its format, meta rows, and (read-only pass) its records."""
+
+    legacy: bool
+    revision: int
+    cluster: str
+    records: list[GroupRecord]
+
+
 class SqliteStateStore:
     """Group records in a SQLite file; see the module docstring for guarantees."""
 
@@ -46,85 +115,242 @@ class SqliteStateStore:
         self._durable = durable
         self._timeout = busy_timeout_s
         self._conn: sqlite3.Connection | None = None
+        self._identity: str | None = None
+        self._opened: tuple[int, list[GroupRecord]] | None = None  # what open() read, served once
+
+    def bind(self, identity: str) -> None:
+        """Name the cluster this store serves (before :meth:`open`, or on an open store).
+
+        A new file records it; a file made for another cluster is refused (StateError naming both);
+        a file not yet bound to any cluster is bound to this one.
+        """
+        if not isinstance(identity, str) or not identity or len(identity) > 1024:
+            raise StateError(f"state {self.path}: {identity!r} is not a cluster identity")
+        before, self._identity = self._identity, identity
+        if self._conn is not None:
+            try:
+                self._bind(self._conn)
+            except sqlite3.DatabaseError as exc:
+                self._identity = before
+                raise self._error(f"not a usable SQLite database: {exc}") from exc
+            except BaseException:
+                self._identity = before
+                raise
+
+    def _error(self, what: str) -> StateError:
+        return StateError(f"state {self.path}: {what}")
 
     # -- lifecycle --------------------------------------------------------------
     async def open(self) -> None:
         if self._conn is not None:
             return
+        path = self.path
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StateError(f"state {self.path}: cannot create its folder: {exc}") from exc
-        existed = self.path.exists() and self.path.stat().st_size > 0
+            raise self._error(f"cannot create its folder: {exc.strerror or exc}") from exc
+        if not os.path.lexists(path):
+            self._create()
+        self._check_file()
+        uri = f"file:{quote(os.path.abspath(path))}"
+        found = self._inspect(uri)
+        self._check_identity(found.cluster)
         try:
-            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                f"{uri}?mode=rw", uri=True, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
         except sqlite3.Error as exc:
-            raise StateError(f"state {self.path}: cannot open: {exc}") from exc
+            raise self._error(f"cannot open for writing: {exc}") from exc
         try:
-            await self._prepare_when_free(conn, existed)
+            self._prepare(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StateError(f"state {self.path}: not a usable SQLite database: {exc}") from exc
-        except StateError:
+            raise self._error(f"not a usable SQLite database: {exc}") from exc
+        except BaseException:
             conn.close()
             raise
         self._conn = conn
-        if not existed:
-            with contextlib.suppress(OSError):
-                os.chmod(self.path, 0o600)
+        self._opened = (found.revision, found.records)
 
-    async def _prepare_when_free(self, conn: sqlite3.Connection, existed: bool) -> None:
-        """``_prepare``, retried (without blocking the event loop) while another process holds its lock.
-
-        Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is
-        locked" at once, without its busy handler, when several processes open a new file together.
-        """
-        deadline = time.monotonic() + self._timeout
-        delay = 0.005
-        while True:
-            try:
-                self._prepare(conn, existed)
-                return
-            except sqlite3.OperationalError as exc:
-                busy = "locked" in str(exc) or "busy" in str(exc)
-                if not busy or time.monotonic() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
-
-    def _prepare(self, conn: sqlite3.Connection, existed: bool) -> None:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if existed and tables and "computegroups_meta" not in tables:
-            raise StateError(f"state {self.path}: a SQLite database that is not a computegroups state file")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("BEGIN IMMEDIATE")
+    def _create(self) -> None:
+        """Build a new state file beside ``path`` and link it into place (unless someone else was first)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.new")
         try:
-            conn.execute("CREATE TABLE IF NOT EXISTS computegroups_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, rev INTEGER NOT NULL, body TEXT NOT NULL)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS groups_rev ON groups(rev)")
-            conn.execute("CREATE TABLE IF NOT EXISTS deletions (id TEXT NOT NULL, rev INTEGER NOT NULL)")
-            conn.execute("CREATE INDEX IF NOT EXISTS deletions_rev ON deletions(rev)")
-            meta = dict(conn.execute("SELECT key, value FROM computegroups_meta").fetchall())
-            if not meta:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version={FORMAT}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                for ddl in _DDL:
+                    conn.execute(ddl)
                 conn.executemany(
                     "INSERT INTO computegroups_meta(key, value) VALUES (?, ?)",
-                    [("schema", SCHEMA), ("revision", "0"), ("log_start", "0")],
+                    [("schema", SCHEMA), ("revision", "0"), ("log_start", "0"), ("cluster", self._identity or "")],
                 )
-            elif meta.get("schema") != SCHEMA:
-                raise StateError(
-                    f"state {self.path}: schema {meta.get('schema')!r} is not {SCHEMA!r}; "
-                    "use the computegroups version that wrote it"
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return  # another process created it first: open that one
+        except (OSError, sqlite3.Error) as exc:
+            raise self._error(f"cannot create: {getattr(exc, 'strerror', None) or exc}") from exc
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+
+    def _check_file(self) -> None:
+        """A readable regular file that starts like a SQLite database."""
+        try:
+            st = os.stat(self.path)
+            if stat.S_ISDIR(st.st_mode):
+                raise self._error("is a directory, not a state file")
+            if not stat.S_ISREG(st.st_mode):
+                raise self._error("is not a regular file")
+            if st.st_size == 0:
+                raise self._error(
+                    "is an empty file; computegroups never leaves one, so it is not a state file "
+                    "(delete it to start afresh)"
                 )
+            with open(self.path, "rb") as f:
+                head = f.read(100)
+        except OSError as exc:
+            raise self._error(f"cannot read: {exc.strerror or exc}") from exc
+        if not head.startswith(_SQLITE_MAGIC):
+            raise self._error("not a SQLite database")
+        if len(head) < 100:
+            raise self._error(f"a truncated SQLite database ({len(head)} bytes)")
+
+    def _inspect(self, uri: str) -> _Found:
+        """Everything about the file, read through a read-only connection; StateError for anything amiss."""
+        try:
+            conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=self._timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._error(f"cannot open: {exc}") from exc
+        try:
+            conn.execute("BEGIN")
+            check = conn.execute("PRAGMA quick_check(1)").fetchone()
+            if check is None or check[0] != "ok":
+                detail = " ".join(str(check[0]).split()) if check else "no integrity answer"
+                raise self._error(f"damaged SQLite database: {detail}")
+            found = self._check_meta(conn)
+            rows = conn.execute("SELECT id, rev, body, typeof(id), typeof(rev), typeof(body) FROM groups").fetchall()
+            records = []
+            for gid, rev, body, tid, trev, tbody in rows:
+                if (tid, trev, tbody) != ("text", "integer", "text"):
+                    raise self._error(f"a group row has types ({tid}, {trev}, {tbody}), not (text, integer, text)")
+                if not 0 < rev <= found.revision:
+                    raise self._error(f"group {gid!r} is at revision {rev}, beyond the file's {found.revision}")
+                records.append(self._decode(gid, body))
+            bad = conn.execute(
+                "SELECT COUNT(*) FROM deletions WHERE typeof(id) != 'text' OR typeof(rev) != 'integer' "
+                "OR rev < 0 OR rev > ?",
+                (found.revision,),
+            ).fetchone()[0]
+            if bad:
+                raise self._error(f"{bad} deletion log row(s) have the wrong types or revisions")
+            conn.execute("COMMIT")
+            return found._replace(records=records)
+        except sqlite3.DatabaseError as exc:
+            raise self._error(f"not a usable SQLite database: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _check_meta(self, conn: sqlite3.Connection) -> _Found:
+        """The header, the tables and the meta rows (without the records)."""
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        objects = [tuple(row) for row in conn.execute(_SCHEMA_SQL)]
+        if app == 0 and version == 0:
+            if not objects:
+                raise self._error(
+                    "a SQLite database without tables; computegroups only initialises files it creates, "
+                    "so it is not a state file"
+                )
+            if objects != _OBJECTS:
+                tables = sorted(name for kind, name, _, _ in objects if kind == "table")
+                raise self._error(
+                    f"a SQLite database that is not a computegroups state file (tables: {', '.join(tables)})"
+                )
+            legacy = True
+        elif app != APPLICATION_ID:
+            raise self._error(
+                f"a SQLite database of another program (application_id {app:#010x}, "
+                f"computegroups uses {APPLICATION_ID:#010x})"
+            )
+        elif version != FORMAT:
+            newer = "a newer" if version > FORMAT else "an unknown"
+            raise self._error(f"format {version} is {newer} computegroups format; this version reads {FORMAT}")
+        elif objects != _OBJECTS:
+            expected = {name for _, name, _, _ in _OBJECTS}
+            present = {name for _, name, _, _ in objects}
+            missing, extra = sorted(expected - present), sorted(present - expected)
+            what = _difference(missing, extra) or "definitions differ"
+            raise self._error(f"its tables are not a computegroups state file's ({what})")
+        else:
+            legacy = False
+        rows = conn.execute("SELECT key, value, typeof(key), typeof(value) FROM computegroups_meta").fetchall()
+        meta: dict[str, str] = {}
+        for key, value, tkey, tvalue in rows:
+            if (tkey, tvalue) != ("text", "text"):
+                raise self._error(f"meta row {key!r} has types ({tkey}, {tvalue}), not (text, text)")
+            meta[key] = value
+        keys = _META_KEYS[:3] if legacy else _META_KEYS
+        missing = [k for k in keys if k not in meta]
+        extra = sorted(k for k in meta if k not in keys)
+        if missing or extra:
+            raise self._error(f"meta rows are damaged ({_difference(missing, extra)})")
+        schema = _LEGACY_SCHEMA if legacy else SCHEMA
+        if meta["schema"] != schema:
+            raise self._error(
+                f"schema {meta['schema']!r} is not {schema!r}; use the computegroups version that wrote it"
+            )
+        for key in ("revision", "log_start"):
+            if not _REVISION.fullmatch(meta[key]):
+                raise self._error(f"meta {key} {meta[key]!r} is not a revision number")
+        revision, log_start = int(meta["revision"]), int(meta["log_start"])
+        if log_start > revision:
+            raise self._error(f"meta log_start {log_start} is beyond revision {revision}")
+        return _Found(legacy, revision, meta.get("cluster", ""), [])
+
+    def _check_identity(self, recorded: str) -> None:
+        if self._identity is not None and recorded and recorded != self._identity:
+            raise self._error(
+                f"it belongs to cluster {recorded!r}, not to this one ({self._identity!r}); "
+                "use another state file for this cluster"
+            )
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """After the inspection passed: WAL on, and under the write lock, re-check and bind."""
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
+        self._bind(conn)
+
+    def _bind(self, conn: sqlite3.Connection) -> None:
+        """Under the write lock: re-check the header and meta rows, adopt a 0.1.0 file, record the cluster."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = self._check_meta(conn)  # the file may have changed since the read-only pass
+            self._check_identity(found.cluster)
+            if found.legacy:
+                conn.execute("UPDATE computegroups_meta SET value=? WHERE key='schema'", (SCHEMA,))
+                conn.execute("INSERT INTO computegroups_meta(key, value) VALUES ('cluster', '')")
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version={FORMAT}")
+            if not found.cluster and self._identity:
+                conn.execute("UPDATE computegroups_meta SET value=? WHERE key='cluster'", (self._identity,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
     async def close(self) -> None:
+        self._opened = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -132,42 +358,50 @@ class SqliteStateStore:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise StateError(f"state {self.path}: store is not open")
+            raise self._error("store is not open")
         return self._conn
 
     # -- reads ------------------------------------------------------------------
     def _meta_int(self, key: str) -> int:
         row = self.conn.execute("SELECT value FROM computegroups_meta WHERE key=?", (key,)).fetchone()
-        return int(row[0]) if row else 0
+        if row is None or not isinstance(row[0], str) or not _REVISION.fullmatch(row[0]):
+            raise self._error(f"meta {key} is {'missing' if row is None else repr(row[0])}; the file is damaged")
+        return int(row[0])
 
     async def changes_since(self, revision: int) -> Changes:
         conn = self.conn
+        opened, self._opened = self._opened, None
         try:
             current = self._meta_int("revision")
             if current == revision:
                 return Changes(current)
+            if current < revision:
+                raise self._error(f"revision went back from {revision} to {current}; the file was changed underneath")
+            if opened is not None and opened[0] == current:
+                return Changes(current, opened[1], (), full=True)  # what open() read and checked
             conn.execute("BEGIN")
             try:
                 current = self._meta_int("revision")
                 log_start = self._meta_int("log_start")
-                if revision < log_start or revision > current:
-                    rows = conn.execute("SELECT body FROM groups").fetchall()
-                    return Changes(current, [_decode(b) for (b,) in rows], (), full=True)
-                rows = conn.execute("SELECT body FROM groups WHERE rev > ?", (revision,)).fetchall()
+                if revision < log_start:
+                    rows = conn.execute("SELECT id, body FROM groups").fetchall()
+                    return Changes(current, [self._decode(i, b) for i, b in rows], (), full=True)
+                rows = conn.execute("SELECT id, body FROM groups WHERE rev > ?", (revision,)).fetchall()
                 dels = [i for (i,) in conn.execute("SELECT id FROM deletions WHERE rev > ?", (revision,))]
-                return Changes(current, [_decode(b) for (b,) in rows], dels)
+                return Changes(current, [self._decode(i, b) for i, b in rows], dels)
             finally:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            raise StateError(f"state {self.path}: read failed: {exc}") from exc
+            raise self._error(f"read failed: {exc}") from exc
 
     # -- writes -----------------------------------------------------------------
     async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
         conn = self.conn
+        self._opened = None
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StateError(f"state {self.path}: could not take the write lock: {exc}") from exc
+            raise self._error(f"could not take the write lock: {exc}") from exc
         try:
             current = self._meta_int("revision")
             if current != expected:
@@ -183,14 +417,15 @@ class SqliteStateStore:
                 conn.executemany("INSERT INTO deletions(id, rev) VALUES (?, ?)", [(d, rev) for d in deletes])
                 if rev % 1024 == 0:
                     self._trim_log(rev)
-            conn.execute("UPDATE computegroups_meta SET value=? WHERE key='revision'", (str(rev),))
+            if conn.execute("UPDATE computegroups_meta SET value=? WHERE key='revision'", (str(rev),)).rowcount != 1:
+                raise self._error("meta revision is missing; the file is damaged")
             conn.execute("COMMIT")
             return rev
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.DatabaseError):
-                raise StateError(f"state {self.path}: write failed: {exc}") from exc
+                raise self._error(f"write failed: {exc}") from exc
             raise
 
     def _trim_log(self, rev: int) -> None:
@@ -202,9 +437,38 @@ class SqliteStateStore:
             self.conn.execute("DELETE FROM deletions WHERE rev <= ?", (cut,))
             self.conn.execute("UPDATE computegroups_meta SET value=? WHERE key='log_start'", (str(cut),))
 
+    def _decode(self, gid: object, body: object) -> GroupRecord:
+        """One stored record, checked: a JSON object whose fields have their types and whose id is its row's."""
+        try:
+            data = json.loads(body) if isinstance(body, str) else None
+            if not isinstance(data, Mapping):
+                raise ValueError("not a JSON object")
+            record = GroupRecord.from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise self._error(f"group record {gid!r} is unreadable: {exc}") from exc
+        problem = _record_problem(record, gid)
+        if problem:
+            raise self._error(f"group record {gid!r} is unreadable: {problem}")
+        return record
 
-def _decode(body: str) -> GroupRecord:
-    try:
-        return GroupRecord.from_json(json.loads(body))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateError(f"state: a group record is unreadable: {exc}") from exc
+
+def _difference(missing: Sequence[str], extra: Sequence[str]) -> str:
+    parts = [f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(extra)}" if extra else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def _record_problem(r: GroupRecord, gid: object) -> str:
+    """What is wrong with a decoded record's types, or ''."""
+    if not isinstance(r.id, str) or r.id != gid:
+        return f"its id {r.id!r} is not the row's"
+    if not isinstance(r.node_id, str):
+        return f"node_id {r.node_id!r} is not a string"
+    for key in ("component", "request_id", "pool", "tenant", "preempted_by", "gang_id"):
+        value = getattr(r, key)
+        if value is not None and not isinstance(value, str):
+            return f"{key} {value!r} is not a string"
+    if not isinstance(r.requirements, Mapping) or not isinstance(r.constraints, Mapping):
+        return "requirements or constraints is not an object"
+    if r.state not in AllocationState:
+        return f"state {r.state!r} is unknown"
+    return ""
