@@ -229,3 +229,39 @@ async def test_workers_of_a_killed_daemon_are_ended_before_their_groups_are_rele
     finally:
         daemon.quit()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_runtime_folder_is_private_and_never_adopted(tmp_path: Path) -> None:
+    from computegroups.runtime import CircusError
+
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    CircusDaemon(loose)._prepare_dir()
+    assert (loose.stat().st_mode & 0o777) == 0o700  # ours, tightened
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(CircusError, match="not a folder"):
+        CircusDaemon(tmp_path / "link")._prepare_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CircusError, match="not a folder"):
+        CircusDaemon(tmp_path / "file")._prepare_dir()
+    if os.getuid() == 0:  # as root, a folder can be handed to someone else to show it is refused
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(CircusError, match="owned by uid 65534"):
+            CircusDaemon(theirs)._prepare_dir()
+
+
+async def test_a_damaged_worker_registry_is_an_error_not_an_empty_one(rt: LocalRuntime) -> None:
+    from computegroups.errors import ProviderError
+
+    rt.daemon._prepare_dir()
+    registry = rt.dir / "workers.json"
+    for damage in ("{not json", '["a", "list"]', '{"cg-1": 7}'):
+        registry.write_text(damage)
+        with pytest.raises(ProviderError, match="damaged"):
+            await rt.ps()
+    registry.unlink()
+    assert await rt.ps() == []

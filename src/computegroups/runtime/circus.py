@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -126,8 +127,27 @@ class CircusDaemon:
             os.close(fd)
 
     def _prepare_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        """Create the folder 0700, or check that an existing one is a real folder of this user.
+
+        The folder holds the daemon's control socket: a folder someone else made (in a shared
+        /tmp, say) could let them drive the workers, so it is refused, never adopted.
+        """
+        try:
+            os.mkdir(self.dir, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(self.dir, 0o700)
+        except OSError as exc:
+            raise CircusError(f"runtime folder {self.dir}: cannot create it: {exc}") from exc
+        st = os.lstat(self.dir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise CircusError(f"runtime folder {self.dir}: not a folder (a link or a file is never followed)")
+        if st.st_uid != os.getuid():
+            raise CircusError(f"runtime folder {self.dir}: owned by uid {st.st_uid}, not by this user ({os.getuid()})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(self.dir, 0o700)
 
     def _write_config(self) -> Path:
         ini = self.dir / "circus.ini"

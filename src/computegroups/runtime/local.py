@@ -165,13 +165,16 @@ class LocalRuntime:
         return await asyncio.to_thread(getattr(self.daemon, method), *args)
 
     def _load(self) -> dict[str, Worker]:
+        path = self.dir / "workers.json"
         try:
-            data = json.loads((self.dir / "workers.json").read_text())
+            data = json.loads(path.read_text())
+            return {str(gid): Worker.from_dict(w) for gid, w in data.items()}
         except FileNotFoundError:
             return {}
-        except ValueError:
-            return {}  # a torn write cannot happen (atomic replace), but never fail on it
-        return {gid: Worker.from_dict(w) for gid, w in data.items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            # Writes are atomic (a finished file replaces the old one), so this is damage, not a torn
+            # write: trusting it as empty would forget running workers and hand out their GPUs.
+            raise ProviderError(f"worker registry {path}: damaged ({exc}); move it aside after checking 'ps'") from exc
 
     def _save(self, workers: Mapping[str, Worker]) -> None:
         ended = sorted((w for w in workers.values() if w.ended), key=lambda w: w.updated_at)
