@@ -265,3 +265,22 @@ async def test_a_damaged_worker_registry_is_an_error_not_an_empty_one(rt: LocalR
             await rt.ps()
     registry.unlink()
     assert await rt.ps() == []
+
+
+async def test_a_worker_gets_exactly_its_argv(rt: LocalRuntime, tmp_path: Path) -> None:
+    # A program in a folder with a space, and arguments circus would otherwise rewrite or split.
+    folder = tmp_path / "my dir"
+    folder.mkdir()
+    prog = folder / "prog"
+    out = tmp_path / "argv.json"
+    tmp = f"{out}.tmp"
+    prog.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"open({tmp!r}, 'w').write(json.dumps(sys.argv))\nos.replace({tmp!r}, {str(out)!r})\n"
+    )
+    prog.chmod(0o755)
+    args = ["$(circus.env.HOME)", "$(circus.wid)", "two words", "", "--x=$HOME"]
+    group, _ = await rt.run("argv", {"gpus": 1}, [str(prog), *args])
+    got = await wait_file(out)
+    assert got == [str(prog), *args]
+    await rt.manager.deallocate_compute_group(group.id)

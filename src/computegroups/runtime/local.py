@@ -28,11 +28,13 @@ takes it too, so it sees only what a dead process left behind and repairs it:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -50,6 +52,12 @@ __all__ = ["REQUEST_PREFIX", "LocalRuntime", "RestartPolicy", "Worker", "sharing
 
 #: Request ids of groups the runtime allocates start with this.
 REQUEST_PREFIX = "circus/"
+_ARGV_VAR = "COMPUTEGROUPS_WORKER_ARGV"  # the worker's argv, JSON in base64 (nothing circus would rewrite)
+_EXEC_ARGV = (
+    "import base64,json,os;"
+    f"a=json.loads(base64.b64decode(os.environ.pop({_ARGV_VAR!r})));"
+    "os.execvp(a[0],a)"
+)
 WATCHER_PREFIX = "w-"
 _HELD = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.RESERVED)
 _ENDED_KEPT = 1000
@@ -257,6 +265,7 @@ class LocalRuntime:
         full_env.update(group.env)
         full_env.update(sharing_env(group, total, mps=mps))
         full_env["COMPUTEGROUPS_COMPONENT"] = group.component or ""
+        full_env[_ARGV_VAR] = base64.b64encode(json.dumps(command).encode()).decode()
         now = time.time()
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -286,7 +295,9 @@ class LocalRuntime:
             "stderr_stream": stream,
         }
         try:
-            await self._circus("add_watcher", w.watcher, command[0], command[1:], options)
+            # circus splits its command line and rewrites $(circus.*) in it; the worker must get
+            # exactly its argv, so circus runs a tiny launcher that execs the argv it is handed.
+            await self._circus("add_watcher", w.watcher, sys.executable, ["-c", _EXEC_ARGV], options)
             w.pids = await self._circus("pids", w.watcher)
         except CircusError as exc:
             with contextlib.suppress(CircusError):
