@@ -53,11 +53,7 @@ __all__ = ["REQUEST_PREFIX", "LocalRuntime", "RestartPolicy", "Worker", "sharing
 #: Request ids of groups the runtime allocates start with this.
 REQUEST_PREFIX = "circus/"
 _ARGV_VAR = "COMPUTEGROUPS_WORKER_ARGV"  # the worker's argv, JSON in base64 (nothing circus would rewrite)
-_EXEC_ARGV = (
-    "import base64,json,os;"
-    f"a=json.loads(base64.b64decode(os.environ.pop({_ARGV_VAR!r})));"
-    "os.execvp(a[0],a)"
-)
+_EXEC_ARGV = f"import base64,json,os;a=json.loads(base64.b64decode(os.environ.pop({_ARGV_VAR!r})));os.execvp(a[0],a)"
 WATCHER_PREFIX = "w-"
 _HELD = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.RESERVED)
 _ENDED_KEPT = 1000
