@@ -124,6 +124,7 @@ def _dump(path: Path) -> list[object]:
 
 
 A = ["allocate", "x"]
+DYNAMO = ["--namespace", "x", "--etcd", "http://127.0.0.1:9", "--prefill-gpus", "1", "--decode-gpus", "1"]
 # (args, exit code, what stderr must contain, keyword arguments of _cg)
 CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     ([*A, "--gpus", "inf"], 2, "--gpus: inf is not a finite number", {}),
@@ -178,6 +179,9 @@ CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     (["summary"], 1, "is a directory", {"state": "."}),
     (["summary"], 1, "not a computegroups state file", {"state": "foreign.db"}),
     (["summary"], 1, "belongs to cluster", {"spec": ""}),  # the state of a simulated cluster, read locally
+    (["dynamo-actuate", *DYNAMO, "--prefill-cmd", "python 'x"], 2, "--prefill-cmd", {}),
+    (["dynamo-actuate", *DYNAMO, "--decode-cmd", "sleep \\"], 2, "--decode-cmd", {}),
+    (["dynamo-actuate", *DYNAMO[:2], "--etcd", "https://127.0.0.1:2379", "--prefill-cmd", "sleep 9"], 2, "TLS", {}),
 ]
 
 

@@ -31,6 +31,16 @@ from computegroups.runtime.local import LocalRuntime
 __all__ = ["dynamo_actuate_command", "register"]
 
 
+def _split(flag: str, command: str | None) -> list[str] | None:
+    """A worker command line split as a shell would, or InvalidRequestError naming the flag."""
+    if not command:
+        return None
+    try:
+        return shlex.split(command)
+    except ValueError as exc:  # an unclosed quote, a trailing backslash
+        raise InvalidRequestError(f"{flag}: {command!r} cannot be split into arguments: {exc}", key=flag) from exc
+
+
 @click.command("dynamo-actuate")
 @click.option("--namespace", required=True, help="Dynamo namespace: the planner writes under v1/NAMESPACE/planner/.")
 @click.option(
@@ -200,9 +210,9 @@ def dynamo_actuate_command(
         check_name("namespace", namespace)
         specs = parse_specs(
             prefill_gpus,
-            shlex.split(prefill_cmd) if prefill_cmd else None,
+            _split("--prefill-cmd", prefill_cmd),
             decode_gpus,
-            shlex.split(decode_cmd) if decode_cmd else None,
+            _split("--decode-cmd", decode_cmd),
             req,
             cons,
             components={"prefill": prefill_component, "decode": decode_component},
