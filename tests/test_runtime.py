@@ -284,3 +284,40 @@ async def test_a_worker_gets_exactly_its_argv(rt: LocalRuntime, tmp_path: Path) 
     got = await wait_file(out)
     assert got == [str(prog), *args]
     await rt.manager.deallocate_compute_group(group.id)
+
+
+async def test_a_crashing_worker_backs_off_then_fails_and_its_group_is_released(
+    rt: LocalRuntime, tmp_path: Path
+) -> None:
+    rt.restart_backoff_s, rt.restart_backoff_max_s, rt.max_restarts = 0.2, 0.4, 3
+    out = tmp_path / "crash.json"
+    cmd = [sys.executable, str(reporter(tmp_path)), str(out), "0", "3"]  # exits with code 3 at once
+    group, _ = await rt.run("crashy", {"gpus": 1}, cmd, policy="restart")
+    deadline = asyncio.get_running_loop().time() + 60
+    row: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        await rt.check_workers()
+        row = {r["group_id"]: r for r in await rt.ps()}[group.id]
+        if row["state"] == "failed":
+            break
+        await asyncio.sleep(0.02)
+    assert row["state"] == "failed", row
+    assert row["restarts"] == 3 and row["last_exit_code"] == 3 and row["last_exit_at"] is not None
+    assert "3 restarts" in row["note"] and "exit code 3" in row["note"] and "group released" in row["note"]
+    gaps = [b - a for a, b in zip(row["restart_times"], row["restart_times"][1:], strict=False)]
+    assert len(gaps) == 2 and gaps[0] >= 0.2 and gaps[1] >= 0.4  # each waited at least its backoff
+    assert (await rt.manager.get_compute_group(group.id)).allocation_state == "released"
+    assert any(e.kind == "worker-failed" and e.group_id == group.id for e in rt.manager.recent_events)
+
+
+async def test_the_exit_code_of_a_worker_is_kept(rt: LocalRuntime, tmp_path: Path) -> None:
+    out = tmp_path / "done.json"
+    group, _ = await rt.run("once", {"gpus": 1}, [sys.executable, str(reporter(tmp_path)), str(out), "0", "7"])
+    await wait_file(out)
+    deadline = asyncio.get_running_loop().time() + 30
+    row: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline and row.get("state") != "exited":
+        await rt.check_workers()
+        row = {r["group_id"]: r for r in await rt.ps()}[group.id]
+        await asyncio.sleep(0.02)
+    assert row["state"] == "exited" and row["last_exit_code"] == 7 and "exit code 7" in row["note"]

@@ -236,6 +236,10 @@ class CircusDaemon:
         """``active``, ``stopped``, ``stopping`` or ``starting``."""
         return str(self.call("status", name=name).get("status", "unknown"))
 
+    def restart_watcher(self, name: str) -> None:
+        """Start a watcher's processes again (after they ended)."""
+        self.call("restart", name=name, waiting=True)
+
     def remove_watcher(self, name: str) -> None:
         """Stop a watcher's processes gracefully (stop signal, then SIGKILL after graceful_timeout) and remove it."""
         self.call("rm", name=name, waiting=True)

@@ -53,7 +53,34 @@ __all__ = ["REQUEST_PREFIX", "LocalRuntime", "RestartPolicy", "Worker", "sharing
 #: Request ids of groups the runtime allocates start with this.
 REQUEST_PREFIX = "circus/"
 _ARGV_VAR = "COMPUTEGROUPS_WORKER_ARGV"  # the worker's argv, JSON in base64 (nothing circus would rewrite)
-_EXEC_ARGV = f"import base64,json,os;a=json.loads(base64.b64decode(os.environ.pop({_ARGV_VAR!r})));os.execvp(a[0],a)"
+_EXIT_VAR = "COMPUTEGROUPS_WORKER_EXIT"  # where the launcher records how the worker ended
+# What circus runs: it starts the worker with exactly its argv, passes signals on, and records the
+# worker's exit code and time when it ends (circus itself keeps neither), then exits the same way.
+_LAUNCHER = f"""
+import base64, json, os, signal, sys, time
+argv = json.loads(base64.b64decode(os.environ.pop({_ARGV_VAR!r})))
+record = os.environ.pop({_EXIT_VAR!r})
+child = os.fork()
+if child == 0:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(2, (argv[0] + ": " + str(exc) + "\\n").encode())
+        os._exit(127)
+def forward(signum, frame):
+    try:
+        os.kill(child, signum)
+    except ProcessLookupError:
+        pass
+for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"):
+    signal.signal(getattr(signal, name), forward)
+status = os.waitpid(child, 0)[1]
+code = os.waitstatus_to_exitcode(status)
+with open(record + ".tmp", "w") as f:
+    f.write(json.dumps({{"code": code, "at": time.time()}}))
+os.replace(record + ".tmp", record)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 WATCHER_PREFIX = "w-"
 _HELD = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.RESERVED)
 _ENDED_KEPT = 1000
@@ -71,7 +98,8 @@ class Worker:
     """One component process and the group it runs on, as the registry keeps it.
 
     ``state``: ``starting``, ``running``, ``exited`` (ended by itself; group released),
-    ``stopped`` (by ``stop``; group released) or ``lost`` (found gone by reconcile).
+    ``failed`` (kept crashing under ``restart``; group released), ``stopped`` (by ``stop`` or a
+    release; group released) or ``lost`` (found gone by reconcile).
     """
 
     group_id: str
@@ -82,6 +110,9 @@ class Worker:
     state: str = "starting"
     pids: list[int] = field(default_factory=list)
     restarts: int = 0
+    restart_times: list[float] = field(default_factory=list)  # when it was restarted, newest last
+    last_exit_code: int | None = None  # how the worker last ended (negative: killed by that signal)
+    last_exit_at: float | None = None
     started_at: float = 0.0
     updated_at: float = 0.0
     note: str = ""
@@ -97,7 +128,7 @@ class Worker:
 
     @property
     def ended(self) -> bool:
-        return self.state in ("exited", "stopped", "lost")
+        return self.state in ("exited", "failed", "stopped", "lost")
 
 
 def sharing_env(group: ComputeGroup, gpu_memory_mib: int, *, mps: bool = False) -> dict[str, str]:
@@ -137,10 +168,31 @@ class LocalRuntime:
         daemon: CircusDaemon | None = None,
         *,
         graceful_timeout_s: float = 10.0,
+        restart_backoff_s: float = 1.0,
+        restart_backoff_max_s: float = 60.0,
+        max_restarts: int = 5,
+        restart_window_s: float = 600.0,
     ) -> None:
+        for key, value in (
+            ("graceful_timeout_s", graceful_timeout_s),
+            ("restart_backoff_s", restart_backoff_s),
+            ("restart_backoff_max_s", restart_backoff_max_s),
+            ("restart_window_s", restart_window_s),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+                raise InvalidRequestError(f"{key}: {value!r} is not a number of seconds >= 0", key=key)
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or not 0 <= max_restarts <= 10_000:
+            raise InvalidRequestError(f"max_restarts: {max_restarts!r} is not in 0..10000", key="max_restarts")
         self.manager = manager
         self.daemon = daemon or CircusDaemon()
         self.graceful_timeout_s = graceful_timeout_s
+        #: ``restart`` policy: the n-th restart in a row waits ``restart_backoff_s * 2**(n-1)`` (at most
+        #: ``restart_backoff_max_s``) after the exit; after ``max_restarts`` restarts within
+        #: ``restart_window_s`` the next exit releases the group and marks the worker failed.
+        self.restart_backoff_s = restart_backoff_s
+        self.restart_backoff_max_s = restart_backoff_max_s
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
         self._lock = asyncio.Lock()
         self._holder: asyncio.Task[Any] | None = None  # the task holding the runtime lock
         manager.reconcile_hooks.append(self._reconcile_hook)
@@ -187,6 +239,25 @@ class LocalRuntime:
         tmp = self.dir / f"workers.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, self.dir / "workers.json")
+
+    async def _worker_pids(self, watcher: str) -> list[int]:
+        """The pids of a watcher's workers: the children of the launchers circus runs."""
+        launchers = await self._circus("pids", watcher)
+        return await asyncio.to_thread(_children_of, launchers)
+
+    def _exit_record(self, group_id: str) -> Path:
+        folder = self.dir / "exits"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder / f"{group_id}.json"
+
+    def _read_exit(self, w: Worker) -> None:
+        """Take the launcher's record of how the worker last ended, if there is one."""
+        try:
+            data = json.loads(self._exit_record(w.group_id).read_text())
+            code, at = int(data["code"]), float(data["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        w.last_exit_code, w.last_exit_at = code, at
 
     def _emit(self, kind: str, w: Worker, detail: str) -> Event:
         node = next((n.id for n in self.manager.node_specs()), None)
@@ -262,6 +333,7 @@ class LocalRuntime:
         full_env.update(sharing_env(group, total, mps=mps))
         full_env["COMPUTEGROUPS_COMPONENT"] = group.component or ""
         full_env[_ARGV_VAR] = base64.b64encode(json.dumps(command).encode()).decode()
+        full_env[_EXIT_VAR] = str(self._exit_record(group.id))
         now = time.time()
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -284,7 +356,7 @@ class LocalRuntime:
             "env": full_env,
             "copy_env": False,
             "working_dir": str(cwd or os.getcwd()),
-            "respawn": policy is RestartPolicy.RESTART,
+            "respawn": False,  # restarts are decided here, with a backoff and a budget
             "graceful_timeout": self.graceful_timeout_s,
             "stop_children": True,
             "stdout_stream": stream,
@@ -293,8 +365,9 @@ class LocalRuntime:
         try:
             # circus splits its command line and rewrites $(circus.*) in it; the worker must get
             # exactly its argv, so circus runs a tiny launcher that execs the argv it is handed.
-            await self._circus("add_watcher", w.watcher, sys.executable, ["-c", _EXEC_ARGV], options)
-            w.pids = await self._circus("pids", w.watcher)
+            self._exit_record(group.id).unlink(missing_ok=True)
+            await self._circus("add_watcher", w.watcher, sys.executable, ["-c", _LAUNCHER], options)
+            w.pids = await self._worker_pids(w.watcher)
         except CircusError as exc:
             with contextlib.suppress(CircusError):
                 await self._circus("remove_watcher", w.watcher)
@@ -384,31 +457,53 @@ class LocalRuntime:
         changed = False
         if not await asyncio.to_thread(self.daemon.is_running):
             return events
+        now = time.time()
         for gid, w in list(workers.items()):
             if w.state != "running":
                 continue
             try:
                 status = await self._circus("status", w.watcher)
-                pids = await self._circus("pids", w.watcher) if status != "stopped" else []
+                pids = await self._worker_pids(w.watcher) if status != "stopped" else []
             except CircusError:
                 status, pids = "missing", []
-            if status in ("stopped", "missing") or (not pids and w.policy == RestartPolicy.RELEASE.value):
-                with contextlib.suppress(CircusError):
-                    await self._circus("remove_watcher", w.watcher)
-                with contextlib.suppress(NotFoundError):
-                    await self.manager.deallocate_compute_group(gid)
-                w.state, w.pids, w.updated_at = "exited", [], time.time()
-                w.note = "worker exited; group released" + (f" (after {w.restarts} restarts)" if w.restarts else "")
+            if pids:
+                if sorted(pids) != sorted(w.pids):
+                    w.pids, w.updated_at, changed = pids, now, True
+                continue
+            self._read_exit(w)
+            how = f"exit code {w.last_exit_code}" if w.last_exit_code is not None else "exit code unknown"
+            recent = [at for at in w.restart_times if now - at <= self.restart_window_s]
+            if w.policy == RestartPolicy.RESTART.value and status != "missing" and len(recent) < self.max_restarts:
+                wait = min(self.restart_backoff_s * 2 ** len(recent), self.restart_backoff_max_s)
+                if now - (w.last_exit_at or 0.0) < wait:
+                    continue  # backing off; a later round restarts it
+                try:
+                    await self._circus("restart_watcher", w.watcher)
+                    w.pids = await self._worker_pids(w.watcher)
+                except CircusError:
+                    w.pids = []
+                w.restarts += 1
+                w.restart_times = [*recent, now]
+                w.updated_at = now
+                w.note = f"restarted {w.restarts} times ({how}); group kept"
+                events.append(self._emit("worker-restarted", w, w.note))
+                changed = True
+                continue
+            with contextlib.suppress(CircusError):
+                await self._circus("remove_watcher", w.watcher)
+            with contextlib.suppress(NotFoundError):
+                await self.manager.deallocate_compute_group(gid)
+            w.pids, w.updated_at = [], now
+            if w.policy == RestartPolicy.RESTART.value and status != "missing":
+                w.state = "failed"
+                w.note = f"failed: {len(recent)} restarts within {self.restart_window_s:g} s ({how}); group released"
+                events.append(self._emit("worker-failed", w, w.note))
+            else:
+                w.state = "exited"
+                after = f" (after {w.restarts} restarts)" if w.restarts else ""
+                w.note = f"worker exited ({how}); group released{after}"
                 events.append(self._emit("worker-exited", w, w.note))
-                changed = True
-            elif pids and sorted(pids) != sorted(w.pids):
-                new = len(set(pids) - set(w.pids)) if w.pids else 0
-                w.restarts += new
-                w.pids, w.updated_at = pids, time.time()
-                w.note = f"restarted {w.restarts} times; group kept" if w.restarts else ""
-                if new:
-                    events.append(self._emit("worker-restarted", w, w.note))
-                changed = True
+            changed = True
         if changed:
             self._save(workers)
         return events
@@ -439,7 +534,7 @@ class LocalRuntime:
                         # died between asking circus to start the worker and recording that it did
                         adopted = known or Worker(gid, g.component or "", WATCHER_PREFIX + gid, [])
                         adopted.state, adopted.updated_at = "running", time.time()
-                        adopted.pids = await self._circus("pids", adopted.watcher)
+                        adopted.pids = await self._worker_pids(adopted.watcher)
                         workers[gid] = adopted
                         changed = True
                     continue
@@ -471,6 +566,29 @@ class LocalRuntime:
             if changed:
                 self._save(workers)
             return events
+
+
+def _children_of(launchers: Sequence[int], wait_s: float = 2.0) -> list[int]:
+    """The worker each launcher forked (waiting briefly for the fork); a launcher without one stands for it."""
+    import psutil
+
+    out: list[int] = []
+    for pid in launchers:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                children = psutil.Process(pid).children()
+            except psutil.Error:
+                children = []
+                break
+            if children or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if children:
+            out.extend(c.pid for c in children)
+        else:
+            out.append(pid)
+    return out
 
 
 def _end_worker_processes(w: Worker, timeout_s: float) -> None:
