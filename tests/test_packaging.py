@@ -73,7 +73,7 @@ def test_every_imported_third_party_module_is_a_declared_dependency() -> None:
 
 def _escapes(relative: Path, line: str) -> bool:
     """Whether a line names a path outside the repository: ``parents[k]`` above the root, an absolute
-    path into the folder that holds checkouts, or the ``shared`` folder that once sat beside it."""
+    path under ``/work/``, or a ``shared`` data folder beside the clone (test data lives in the repo)."""
     for k in re.findall(r"parents\[(\d+)\]", line):
         if int(k) >= len(relative.parts):
             return True
