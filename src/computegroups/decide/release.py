@@ -37,7 +37,7 @@ def plan_release(ledger: Ledger, gid: str, now: float) -> Plan:
     first = prior[0]
     group = first.gang_id or first.id
     released = Event("released", group, first.node_id, first.component)
-    promoted = _promotions(ledger, prior, now) if ledger.victims else []
+    promoted = _promotions(ledger, prior, now)
     if not promoted:
         return Plan(ups, [], dematerialise=tuple(prior), events=(released,), group=group)
     events = [released] + [Event("allocated", w.id, w.node_id, w.component, "after preemption") for w in promoted]
