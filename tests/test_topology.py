@@ -9,7 +9,7 @@ import pytest
 
 from computegroups.errors import InvalidRequestError
 from computegroups.providers.simulated import nodes_from_spec
-from computegroups.topology import SEARCH_BUDGET, Topology, _SubsetSearch, link_rank, parse_nvidia_smi_topo
+from computegroups.topology import Topology, _SubsetSearch, link_rank, parse_nvidia_smi_topo, search_budget
 from tests.conftest import TOPO_FIXTURES, topo_fixture
 
 
@@ -211,10 +211,12 @@ def test_a_bounded_search_counts_its_nodes() -> None:
         for b in range(a):
             links[a][b] = links[b][a]
     t = Topology(links, [a // 10 for a in range(40)])
-    search = _SubsetSearch(t._ranks, t._numa, list(range(40)), 20, False, False, SEARCH_BUDGET)
+    budget = search_budget(40)
+    assert 0 < budget < search_budget(17) and search_budget(16) == 0
+    search = _SubsetSearch(t._ranks, t._numa, list(range(40)), 20, False, False, budget)
     found = search.run()
     assert found is not None and len(found) == 20
-    assert search.nodes <= SEARCH_BUDGET + 1
+    assert search.nodes <= budget + 1
     assert t.evaluate(found).bottleneck == link_rank("NV18")  # one of the two NVSwitch halves
     assert t.evaluate(found).numa_nodes == 2
 

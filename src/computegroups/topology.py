@@ -10,10 +10,10 @@ affinity of each GPU. Links are named as nvidia-smi names them and ranked
 link, then the best total, then NUMA locality, then the choice that leaves the
 best-connected GPUs free. Small searches (every request on an 8-GPU node)
 evaluate every subset; larger ones run a branch and bound that is exact up to
-:data:`EXACT_DEVICES` free devices and stops after :data:`SEARCH_BUDGET` search
-nodes beyond (64 GPUs or 56 MIG slices: milliseconds). Results are cached by
-the free-device mask, and nodes of one type share one Topology object (and so
-one cache).
+:data:`EXACT_DEVICES` free devices and beyond stops after a budget of search
+nodes that shrinks as the node grows (:func:`search_budget`; 64 GPUs or 56 MIG
+slices: a few milliseconds at most). Results are cached by the free-device
+mask, and nodes of one type share one Topology object (and so one cache).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from computegroups.errors import InvalidRequestError
 from computegroups.memo import Memo
 
-__all__ = ["LINK_RANKS", "Topology", "link_rank", "parse_nvidia_smi_topo"]
+__all__ = ["LINK_RANKS", "Topology", "link_rank", "parse_nvidia_smi_topo", "search_budget"]
 
 #: Rank of each PCIe/SMP link class; NVLink ranks are ``NV_BASE + links``.
 LINK_RANKS: dict[str, int] = {"SYS": 1, "SOC": 1, "NODE": 2, "PHB": 3, "PXB": 4, "PIX": 5}
@@ -37,9 +37,17 @@ NV_BASE = 100
 ENUMERATE_WORK = 2_000
 #: Nodes with at most this many free devices are searched exactly (branch and bound, no budget).
 EXACT_DEVICES = 16
-#: Beyond that, the branch and bound visits at most this many search nodes per phase, then takes the
-#: best set found (always one with the best bottleneck it could prove exists).
+#: Beyond that, the branch and bound visits at most this many search nodes per phase, times 16 over
+#: the free devices (a search node costs about one step per free device), then takes the best set
+#: found (always one with the best bottleneck it could prove exists).
 SEARCH_BUDGET = 400
+
+
+def search_budget(free: int) -> int:
+    """Search nodes per phase for ``free`` free devices; 0 (no budget) where the search stays exact."""
+    return 0 if free <= EXACT_DEVICES else max(1, SEARCH_BUDGET * EXACT_DEVICES // free)
+
+
 _NV = re.compile(r"^NV(\d+)$")
 
 
@@ -253,8 +261,7 @@ class Topology:
         if k <= 0 or k > len(free):
             return None
         if math.comb(len(free), k) * max(1, k * (k - 1) // 2) > ENUMERATE_WORK:
-            budget = 0 if len(free) <= EXACT_DEVICES else SEARCH_BUDGET
-            found = _SubsetSearch(self._ranks, self._numa, free, k, nvlink, same_numa, budget).run()
+            found = _SubsetSearch(self._ranks, self._numa, free, k, nvlink, same_numa, search_budget(len(free))).run()
             return None if found is None else self.evaluate(found)
         return self._enumerate(free, k, nvlink, same_numa)
 
@@ -320,6 +327,24 @@ class _SubsetSearch:
         self.nvlink = nvlink
         self.same_numa = same_numa
         self.budget = budget
+        # The link levels present, best first, and per device the devices joined to it at each level or
+        # better (one pass over the matrix, so trying a level costs a row per device, not the matrix).
+        self.levels = sorted(
+            {rank for p, row in enumerate(self.r) for q, rank in enumerate(row) if q != p}, reverse=True
+        )
+        at = {level: x for x, level in enumerate(self.levels)}
+        self.joined: list[list[int]] = []
+        for p, row in enumerate(self.r):
+            masks = [0] * len(self.levels)
+            for q, rank in enumerate(row):
+                if q != p:
+                    masks[at[rank]] |= 1 << q
+            for x in range(1, len(masks)):
+                masks[x] |= masks[x - 1]
+            self.joined.append(masks)
+        # Greedy choices compare (links to the chosen, fewest NUMA nodes, fewest links) as one integer.
+        self.contrib_bits = max(self.contrib, default=0).bit_length()
+        self.group_bits = (len(self.group_masks) + 1).bit_length()
         self.nodes = 0
         self.adj: list[int] = []
         self.best_link = [0] * n  # per device, its best link inside the phase-2 graph
@@ -374,14 +399,11 @@ class _SubsetSearch:
 
     def run(self) -> tuple[int, ...] | None:
         n, k, r = self.n, self.k, self.r
-        levels = sorted({r[a][b] for a in range(n) for b in range(a + 1, n)}, reverse=True)
-        if self.nvlink:
-            levels = [lv for lv in levels if lv >= NV_BASE]
-        for level in levels:
+        for x, level in enumerate(self.levels):
+            if self.nvlink and level < NV_BASE:
+                break
             # Devices joined at this level or better (and, for same_numa, on the same NUMA node).
-            self.adj = [
-                sum(1 << q for q in range(n) if q != p and r[p][q] >= level) & self._domain(p) for p in range(n)
-            ]
+            self.adj = [self.joined[p][x] & self._domain(p) for p in range(n)]
             self._forget()
             clique = self._clique([], (1 << n) - 1, k)
             if clique is None and self.budget > 0 and self.nodes > self.budget:
@@ -404,27 +426,31 @@ class _SubsetSearch:
 
     def _greedy(self, start: int) -> None:
         """A set grown from ``start`` by the best next device (links to the chosen ones, NUMA, fewest links)."""
-        r, n, k = self.r, self.n, self.k
+        r, k, adj, contrib, group_of = self.r, self.k, self.adj, self.contrib, self.group_of
+        shift_c, shift_g = self.contrib_bits, self.contrib_bits + self.group_bits
+        spare_g, spare_c = (1 << self.group_bits) - 1, (1 << shift_c) - 1
         gain = list(r[start])
-        chosen, cand = [start], self.adj[start]
-        total, csum, groups = 0, self.contrib[start], 1 << self.group_of[start]
-        while len(chosen) < k and cand:
-            pick, pick_key = -1, (0, 0, 0)
-            rest = cand
-            while rest:
-                low = rest & -rest
-                rest &= ~low
-                q = low.bit_length() - 1
-                key = (gain[q], -(groups | 1 << self.group_of[q]).bit_count(), -self.contrib[q])
-                if pick < 0 or key > pick_key:
-                    pick, pick_key = q, key
+        chosen, cand = [start], adj[start]
+        members = [q for q in range(self.n) if cand >> q & 1]
+        total, csum, groups = 0, contrib[start], 1 << group_of[start]
+        spanned = 1
+        while len(chosen) < k and members:
+            pick, pick_key = -1, -1
+            for q in members:
+                wider = 0 if groups >> group_of[q] & 1 else 1
+                rank = gain[q] << shift_g | (spare_g - spanned - wider) << shift_c | (spare_c - contrib[q])
+                if rank > pick_key:
+                    pick, pick_key = q, rank
             chosen.append(pick)
             total += gain[pick]
-            csum += self.contrib[pick]
-            groups |= 1 << self.group_of[pick]
-            cand &= self.adj[pick] & ~(1 << pick)
+            csum += contrib[pick]
+            if not groups >> group_of[pick] & 1:
+                groups |= 1 << group_of[pick]
+                spanned += 1
+            near = adj[pick]
             row = r[pick]
-            for q in range(n):
+            members = [q for q in members if near >> q & 1]
+            for q in members:
                 gain[q] += row[q]
         if len(chosen) == k:
             key = (total, -groups.bit_count(), total - csum)
