@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest test-pure test-k8s bench-light install clean
+.PHONY: run test lint typecheck pytest test-pure test-k8s bench-light install browser clean
 
 # Modules compiled with mypyc on install (listed in setup.py); editing one rebuilds them.
 COMPILED := $(shell grep -o 'src/computegroups/[a-z_/]*\.py' setup.py)
@@ -32,7 +32,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+# Debian's Chromium, for the dashboard's browser test (skipped without it, unless COMPUTEGROUPS_REQUIRE_BROWSER=1).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "no chromium (apt-get install chromium): the dashboard's browser test will be skipped"
+
+pytest: install browser
 	$(BIN)/python -m pytest -q tests --ignore=tests/k8s
 
 test: lint typecheck pytest test-pure

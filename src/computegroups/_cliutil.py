@@ -76,6 +76,7 @@ _ALWAYS = {
     "monitor_interval": "--interval",
     "component_name": "COMPONENT",
     "group_id": "GROUP_ID",
+    "port": "--port",
 }
 _active: dict[str, str] = dict(_ALWAYS)
 _KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(\[\d+\])?(\.[a-z_]+)?:")

@@ -293,9 +293,11 @@ def _json_after_command(click_ctx: click.Context, param: click.Parameter, value:
 def _register_extensions() -> None:
     from computegroups.integrations.dynamo import register as register_dynamo
     from computegroups.runtime.cli import register as register_runtime
+    from computegroups.service.cli import register as register_service
 
     register_runtime(cli)
     register_dynamo(cli)
+    register_service(cli)
     # `--json` works after the command too (`computegroups summary --json`).
     for command in cli.commands.values():
         if not any("--json" in p.opts for p in command.params):

@@ -13,6 +13,7 @@ and ``json: bool`` (the main CLI's Context does). Exit codes follow the main CLI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -183,9 +184,20 @@ def ps_command(ctx: CliContext, show_all: bool, runtime_dir: str | None) -> None
 @click.command("supervise")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between monitoring rounds.")
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until interrupted).")
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz on this port."
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @_runtime_dir
 @click.pass_obj
-def supervise_command(ctx: CliContext, interval: float, duration: float | None, runtime_dir: str | None) -> None:
+def supervise_command(
+    ctx: CliContext,
+    interval: float,
+    duration: float | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    runtime_dir: str | None,
+) -> None:
     """Keep a manager open: sample health and use, notice exited workers, release expired reservations."""
 
     async def body(rt: LocalRuntime) -> int:
@@ -193,13 +205,23 @@ def supervise_command(ctx: CliContext, interval: float, duration: float | None, 
 
         async def printer() -> None:
             async for e in mgr.events():
-                click.echo(f"{e.kind} group={e.group_id or '-'} node={e.node_id or '-'} {e.detail}".rstrip())
+                if ctx.json:
+                    fields = {"kind": e.kind, "group_id": e.group_id, "node_id": e.node_id, "component": e.component}
+                    click.echo(json.dumps({**fields, "detail": e.detail, "at": e.at}))
+                else:
+                    click.echo(f"{e.kind} group={e.group_id or '-'} node={e.node_id or '-'} {e.detail}".rstrip())
 
-        task = asyncio.get_running_loop().create_task(printer())
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            if metrics_port is not None:
+                from computegroups.service.app import build_metrics_app
+                from computegroups.service.cli import listen
+
+                runner, bound = await listen(build_metrics_app(mgr), metrics_host, metrics_port)
+                stack.push_async_callback(runner.cleanup)
+                click.echo(f"metrics on http://{metrics_host}:{bound}/metrics", err=ctx.json)
+            task = asyncio.get_running_loop().create_task(printer())
+            stack.callback(task.cancel)
             await asyncio.sleep(duration if duration is not None else float("inf"))
-        finally:
-            task.cancel()
         return mgr.monitor.rounds if mgr.monitor is not None else 0
 
     rounds = _with_runtime(ctx, runtime_dir, body, monitor_interval=interval)
