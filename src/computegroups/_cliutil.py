@@ -77,6 +77,9 @@ _ALWAYS = {
     "component_name": "COMPONENT",
     "group_id": "GROUP_ID",
     "port": "--port",
+    "sort_by": "--sort-by",
+    "selector": "--selector",
+    "provider": "--provider",
 }
 _active: dict[str, str] = dict(_ALWAYS)
 _KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(\[\d+\])?(\.[a-z_]+)?:")

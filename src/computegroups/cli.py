@@ -17,6 +17,7 @@ import click
 from computegroups import __version__
 from computegroups._cliutil import EXIT_CODES, fail, parse_request, request_options, run
 from computegroups._cliutil import emit as _emit
+from computegroups.cli_views import physical_matrix
 from computegroups.errors import InvalidRequestError
 from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode
@@ -33,19 +34,39 @@ class Context:
     """Options shared by every command."""
 
     def __init__(
-        self, state: str | None, spec: str | None, simulate: bool, as_json: bool, pools: str | None = None
+        self,
+        state: str | None,
+        spec: str | None,
+        simulate: bool,
+        as_json: bool,
+        pools: str | None = None,
+        provider: str = "auto",
+        kube: dict[str, str | None] | None = None,
     ) -> None:
         self.state = state
         self.spec = spec
         self.simulate = simulate
         self.json = as_json
         self.pools_file = pools
+        self.kind = provider
+        self.kube = kube or {}
 
     def provider(self) -> ComputeResourceProvider:
-        if self.spec:
-            return SimulatedComputeResourceProvider.from_spec(Path(self.spec))
-        if self.simulate:
-            return SimulatedComputeResourceProvider.from_spec(None)
+        kind = self.kind
+        if kind == "auto":
+            kind = "simulated" if self.spec or self.simulate else "local"
+        elif kind != "simulated" and (self.spec or self.simulate):
+            raise InvalidRequestError("provider: --spec and --simulate need --provider simulated", key="provider")
+        if kind == "simulated":
+            return SimulatedComputeResourceProvider.from_spec(Path(self.spec) if self.spec else None)
+        if kind == "kubernetes":
+            from computegroups.providers.kubernetes import KubernetesComputeResourceProvider
+
+            return KubernetesComputeResourceProvider(
+                self.kube.get("kubeconfig"),
+                context=self.kube.get("context"),
+                namespace=self.kube.get("namespace") or "computegroups",
+            )
         return LocalComputeResourceProvider()
 
     def pools(self) -> list[Any]:
@@ -60,7 +81,11 @@ class Context:
         return pools
 
     def manager(self) -> ComputeGroupManager:
-        return ComputeGroupManager(self.provider(), self.state, pools=self.pools())
+        provider = self.provider()
+        store_of = getattr(provider, "state_store", None)
+        if self.state is None and callable(store_of):  # Kubernetes: state in the cluster, beside the nodes
+            return ComputeGroupManager(provider, store_of(), pools=self.pools())
+        return ComputeGroupManager(provider, self.state, pools=self.pools())
 
 
 def with_manager(ctx: Context, body: Callable[[ComputeGroupManager], Awaitable[T]]) -> T:
@@ -110,16 +135,37 @@ _GROUP_HEADERS = ["GROUP", "NODE", "COMPONENT", "STATE", "GPUS", "INDICES", "LIN
 @click.option("--simulate", is_flag=True, help="Simulate the built-in demo cluster instead of this machine.")
 @click.option("--pools", metavar="FILE", help="YAML/JSON file whose 'pools:' defines pools (default: the spec's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "simulated", "local", "kubernetes"]),
+    default="auto",
+    show_default=True,
+    envvar="COMPUTEGROUPS_PROVIDER",
+    help="Where compute is discovered; auto: simulated with --spec/--simulate, else this machine.",
+)
+@click.option("--namespace", help="Kubernetes namespace of the state and the pods (default: computegroups).")
+@click.option("--kubeconfig", metavar="PATH", help="Kubernetes config file (default: $KUBECONFIG, ~/.kube/config).")
+@click.option("--kube-context", metavar="NAME", help="Kubernetes context of the config file.")
 @click.version_option(version=__version__, prog_name="computegroups")
 @click.pass_context
 def cli(
-    click_ctx: click.Context, state: str | None, spec: str | None, simulate: bool, pools: str | None, as_json: bool
+    click_ctx: click.Context,
+    state: str | None,
+    spec: str | None,
+    simulate: bool,
+    pools: str | None,
+    as_json: bool,
+    provider: str,
+    namespace: str | None,
+    kubeconfig: str | None,
+    kube_context: str | None,
 ) -> None:
     """Discover GPUs and CPUs, and allocate topology-aware compute groups.
 
     Without --spec or --simulate, this machine is discovered through NVML.
     """
-    click_ctx.obj = Context(state, spec, simulate, as_json, pools)
+    kube = {"namespace": namespace, "kubeconfig": kubeconfig, "context": kube_context}
+    click_ctx.obj = Context(state, spec, simulate, as_json, pools, provider, kube)
 
 
 def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
@@ -141,13 +187,13 @@ def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
         ["NODE", "GPUS", "MODEL", "FREE", "CPUS", "MEMORY_MIB", "GROUPS"],
     )
     for n in nodes:
-        if len(n.spec.gpus) < 2:
+        labels, m = physical_matrix(n.spec)
+        if len(labels) < 2:
             continue
-        m = n.topology.matrix()
         click.echo(f"\n{n.id} topology")
-        hdr = [""] + [f"GPU{i}" for i in range(len(m))] + ["NUMA"]
-        rows = [[f"GPU{i}", *row, str(n.topology.numa_node(i))] for i, row in enumerate(m)]
-        _table(rows, hdr)
+        numa = {f"GPU{g.smi_index}": n.topology.numa_node(d) for d, g in reversed(list(enumerate(n.spec.gpus)))}
+        rows = [[a, *row, str(numa[a])] for a, row in zip(labels, m, strict=True)]
+        _table(rows, ["", *labels, "NUMA"])
 
 
 @cli.command()
@@ -291,10 +337,12 @@ def _json_after_command(click_ctx: click.Context, param: click.Parameter, value:
 
 
 def _register_extensions() -> None:
+    from computegroups.cli_views import register as register_views
     from computegroups.integrations.dynamo import register as register_dynamo
     from computegroups.runtime.cli import register as register_runtime
     from computegroups.service.cli import register as register_service
 
+    register_views(cli)
     register_runtime(cli)
     register_dynamo(cli)
     register_service(cli)
