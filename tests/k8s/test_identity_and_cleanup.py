@@ -249,3 +249,25 @@ async def test_failed_pod_deletion_is_finished_later(
             assert _deleting(k8s_cluster, k8s_namespace, names[1])  # opening finished the clean-up
             assert not await mgr.deallocate_compute_group(two.id)
     assert any("released group" in r.getMessage() and two.id in r.getMessage() for r in caplog.records)
+
+
+async def test_an_open_manager_sees_gpus_another_workload_takes(
+    k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path
+) -> None:
+    """With a monitor running, GPUs another namespace takes are avoided without reopening."""
+    (node,), selector = make_nodes(k8s_cluster, 1, dra=False)
+    async with manager(sa, k8s_namespace, selector, monitor_interval=0.2) as mgr:
+        mine = await mgr.allocate_compute_group("mine", {"gpus": 2})
+        other = _other_namespace(k8s_cluster)
+        k8s_cluster.client().post(f"/api/v1/namespaces/{other}/pods", _pod("someone-else", other, node, gpus=6))
+        for _ in range(300):
+            if len(mgr.unhealthy_devices()) == 6:
+                break
+            await asyncio.sleep(0.1)
+        taken = sorted(i for (n, i) in mgr.unhealthy_devices() if n == node)
+        assert taken == [2, 3, 4, 5, 6, 7] and not set(taken) & set(mine.resources["gpu_indices"])
+        assert any(e.kind == "device-unhealthy" and "taken: 6 of 8" in e.detail for e in mgr.recent_events)
+        with pytest.raises(InsufficientResourcesError):
+            await mgr.allocate_compute_group("more", {"gpus": 1})
+        assert (await mgr.get_allocation_summary())["free_gpus"] == 0
+        assert (await mgr.get_compute_group(mine.id)).record.state.value == "allocated"

@@ -48,6 +48,7 @@ from computegroups.providers.k8s.discovery import (
     device_taint,
     is_ours,
     node_health,
+    pod_requests,
 )
 from computegroups.state.kubernetes import KubernetesStateStore
 
@@ -211,6 +212,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         self._reader: KubernetesStateStore | None = None  # reads the records, for held slots and clean-up
         self._records: dict[str, GroupRecord] = {}
         self._records_rev = -1
+        self._store_key = (namespace, store_name)
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> KubernetesComputeResourceProvider:
@@ -321,7 +323,14 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             )
             if slices:
                 claims = await self._list_optional("/apis/resource.k8s.io/v1/resourceclaims")
-        records = await self._live_records()
+        store = (self.namespace, self.store_name)
+        slots = {n["metadata"]["name"] for n in nodes if (n.get("metadata") or {}).get("name")}
+        slots -= {str((s.get("spec") or {}).get("nodeName")) for s in slices}
+        needed = any(self._ours(o) for o in [*pods, *claims]) or any(  # clean-up, or GPU slots to choose
+            (p.get("spec") or {}).get("nodeName") in slots and not is_ours(p, store) and pod_requests(p)[0]
+            for p in pods
+        )
+        records = await self._live_records() if needed else None
         held: dict[str, set[int]] = {}
         for r in records or ():
             if r.holds_capacity:
@@ -335,6 +344,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             include_cpu_nodes=self.include_cpu_nodes,
             held=held,
             previous=self._discovered.taken,
+            store=store,
         )
         if records is not None:
             await self._sweep(pods, claims, records)
@@ -385,8 +395,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
     def _ours(self, obj: Obj) -> str | None:
         """The group id of a pod or claim this provider's store materialised (None: not ours to judge)."""
         meta = obj.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        if not is_ours(obj) or meta.get("namespace") != self.namespace or labels.get(STORE_LABEL) != self.store_name:
+        if (meta.get("labels") or {}).get(STORE_LABEL) != self.store_name or not is_ours(obj, self._store_key):
             return None
         gid = (meta.get("annotations") or {}).get(GROUP_ANNOTATION)
         return str(gid) if gid else None

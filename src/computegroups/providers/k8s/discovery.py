@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from computegroups.kube.names import STORE_LABEL
 from computegroups.model import MILLI, GpuSpec, NodeSpec
 from computegroups.topology import Topology
 
@@ -116,8 +117,19 @@ def synthetic_uuid(node: str, index: int) -> str:
     return f"k8s-{node}-gpu{index}"
 
 
-def is_ours(obj: Obj) -> bool:
-    return bool(((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) == MANAGER_NAME)
+#: (namespace, store name) of the state whose pods and claims are ours; None: anything computegroups made
+Store = tuple[str, str] | None
+
+
+def is_ours(obj: Obj, store: Store = None) -> bool:
+    """Made by computegroups for ``store``: in its namespace, labelled with it (or with no store: older)."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(MANAGED_BY) != MANAGER_NAME:
+        return False
+    if store is None:
+        return True
+    return meta.get("namespace") == store[0] and labels.get(STORE_LABEL, store[1]) == store[1]
 
 
 def pod_requests(pod: Obj) -> tuple[int, int, int]:
@@ -242,11 +254,11 @@ class Discovered:
     taken: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
-def claimed_devices(claims: Iterable[Obj]) -> dict[tuple[str, str], str]:
+def claimed_devices(claims: Iterable[Obj], store: Store = None) -> dict[tuple[str, str], str]:
     """(pool, device) -> claim of the ``gpu.nvidia.com`` devices held by ResourceClaims that are not ours."""
     out: dict[tuple[str, str], str] = {}
     for claim in claims:
-        if is_ours(claim):
+        if is_ours(claim, store):
             continue
         meta = claim.get("metadata") or {}
         alloc = (claim.get("status") or {}).get("allocation") or {}
@@ -283,11 +295,13 @@ def build_node_specs(
     include_cpu_nodes: bool = False,
     held: Mapping[str, Iterable[int]] | None = None,
     previous: Mapping[tuple[str, int], str] | None = None,
+    store: Store = None,
 ) -> Discovered:
     """Node specs from API objects (see the module docstring for the rules). Sorted by node name.
 
     ``held``: node -> GPU indices our live groups hold there (device-plugin nodes only);
-    ``previous``: the ``taken`` marks of the last discovery, kept where still true.
+    ``previous``: the ``taken`` marks of the last discovery, kept where still true;
+    ``store``: whose pods and claims are ours (those of another store are another workload).
     """
     out = Discovered()
     used_by: dict[str, list[int]] = {}
@@ -295,7 +309,7 @@ def build_node_specs(
     for pod in pods:
         node = (pod.get("spec") or {}).get("nodeName")
         phase = (pod.get("status") or {}).get("phase")
-        if not node or phase in ("Succeeded", "Failed") or is_ours(pod):
+        if not node or phase in ("Succeeded", "Failed") or is_ours(pod, store):
             continue
         n_gpus, cpu, mem = pod_requests(pod)
         acc = used_by.setdefault(node, [0, 0, 0])
@@ -313,7 +327,7 @@ def build_node_specs(
         pool = str((spec.get("pool") or {}).get("name") or spec["nodeName"])
         for d in spec.get("devices") or []:
             by_node.setdefault(str(spec["nodeName"]), []).append({**d, "_pool": pool})
-    taken = claimed_devices(claims)
+    taken = claimed_devices(claims, store)
     for node in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
         meta = node.get("metadata") or {}
         name = str(meta.get("name"))
