@@ -166,7 +166,8 @@ class ComputeGroupManager:
         await self.provider.__aenter__()
         try:
             self.inventory = await self.provider.discover_resources()
-            self.ledger = Ledger(self.inventory.nodes, self.pools.values(), self.inventory.cordoned)
+            inv = self.inventory
+            self.ledger = Ledger(inv.nodes, self.pools.values(), inv.cordoned, inv.unavailable)
             self.views = Views(self.ledger, self._telemetry_of)
             bind = getattr(self.store, "bind", None)  # a store bound to the cluster that made it
             if bind is not None:

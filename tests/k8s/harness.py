@@ -873,7 +873,7 @@ class ControlPlane:
             "nvidia.com/gpu.product": product,
             "nvidia.com/gpu.memory": str(memory_mib),
             "nvidia.com/gpu.count": str(gpus),
-            "nvidia.com/gpu.family": gpu_architecture(product).lower(),
+            "nvidia.com/gpu.family": gpu_architecture(product).lower().replace(" ", "-"),  # a label value
         }
         if clique is not None:
             node_labels["nvidia.com/gpu.clique"] = clique

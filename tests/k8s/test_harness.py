@@ -408,3 +408,11 @@ def test_job_completes_and_garbage_collection(k8s_cluster: ControlPlane, k8s_nam
     while api.get(f"/api/v1/namespaces/{ns}/pods", labelSelector="job-name=once")["items"]:
         assert time.monotonic() < deadline, "garbage collector did not delete the Job's pod"
         time.sleep(0.2)
+
+
+def test_two_word_architectures_make_valid_labels(k8s_cluster: ControlPlane) -> None:
+    """L40/L4 are Ada Lovelace: the family label is ``ada-lovelace`` (a label value has no spaces)."""
+    name = f"l40-{uuid.uuid4().hex[:8]}"
+    node = k8s_cluster.make_gpu_node(name, product="NVIDIA-L40S", memory_mib=46068, dra=False)
+    assert node["metadata"]["labels"]["nvidia.com/gpu.family"] == "ada-lovelace"
+    k8s_cluster.delete_node(name)

@@ -145,14 +145,17 @@ async def test_foreign_pods_cordon_and_health(k8s_cluster: ControlPlane, k8s_nam
     api.patch(f"/api/v1/nodes/{names[1]}", {"spec": {"unschedulable": True}})
     async with manager(sa, k8s_namespace, selector) as mgr:
         by_id = {n.id: n for n in mgr.node_specs()}
-        assert len(by_id[names[0]].gpus) == 5  # 8 less the 3 another pod holds
+        assert len(by_id[names[0]].gpus) == 8  # every slot keeps its place; 3 are taken by another pod
+        assert sorted(i for (n, i) in mgr.unhealthy_devices() if n == names[0]) == [5, 6, 7]
         assert names[1] in mgr.inventory.cordoned
         g = await mgr.allocate_compute_group("x", {"gpus": 4})
         assert g.node_id == names[0]  # the cordoned node takes nothing new
         with pytest.raises(Exception, match="cordon"):
             await mgr.allocate_compute_group("y", {"gpus": 2})
         health = await mgr.provider.sample_health()
-        assert len(health) == 13 and all(h.healthy for h in health)
+        sick = [h for h in health if not h.healthy]
+        assert len(health) == 16 and [(h.node_id, h.index) for h in sick] == [(names[0], i) for i in (5, 6, 7)]
+        assert all(h.reason.startswith("taken: 3 of 8 GPUs are requested by other pods") for h in sick)
 
 
 async def test_node_not_ready_marks_gpus_unhealthy(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from computegroups.decide.plan import Plan
 from computegroups.errors import NotFoundError
@@ -33,7 +33,13 @@ _RELEASED = AllocationState.RELEASED
 class Ledger:
     """Committed records and their indexes at ``revision`` (see the module docstring)."""
 
-    def __init__(self, nodes: Sequence[NodeSpec], pools: Iterable[Pool] = (), cordoned: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[NodeSpec],
+        pools: Iterable[Pool] = (),
+        cordoned: Iterable[str] = (),
+        unhealthy: Mapping[tuple[str, int], str] | None = None,
+    ) -> None:
         self.nodes = tuple(nodes)
         self.specs = {n.id: n for n in self.nodes}
         self.cordoned = frozenset(cordoned)
@@ -48,7 +54,7 @@ class Ledger:
             domain = n.labels.get(CLIQUE_LABEL) or f"node:{n.id}"
             self.domain_of[n.id] = domain
             self.domain_nodes.setdefault(domain, set()).add(n.id)
-        self.unhealthy: dict[tuple[str, int], str] = {}  # (node, GPU index) -> reason
+        self.unhealthy: dict[tuple[str, int], str] = dict(unhealthy or {})  # (node, GPU index) -> reason
         self.revision = -1
         self._reset()
 

@@ -26,12 +26,16 @@ class Inventory:
     """What discovery found: nodes, and notes a person should read (why no GPU was found...).
 
     ``cordoned``: ids of nodes that take no new groups (a Kubernetes node cordoned or tainted).
+    ``unavailable``: (node, GPU index) -> why, for devices present but not usable now (held by
+    another workload): marked like unhealthy devices from the start, so nothing new goes there
+    and they are not counted free; the device keeps its index and UUID.
     """
 
     nodes: Sequence[NodeSpec]
     source: str
     notes: Sequence[str] = ()
     cordoned: frozenset[str] = frozenset()
+    unavailable: Mapping[tuple[str, int], str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "notes": list(self.notes), "nodes": [n.id for n in self.nodes]}

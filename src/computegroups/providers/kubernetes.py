@@ -11,19 +11,31 @@ Materialisation: an allocated group becomes a pod spec fragment pinned to its no
 ``nvidia.com/gpu`` - or, on a node with DRA slices, a ResourceClaim selecting the
 group's exact devices by UUID. :meth:`KubernetesComputeResourceProvider.run_pod` creates a
 pod from it; releasing the group deletes the pod and the claim.
+
+Identity: a GPU keeps its index and UUID whatever other workloads hold; devices they hold are
+reported taken (``Inventory.unavailable`` and, on each health sample, unhealthy with a
+``taken: ...`` reason), so nothing new is put there and they are not counted free.
+
+Clean-up is durable: the pods and claims themselves, labelled with the group and the store,
+are the record of what was materialised. A deletion that fails is retried in the background
+by this provider, and every discovery and health sample (manager open, reconcile, each
+monitor round) deletes this store's pods and claims whose group no longer holds capacity,
+so a clean-up a manager could not finish is finished by the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from computegroups.errors import ProviderError
+from computegroups.errors import ProviderError, StateError
 from computegroups.kube.client import KubeClient, KubeError, Obj
-from computegroups.kube.names import cr_name
+from computegroups.kube.names import STORE_LABEL, cr_name
 from computegroups.model import MILLI, AllocationState, ComputeGroup, DeviceShare, GroupRecord, group_env
 from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
 from computegroups.providers.k8s.discovery import (
@@ -34,14 +46,21 @@ from computegroups.providers.k8s.discovery import (
     Discovered,
     build_node_specs,
     device_taint,
+    is_ours,
     node_health,
+    pod_requests,
 )
 from computegroups.state.kubernetes import KubernetesStateStore
 
 __all__ = ["GROUP_LABEL", "KubernetesComputeResourceProvider", "pod_fragment", "resource_claim"]
 
+log = logging.getLogger("computegroups.k8s")
+
 GROUP_LABEL = "computegroups.dev/group"
+GROUP_ANNOTATION = "computegroups.dev/group-id"
 COMPONENT_ANNOTATION = "computegroups.dev/component"
+RETRY_FIRST_S = 0.5  # first wait before a failed clean-up is tried again (doubling, capped)
+RETRY_MAX_S = 30.0
 
 
 def _label_value(text: str) -> str:
@@ -55,7 +74,12 @@ def _object_name(group_id: str) -> str:
 
 
 def resource_claim(
-    record: GroupRecord, namespace: str, *, device_class: str = DRA_DRIVER, labels: Mapping[str, str] | None = None
+    record: GroupRecord,
+    namespace: str,
+    *,
+    device_class: str = DRA_DRIVER,
+    labels: Mapping[str, str] | None = None,
+    store: str = "default",
 ) -> Obj:
     """A ``resource.k8s.io/v1`` ResourceClaim for exactly the group's devices (by UUID)."""
     uuids = [d.uuid for d in record.devices]
@@ -65,7 +89,13 @@ def resource_claim(
         "metadata": {
             "name": _object_name(record.id),
             "namespace": namespace,
-            "labels": {**(labels or {}), MANAGED_BY: MANAGER_NAME, GROUP_LABEL: _label_value(record.id)},
+            "labels": {
+                **(labels or {}),
+                MANAGED_BY: MANAGER_NAME,
+                GROUP_LABEL: _label_value(record.id),
+                STORE_LABEL: store,
+            },
+            "annotations": {GROUP_ANNOTATION: record.id},
         },
         "spec": {
             "devices": {
@@ -175,6 +205,14 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         self._client: KubeClient | None = None
         self._discovered = Discovered()
         self._materialised: dict[str, str] = {}  # group id -> component
+        self._made: dict[str, set[str]] = {}  # group id -> API paths of the pods and claims made here
+        self._retry: dict[str, set[str] | None] = {}  # group id -> paths left to delete (None: by label)
+        self._retry_task: asyncio.Task[None] | None = None
+        self._own_store = False  # state_store() was asked for: this provider's store is the manager's
+        self._reader: KubernetesStateStore | None = None  # reads the records, for held slots and clean-up
+        self._records: dict[str, GroupRecord] = {}
+        self._records_rev = -1
+        self._store_key = (namespace, store_name)
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> KubernetesComputeResourceProvider:
@@ -190,6 +228,14 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         return self._client
 
     async def close(self) -> None:
+        task, self._retry_task = self._retry_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
@@ -200,7 +246,15 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         return f"kubernetes:{server}/{self.namespace}"
 
     def state_store(self) -> KubernetesStateStore:
-        """A state store on the same cluster and namespace (its own connection)."""
+        """A state store on the same cluster and namespace (its own connection).
+
+        Asking for it tells the provider that its store holds the manager's records: discovery then
+        reads them to keep other pods off our device-plugin GPU slots and to finish clean-ups.
+        """
+        self._own_store = True
+        return self._store()
+
+    def _store(self) -> KubernetesStateStore:
         return KubernetesStateStore(
             self.kubeconfig,
             namespace=self.namespace,
@@ -208,6 +262,29 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             context=self.context,
             in_cluster=self.in_cluster,
         )
+
+    async def _live_records(self) -> list[GroupRecord] | None:
+        """The records of this provider's store (None: not known, the manager keeps its state elsewhere)."""
+        if not self._own_store:
+            return None
+        try:
+            if self._reader is None:
+                reader = self._store()
+                await reader.open()
+                self._reader = reader
+            changes = await self._reader.changes_since(self._records_rev)
+        except StateError as exc:
+            log.warning("kubernetes: cannot read the groups of store %s: %s", self.store_name, exc)
+            return None
+        if changes.full:
+            self._records = {r.id: r for r in changes.upserts}
+        else:
+            for r in changes.upserts:
+                self._records[r.id] = r
+            for gid in changes.deletes:
+                self._records.pop(gid, None)
+        self._records_rev = changes.revision
+        return list(self._records.values())
 
     async def _call(self, coro: Any) -> Obj:
         try:
@@ -228,6 +305,11 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
 
     # -- discovery --------------------------------------------------------------------
     async def _discover(self) -> Discovered:
+        """List what discovery needs, then read our records, then build; sweeps leftover pods and claims.
+
+        The order matters for the sweep: a pod or claim is made only after its group is committed,
+        so every one listed here has its group in the records read after it.
+        """
         client = await self._connect()
         nodes = (await self._call(client.list("/api/v1/nodes", labelSelector=self.node_selector)))["items"]
         pods = (
@@ -241,14 +323,32 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             )
             if slices:
                 claims = await self._list_optional("/apis/resource.k8s.io/v1/resourceclaims")
-        return build_node_specs(
+        store = (self.namespace, self.store_name)
+        slots = {n["metadata"]["name"] for n in nodes if (n.get("metadata") or {}).get("name")}
+        slots -= {str((s.get("spec") or {}).get("nodeName")) for s in slices}
+        needed = any(self._ours(o) for o in [*pods, *claims]) or any(  # clean-up, or GPU slots to choose
+            (p.get("spec") or {}).get("nodeName") in slots and not is_ours(p, store) and pod_requests(p)[0]
+            for p in pods
+        )
+        records = await self._live_records() if needed else None
+        held: dict[str, set[int]] = {}
+        for r in records or ():
+            if r.holds_capacity:
+                held.setdefault(r.node_id, set()).update(d.index for d in r.devices)
+        found = build_node_specs(
             nodes,
             pods,
             slices,
             claims,
             tolerations=self.tolerations,
             include_cpu_nodes=self.include_cpu_nodes,
+            held=held,
+            previous=self._discovered.taken,
+            store=store,
         )
+        if records is not None:
+            await self._sweep(pods, claims, records)
+        return found
 
     async def discover_resources(self) -> Inventory:
         found = await self._discover()
@@ -259,11 +359,16 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             where = f" matching {self.node_selector!r}" if self.node_selector else ""
             notes.append(f"no GPU nodes{where} (allocatable {GPU_RESOURCE} or {DRA_DRIVER} ResourceSlices)")
         return Inventory(
-            tuple(found.nodes), source="kubernetes", notes=tuple(notes), cordoned=frozenset(found.cordoned)
+            tuple(found.nodes),
+            source="kubernetes",
+            notes=tuple(notes),
+            cordoned=frozenset(found.cordoned),
+            unavailable=dict(found.taken),
         )
 
     async def sample_health(self) -> list[DeviceHealth]:
-        """Every discovered GPU: unhealthy when its node is not Ready or its DRA device is tainted."""
+        """Every discovered GPU: unhealthy when its node is not Ready, its DRA device is tainted, or
+        another workload holds it (``taken: ...``). Indices are those of discovery, which never move."""
         found = await self._discover()
         tainted = {
             str(g.uuid): device_taint(found.devices[(n.id, g.index)])
@@ -271,14 +376,102 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             for g in n.gpus
             if (n.id, g.index) in found.devices
         }
+        now = {n.id: n for n in found.nodes}
         out: list[DeviceHealth] = []
         for spec in self._discovered.nodes:
             node = found.raw_nodes.get(spec.id)
             node_reason = node_health(node) if node is not None else "node is gone"
+            current = now.get(spec.id)
             for g in spec.gpus:
                 reason = node_reason or tainted.get(g.uuid, "")
+                same = current is not None and g.index < len(current.gpus) and current.gpus[g.index].uuid == g.uuid
+                if not reason and same:
+                    reason = found.taken.get((spec.id, g.index), "")
                 out.append(DeviceHealth(spec.id, g.index, healthy=not reason, reason=reason))
+        self._discovered.taken = {k: v for k, v in found.taken.items() if k[0] in now}
         return out
+
+    # -- clean-up ---------------------------------------------------------------------
+    def _ours(self, obj: Obj) -> str | None:
+        """The group id of a pod or claim this provider's store materialised (None: not ours to judge)."""
+        meta = obj.get("metadata") or {}
+        if (meta.get("labels") or {}).get(STORE_LABEL) != self.store_name or not is_ours(obj, self._store_key):
+            return None
+        gid = (meta.get("annotations") or {}).get(GROUP_ANNOTATION)
+        return str(gid) if gid else None
+
+    async def _sweep(self, pods: Sequence[Obj], claims: Sequence[Obj], records: Sequence[GroupRecord]) -> None:
+        """Delete our pods and claims whose group holds nothing any more (released, freed, deleted)."""
+        live = {r.id for r in records if r.component is not None and r.state is not AllocationState.RELEASED}
+        base = {"pods": f"/api/v1/namespaces/{self.namespace}/pods"}
+        base["claims"] = f"/apis/resource.k8s.io/v1/namespaces/{self.namespace}/resourceclaims"
+        for kind, obj in [*(("pods", p) for p in pods), *(("claims", c) for c in claims)]:
+            gid = self._ours(obj)
+            meta = obj.get("metadata") or {}
+            if gid is None or gid in live or meta.get("deletionTimestamp"):
+                continue
+            path = f"{base[kind]}/{meta['name']}"
+            try:
+                await self._delete(path, str(meta.get("uid") or ""))
+                log.info("kubernetes: deleted %s of released group %s", path, gid)
+            except KubeError as exc:
+                log.warning("kubernetes: cannot delete %s of released group %s yet: %s", path, gid, exc.one_line())
+
+    async def _delete(self, path: str, uid: str = "") -> bool:
+        """Delete one object; False if it was already gone. KubeError on any other failure."""
+        client = await self._connect()
+        try:
+            await client.delete(path, {"preconditions": {"uid": uid}} if uid else None)
+        except KubeError as exc:
+            if exc.status in (404, 409):  # gone, or a new object of that name (not ours to delete)
+                return False
+            raise
+        return True
+
+    async def _clean(self, gid: str, paths: set[str] | None) -> bool:
+        """Delete what group ``gid`` was materialised as; ``paths`` is left holding what failed."""
+        if paths is None:  # made elsewhere: find them by label
+            client = await self._connect()
+            selector = f"{GROUP_LABEL}={_label_value(gid)}"
+            changed = False
+            for path in (
+                f"/api/v1/namespaces/{self.namespace}/pods",
+                f"/apis/resource.k8s.io/v1/namespaces/{self.namespace}/resourceclaims",
+            ):
+                try:
+                    gone = await client.delete_collection(path, labelSelector=selector)
+                except KubeError as exc:
+                    if exc.status == 404:
+                        continue
+                    raise
+                changed = changed or bool(gone.get("items"))
+            return changed
+        changed = False
+        for path in sorted(paths, key=lambda p: "resourceclaims" in p):  # the pod first, then its claim
+            changed = await self._delete(path) or changed
+            paths.discard(path)
+        return changed
+
+    def _retry_later(self, gid: str, paths: set[str] | None) -> None:
+        self._retry[gid] = paths
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.get_running_loop().create_task(
+                self._retry_loop(), name="computegroups-k8s-clean"
+            )
+
+    async def _retry_loop(self) -> None:
+        wait = RETRY_FIRST_S
+        while self._retry:
+            await asyncio.sleep(wait)
+            for gid, paths in list(self._retry.items()):
+                try:
+                    await self._clean(gid, paths)
+                except (KubeError, ProviderError) as exc:
+                    log.info("kubernetes: clean-up of group %s failed again: %s", gid, exc)
+                    continue
+                self._retry.pop(gid, None)
+                log.info("kubernetes: clean-up of group %s finished", gid)
+            wait = min(wait * 2, RETRY_MAX_S)
 
     # -- materialisation --------------------------------------------------------------
     def _is_dra(self, node_id: str) -> bool:
@@ -289,6 +482,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         gid = str(resources["group_id"])
         record = _record_of(resources)
         out: dict[str, Any] = {"env": dict(resources.get("env", {}))}
+        self._made.setdefault(gid, set())
         if record is not None:
             dra = self._is_dra(record.node_id) and any(d.share_milli == MILLI for d in record.devices)
             if dra:
@@ -300,32 +494,41 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
 
     async def _ensure_claim(self, record: GroupRecord) -> str:
         client = await self._connect()
-        claim = resource_claim(record, self.namespace, device_class=self.device_class, labels=self.labels)
+        claim = resource_claim(
+            record, self.namespace, device_class=self.device_class, labels=self.labels, store=self.store_name
+        )
+        path = f"/apis/resource.k8s.io/v1/namespaces/{self.namespace}/resourceclaims"
         try:
-            await client.post(f"/apis/resource.k8s.io/v1/namespaces/{self.namespace}/resourceclaims", claim)
+            await client.post(path, claim)
         except KubeError as exc:
             if exc.status != 409:
                 raise ProviderError(f"kubernetes: {exc.one_line()}") from exc
-        return str(claim["metadata"]["name"])
+        name = str(claim["metadata"]["name"])
+        self._made.setdefault(record.id, set()).add(f"{path}/{name}")
+        return name
 
     async def deallocate_resources(self, component_name: str, resource_ids: list[str]) -> bool:
-        """Delete the pods and ResourceClaims of the groups; False if there were none."""
-        client = await self._connect()
+        """Delete the pods and ResourceClaims of the groups; False if there were none.
+
+        What this provider made is deleted by name, and nothing is sent for a group it
+        materialised without a pod or claim; a group materialised elsewhere is found by label.
+        A deletion that fails is retried in the background until done (and swept by any
+        manager's next discovery); the failure is raised as ProviderError.
+        """
         changed = False
+        failed: list[str] = []
         for gid in resource_ids:
             self._materialised.pop(gid, None)
-            selector = f"{GROUP_LABEL}={_label_value(gid)}"
-            for path in (
-                f"/api/v1/namespaces/{self.namespace}/pods",
-                f"/apis/resource.k8s.io/v1/namespaces/{self.namespace}/resourceclaims",
-            ):
-                try:
-                    gone = await client.delete_collection(path, labelSelector=selector)
-                except KubeError as exc:
-                    if exc.status == 404:
-                        continue
-                    raise ProviderError(f"kubernetes: {exc.one_line()}") from exc
-                changed = changed or bool(gone.get("items"))
+            paths = self._made.pop(gid, None)
+            if paths is not None and not paths:
+                continue  # materialised here as environment only: nothing to delete
+            try:
+                changed = await self._clean(gid, paths) or changed
+            except KubeError as exc:
+                self._retry_later(gid, paths)
+                failed.append(f"{gid}: {exc.one_line()}")
+        if failed:
+            raise ProviderError(f"kubernetes: clean-up will be retried: {'; '.join(failed)}")
         return changed
 
     async def run_pod(
@@ -348,6 +551,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         if dra:
             await self._ensure_claim(record)
         frag = pod_fragment(record, dra=dra)
+        self._made.setdefault(record.id, set())
         container: dict[str, Any] = {"name": "main", "image": image, "command": list(command), **frag["container"]}
         container["env"] = container["env"] + [{"name": k, "value": v} for k, v in sorted((env or {}).items())]
         spec: dict[str, Any] = {
@@ -367,12 +571,20 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             "metadata": {
                 "name": name or _object_name(record.id),
                 "namespace": self.namespace,
-                "labels": {**self.labels, MANAGED_BY: MANAGER_NAME, GROUP_LABEL: _label_value(record.id)},
-                "annotations": {COMPONENT_ANNOTATION: record.component or "", "computegroups.dev/group-id": record.id},
+                "labels": {
+                    **self.labels,
+                    MANAGED_BY: MANAGER_NAME,
+                    GROUP_LABEL: _label_value(record.id),
+                    STORE_LABEL: self.store_name,
+                },
+                "annotations": {COMPONENT_ANNOTATION: record.component or "", GROUP_ANNOTATION: record.id},
             },
             "spec": spec,
         }
         made = await self._call(client.post(f"/api/v1/namespaces/{self.namespace}/pods", pod))
+        self._made.setdefault(record.id, set()).add(
+            f"/api/v1/namespaces/{self.namespace}/pods/{made['metadata']['name']}"
+        )
         status = {"pod": made["metadata"]["name"], **({"resourceClaim": _object_name(record.id)} if dra else {})}
         with contextlib.suppress(KubeError):  # for `kubectl get computegroups -o wide`; the pod exists anyway
             await client.request(

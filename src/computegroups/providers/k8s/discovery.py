@@ -11,9 +11,13 @@ Rules:
     ResourceClaim that is not ours are left out. Topology: GPUs in one NVLink clique
     (``cliqueId``) are joined by NVLink; otherwise GPUs under one PCIe root are ``PXB``, the
     rest ``SYS``.
-  * Without slices, a node has ``allocatable nvidia.com/gpu`` GPUs less those requested by
-    running pods that are not ours; they get synthetic stable ids (``k8s-<node>-gpu<i>``) and
-    the GPU Feature Discovery labels give model and memory. The topology is unknown (uniform).
+  * Without slices, a node has ``allocatable nvidia.com/gpu`` GPU slots with synthetic stable
+    ids (``k8s-<node>-gpu<i>``); the GPU Feature Discovery labels give model and memory, and
+    the topology is unknown (uniform). The device plugin, not us, picks the physical GPU, so
+    what other pods hold is a count: that many slots are reported taken, chosen among the
+    slots our own groups do not hold (``held``), highest first and stable from one
+    discovery to the next (``previous``). A device is never dropped nor renumbered because
+    of what another workload holds.
   * CPU and memory are allocatable less the requests of pods that are not ours.
   * Cordoned: ``spec.unschedulable`` or a NoSchedule/NoExecute taint the provider does not tolerate.
 """
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from computegroups.kube.names import STORE_LABEL
 from computegroups.model import MILLI, GpuSpec, NodeSpec
 from computegroups.topology import Topology
 
@@ -39,6 +44,7 @@ __all__ = [
     "dra_topology",
     "node_health",
     "parse_quantity",
+    "pick_taken",
     "pod_requests",
     "product_name",
     "synthetic_uuid",
@@ -111,8 +117,19 @@ def synthetic_uuid(node: str, index: int) -> str:
     return f"k8s-{node}-gpu{index}"
 
 
-def is_ours(obj: Obj) -> bool:
-    return bool(((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) == MANAGER_NAME)
+#: (namespace, store name) of the state whose pods and claims are ours; None: anything computegroups made
+Store = tuple[str, str] | None
+
+
+def is_ours(obj: Obj, store: Store = None) -> bool:
+    """Made by computegroups for ``store``: in its namespace, labelled with it (or with no store: older)."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(MANAGED_BY) != MANAGER_NAME:
+        return False
+    if store is None:
+        return True
+    return meta.get("namespace") == store[0] and labels.get(STORE_LABEL, store[1]) == store[1]
 
 
 def pod_requests(pod: Obj) -> tuple[int, int, int]:
@@ -233,13 +250,15 @@ class Discovered:
     devices: dict[tuple[str, int], Obj] = field(default_factory=dict)  # (node, index) -> DRA device
     notes: list[str] = field(default_factory=list)
     raw_nodes: dict[str, Obj] = field(default_factory=dict)  # name -> the Node object
+    #: (node, GPU index) -> why another workload holds it ("taken: ..."): not allocatable, not free
+    taken: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
-def claimed_devices(claims: Iterable[Obj]) -> dict[tuple[str, str], str]:
+def claimed_devices(claims: Iterable[Obj], store: Store = None) -> dict[tuple[str, str], str]:
     """(pool, device) -> claim of the ``gpu.nvidia.com`` devices held by ResourceClaims that are not ours."""
     out: dict[tuple[str, str], str] = {}
     for claim in claims:
-        if is_ours(claim):
+        if is_ours(claim, store):
             continue
         meta = claim.get("metadata") or {}
         alloc = (claim.get("status") or {}).get("allocation") or {}
@@ -247,6 +266,23 @@ def claimed_devices(claims: Iterable[Obj]) -> dict[tuple[str, str], str]:
             if r.get("driver") == DRA_DRIVER:
                 out[(str(r.get("pool")), str(r.get("device")))] = f"{meta.get('namespace')}/{meta.get('name')}"
     return out
+
+
+def pick_taken(total: int, count: int, held: Iterable[int] = (), previous: Iterable[int] = ()) -> list[int]:
+    """Which ``count`` of a device-plugin node's ``total`` GPU slots to report taken by others.
+
+    Slots our groups hold (``held``) are never chosen while others are left; slots taken last
+    time (``previous``) stay taken, then the highest free ones are added (placement fills from
+    the lowest index, so the two meet last). Sorted; deterministic.
+    """
+    count = max(0, min(count, total))
+    ours = {i for i in held if 0 <= i < total}
+    keep = [i for i in sorted(set(previous)) if 0 <= i < total and i not in ours][:count]
+    rest = [i for i in range(total - 1, -1, -1) if i not in ours and i not in keep]
+    chosen = keep + rest[: count - len(keep)]
+    if len(chosen) < count:  # others hold more than we left: then some of our slots are taken too
+        chosen += [i for i in range(total - 1, -1, -1) if i in ours][: count - len(chosen)]
+    return sorted(chosen)
 
 
 def build_node_specs(
@@ -257,20 +293,32 @@ def build_node_specs(
     *,
     tolerations: Sequence[Obj] = (),
     include_cpu_nodes: bool = False,
+    held: Mapping[str, Iterable[int]] | None = None,
+    previous: Mapping[tuple[str, int], str] | None = None,
+    store: Store = None,
 ) -> Discovered:
-    """Node specs from API objects (see the module docstring for the rules). Sorted by node name."""
+    """Node specs from API objects (see the module docstring for the rules). Sorted by node name.
+
+    ``held``: node -> GPU indices our live groups hold there (device-plugin nodes only);
+    ``previous``: the ``taken`` marks of the last discovery, kept where still true;
+    ``store``: whose pods and claims are ours (those of another store are another workload).
+    """
     out = Discovered()
-    held: dict[str, list[int]] = {}
+    used_by: dict[str, list[int]] = {}
+    holders: dict[str, list[str]] = {}
     for pod in pods:
         node = (pod.get("spec") or {}).get("nodeName")
         phase = (pod.get("status") or {}).get("phase")
-        if not node or phase in ("Succeeded", "Failed") or is_ours(pod):
+        if not node or phase in ("Succeeded", "Failed") or is_ours(pod, store):
             continue
         n_gpus, cpu, mem = pod_requests(pod)
-        acc = held.setdefault(node, [0, 0, 0])
+        acc = used_by.setdefault(node, [0, 0, 0])
         acc[0] += n_gpus
         acc[1] += cpu
         acc[2] += mem
+        if n_gpus:
+            meta = pod.get("metadata") or {}
+            holders.setdefault(node, []).append(f"{meta.get('namespace')}/{meta.get('name')}")
     by_node: dict[str, list[Obj]] = {}
     for s in slices:
         spec = s.get("spec") or {}
@@ -279,14 +327,14 @@ def build_node_specs(
         pool = str((spec.get("pool") or {}).get("name") or spec["nodeName"])
         for d in spec.get("devices") or []:
             by_node.setdefault(str(spec["nodeName"]), []).append({**d, "_pool": pool})
-    taken = claimed_devices(claims)
+    taken = claimed_devices(claims, store)
     for node in sorted(nodes, key=lambda n: str((n.get("metadata") or {}).get("name"))):
         meta = node.get("metadata") or {}
         name = str(meta.get("name"))
         out.raw_nodes[name] = node
         labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
         alloc = (node.get("status") or {}).get("allocatable") or {}
-        used = held.get(name, [0, 0, 0])
+        used = used_by.get(name, [0, 0, 0])
         cpus = max(0, _milli(alloc.get("cpu", 0)) - used[1])
         memory = max(0, _mib(alloc.get("memory", 0)) - used[2])
         devices = sorted(by_node.get(name, []), key=_device_order)
@@ -294,16 +342,12 @@ def build_node_specs(
         topology: Topology | None = None
         if devices:
             out.dra_nodes.add(name)
-            free = []
-            for d in devices:
-                who = taken.get((d["_pool"], str(d.get("name"))))
-                if who:
-                    out.notes.append(f"{name}: {d.get('name')} is allocated to ResourceClaim {who}; left out")
-                else:
-                    free.append(d)
-            devices = free
             gpus = []
             for i, d in enumerate(devices):
+                who = taken.get((d["_pool"], str(d.get("name"))))
+                if who:
+                    out.taken[(name, i)] = f"taken: allocated to ResourceClaim {who}"
+                    out.notes.append(f"{name}: {d.get('name')} is allocated to ResourceClaim {who}; taken")
                 memory_q = ((d.get("capacity") or {}).get("memory") or {}).get("value")
                 gpus.append(
                     GpuSpec(
@@ -320,9 +364,13 @@ def build_node_specs(
             topology = _shared_topology(devices) if devices else None
         else:
             total = int(parse_quantity(alloc.get(GPU_RESOURCE, 0)))
-            count = max(0, total - used[0])
             if used[0] and total:
-                out.notes.append(f"{name}: {min(used[0], total)} of {total} GPUs are requested by other pods")
+                others = min(used[0], total)
+                who = ", ".join(sorted(holders.get(name, [])))
+                out.notes.append(f"{name}: {others} of {total} GPUs are requested by other pods")
+                before = [i for (n, i) in (previous or {}) if n == name]
+                for i in pick_taken(total, others, (held or {}).get(name, ()), before):
+                    out.taken[(name, i)] = f"taken: {others} of {total} GPUs are requested by other pods ({who})"
             gpus = [
                 GpuSpec(
                     index=i,
@@ -331,7 +379,7 @@ def build_node_specs(
                     memory_mib=int(labels.get(MEMORY_LABEL, "0") or 0) if labels.get(MEMORY_LABEL, "").isdigit() else 0,
                     nvlink_domain=labels.get(CLIQUE_LABEL, ""),
                 )
-                for i in range(count)
+                for i in range(total)
             ]
             if not total and not include_cpu_nodes:
                 continue
