@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,34 @@ def test_get_watch_prints_changes_made_by_another_process(tmp_path: Path, spec: 
     finally:
         watch.kill()
         watch.wait()
+
+
+def test_shell_completion_offers_live_group_ids(tmp_path: Path, spec: Path) -> None:
+    state = tmp_path / "s.db"
+    live = json.loads(ok(spec, state, "--json", "allocate", "decode", "--gpus", "1"))
+    gone = json.loads(ok(spec, state, "--json", "allocate", "old", "--gpus", "1"))
+    ok(spec, state, "release", gone["id"])
+
+    def complete(words: str, missing_file: bool = False) -> list[str]:
+        env = {
+            "_COMPUTEGROUPS_COMPLETE": "bash_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+        }
+        code = "import sys; sys.argv[0] = 'computegroups'; from computegroups.cli import main; main()"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **env},
+            timeout=60,
+        )
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        return [line.split(",", 1)[1] for line in out.stdout.splitlines() if line]
+
+    assert complete(f"computegroups --state {state} release ") == [live["id"]]
+    assert complete(f"computegroups --state {state} describe group {live['id'][:6]}") == [live["id"]]
+    assert complete(f"computegroups --state {state} release cg-zzz") == []
+    missing = tmp_path / "none.db"
+    assert complete(f"computegroups --state {missing} release ") == [] and not missing.exists()

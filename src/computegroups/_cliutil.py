@@ -21,7 +21,17 @@ from computegroups.errors import (
 )
 from computegroups.model import Constraints, Requirements
 
-__all__ = ["EXIT_CODES", "emit", "exit_code", "fail", "flag_message", "parse_request", "request_options", "run"]
+__all__ = [
+    "EXIT_CODES",
+    "complete_group_id",
+    "emit",
+    "exit_code",
+    "fail",
+    "flag_message",
+    "parse_request",
+    "request_options",
+    "run",
+]
 
 #: Exit code per error class; anything else that the library raises on purpose is 1.
 EXIT_CODES: dict[type[ComputeGroupsError], int] = {
@@ -225,3 +235,39 @@ def _request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             parsed[k] = v
         cons["labels"] = parsed
     return req, cons
+
+
+def complete_group_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of GROUP_ID: the live groups of the state file the command would open.
+
+    Reads the file through the store, never creates it, and completes nothing on any error (a
+    completion must not print a traceback into the user's shell).
+    """
+    from pathlib import Path
+
+    from click.shell_completion import CompletionItem
+
+    from computegroups.state.sqlite import SqliteStateStore, default_state_path
+
+    state = ctx.find_root().params.get("state") or str(default_state_path())
+    if state == ":memory:" or not Path(state).is_file():
+        return []
+
+    async def live() -> list[Any]:
+        store = SqliteStateStore(state)
+        await store.open()
+        try:
+            return [r for r in (await store.changes_since(0)).upserts if r.holds_capacity]
+        finally:
+            await store.close()
+
+    try:
+        records = asyncio.run(live())
+    except Exception:
+        return []
+    items = {(r.gang_id or r.id): r for r in records}
+    return [
+        CompletionItem(gid, help=f"{r.component or '-'} {r.state.value} on {r.node_id}")
+        for gid, r in sorted(items.items())
+        if gid.startswith(incomplete)
+    ]

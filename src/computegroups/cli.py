@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from computegroups import __version__
-from computegroups._cliutil import EXIT_CODES, fail, parse_request, request_options, run
+from computegroups._cliutil import EXIT_CODES, complete_group_id, fail, parse_request, request_options, run
 from computegroups._cliutil import emit as _emit
 from computegroups.cli_views import physical_matrix
 from computegroups.errors import InvalidRequestError
@@ -259,7 +259,7 @@ def reserve(ctx: Context, /, component: str, ttl: float, **opts: Any) -> None:
 
 
 @cli.command()
-@click.argument("group_id")
+@click.argument("group_id", shell_complete=complete_group_id)
 @click.pass_obj
 def drain(ctx: Context, group_id: str) -> None:
     """Mark a group draining: it gets no new owner."""

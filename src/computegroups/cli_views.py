@@ -18,7 +18,7 @@ from typing import Any
 import click
 import yaml
 
-from computegroups._cliutil import run
+from computegroups._cliutil import complete_group_id, run
 from computegroups.errors import InvalidRequestError, NotFoundError
 from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode, GangComputeGroup, GroupRecord, NodeSpec
@@ -247,7 +247,7 @@ def _output_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command("get")
 @click.argument("kind", type=click.Choice(["groups", "group", "nodes", "node"]))
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=complete_group_id)
 @_output_option
 @click.option("--sort-by", help="Sort by this column (AGE, GPUS, PRIORITY, ...).")
 @click.option("-l", "--selector", help="Only objects on nodes labelled key=value[,key=value].")
@@ -329,7 +329,7 @@ async def _watch(
 
 @click.command("describe")
 @click.argument("kind", type=click.Choice(["group", "node"]))
-@click.argument("name")
+@click.argument("name", shell_complete=complete_group_id)
 @click.pass_obj
 def describe_command(ctx: Any, kind: str, name: str) -> None:
     """Everything about one group or node (kubectl describe)."""

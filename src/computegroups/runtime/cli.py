@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import click
 
-from computegroups._cliutil import emit, fail, parse_request, request_options, run
+from computegroups._cliutil import complete_group_id, emit, fail, parse_request, request_options, run
 from computegroups.manager import ComputeGroupManager
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.local import LocalRuntime, RestartPolicy
@@ -107,7 +107,7 @@ def run_command(
 
 
 @click.command("stop")
-@click.argument("group_id")
+@click.argument("group_id", shell_complete=complete_group_id)
 @_runtime_dir
 @click.pass_obj
 def stop_command(ctx: CliContext, group_id: str, runtime_dir: str | None) -> None:
@@ -121,7 +121,7 @@ def stop_command(ctx: CliContext, group_id: str, runtime_dir: str | None) -> Non
 
 
 @click.command("release")
-@click.argument("group_id")
+@click.argument("group_id", shell_complete=complete_group_id)
 @_runtime_dir
 @click.pass_obj
 def release_command(ctx: CliContext, group_id: str, runtime_dir: str | None) -> None:
