@@ -112,6 +112,15 @@ def test_demo_runs() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "NV4" in out.stdout and "refused" in out.stdout and "0 allocated" in out.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "computegroups.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    lines = [json.loads(line)["message"] for line in as_json.stdout.splitlines()]
+    assert as_json.returncode == 0 and any("refused" in m for m in lines) and len(lines) > 10
 
 
 def test_reserve_pools_priority_affinity_gang_and_mig(tmp_path: Path) -> None:

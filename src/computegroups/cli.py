@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 an unexpected failure underneath (state, provider);
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -313,7 +314,8 @@ def demo(ctx: Context, state_dir: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(state_dir or tmp) / "demo-state.db"
         provider = SimulatedComputeResourceProvider.from_spec(Path(ctx.spec) if ctx.spec else None)
-        run(run_demo(provider, path, click.echo))
+        say = (lambda text: click.echo(json.dumps({"message": text.strip()}))) if ctx.json else click.echo
+        run(run_demo(provider, path, say))
 
 
 def main() -> None:
