@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,43 @@ def test_shell_completion_offers_live_group_ids(tmp_path: Path, spec: Path) -> N
     assert complete(f"computegroups --state {state} release cg-zzz") == []
     missing = tmp_path / "none.db"
     assert complete(f"computegroups --state {missing} release ") == [] and not missing.exists()
+
+
+def test_top_once_prints_the_map_and_totals(tmp_path: Path, spec: Path) -> None:
+    state = tmp_path / "s.db"
+    ok(spec, state, "allocate", "decode", "--gpus", "2", "--node", "h0")
+    text = ok(spec, state, "top", "--once")
+    assert "allocated 2" in text and "allocation map" in text
+    h0 = next(line for line in text.splitlines() if " h0 " in line)
+    assert h0.count("decode") == 2 and "25% alloc" in h0
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="no tmux")
+def test_top_follows_changes_live_in_a_terminal(tmp_path: Path, spec: Path) -> None:
+    """In a real terminal (tmux), ``top`` redraws full-screen as another process allocates and releases."""
+    state = tmp_path / "s.db"
+    session = f"cgtop{os.getpid()}"
+    cmd = " ".join(
+        [sys.executable, "-m", "computegroups", "--spec", str(spec), "--state", str(state), "top", "--interval", "0.2"]
+    )
+    tmux = ["tmux", "-L", session]
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "160", "-y", "40", cmd], check=True, cwd=REPO)
+
+    def screen_until(text: str) -> str:
+        deadline = time.monotonic() + 60
+        while True:
+            shown = subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+            if text in shown or time.monotonic() > deadline:
+                return shown
+            time.sleep(0.2)
+
+    try:
+        assert "allocation map" in screen_until("allocation map")
+        g = json.loads(ok(spec, state, "--json", "allocate", "trainer", "--gpus", "4", "--node", "h1"))
+        shown = screen_until(f"allocated {g['id']}")
+        assert f"allocated {g['id']} trainer on h1" in shown
+        assert next(line for line in shown.splitlines() if " h1 " in line).count("trainer") == 4
+        ok(spec, state, "release", g["id"])
+        assert f"released  {g['id']}" in screen_until(f"released  {g['id']}")
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)

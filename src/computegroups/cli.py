@@ -339,12 +339,14 @@ def _json_after_command(click_ctx: click.Context, param: click.Parameter, value:
 
 
 def _register_extensions() -> None:
+    from computegroups.cli_top import register as register_top
     from computegroups.cli_views import register as register_views
     from computegroups.integrations.dynamo import register as register_dynamo
     from computegroups.runtime.cli import register as register_runtime
     from computegroups.service.cli import register as register_service
 
     register_views(cli)
+    register_top(cli)
     register_runtime(cli)
     register_dynamo(cli)
     register_service(cli)
