@@ -165,7 +165,7 @@ CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     (["supervise", "--interval", "-1"], 2, "--interval", {}),
     (["supervise", "--interval", "nan"], 2, "--interval", {}),
     (["discover"], 2, "not valid YAML", {"spec": "malformed.yaml"}),
-    (["discover"], 2, "cpus: inf is not a number", {"spec": "infinite-cpus.yaml"}),
+    (["discover"], 2, "cpus: inf: not a finite number", {"spec": "infinite-cpus.yaml"}),
     (["discover"], 2, "count", {"spec": "huge-count.yaml"}),
     (["discover"], 2, "gpus", {"spec": "huge-gpus.yaml"}),
     (["discover"], 2, "memory_mib", {"spec": "memory-digits.yaml"}),

@@ -318,6 +318,23 @@ def demo(ctx: Context, state_dir: str | None) -> None:
         run(run_demo(provider, path, say))
 
 
+@cli.command()
+@click.argument("kind", type=click.Choice(["spec", "pools"]))
+def schema(kind: str) -> None:
+    """Print the JSON Schema of a configuration file: a cluster spec, or a list of pools."""
+    from pydantic import TypeAdapter
+
+    from computegroups.config import ClusterSpec, PoolConfig, json_schema
+
+    if kind == "spec":
+        data = json_schema(ClusterSpec)
+    else:
+        data = TypeAdapter(list[PoolConfig]).json_schema()
+        data["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        data["title"] = "Pools"
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
 def main() -> None:
     """Console entry point."""
     try:
