@@ -147,6 +147,9 @@ def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
         click.echo(f"\n{n.id} topology")
         hdr = [""] + [f"GPU{i}" for i in range(len(m))] + ["NUMA"]
         rows = [[f"GPU{i}", *row, str(n.topology.numa_node(i))] for i, row in enumerate(m)]
+        for nic in n.topology.nics:  # each NIC's link to each GPU, as nvidia-smi's NIC rows show it
+            label = f"{nic.name} ({nic.device})" if nic.device else nic.name
+            rows.append([label, *nic.links, "-" if nic.numa_node is None else str(nic.numa_node)])
         _table(rows, hdr)
 
 
