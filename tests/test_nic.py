@@ -7,6 +7,7 @@ GPU0-3 (NUMA node 0); the GPUs are NVLink-bridged in pairs 0-1, 2-3, 4-5, 6-7.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -20,9 +21,17 @@ from computegroups.errors import InvalidRequestError
 from computegroups.model import AllocationState, Constraints, GroupRecord, Requirements
 from computegroups.placement import Cluster, place
 from computegroups.placement.engine import pick_devices
-from computegroups.placement.plugins import EMPTY_CONTEXT, UNRESOLVABLE, UNSCHEDULABLE, NicFilter, Pick, Reason
+from computegroups.placement.plugins import (
+    EMPTY_CONTEXT,
+    UNRESOLVABLE,
+    UNSCHEDULABLE,
+    NicFilter,
+    Pick,
+    Reason,
+    nic_subset,
+)
 from computegroups.providers.simulated import nodes_from_spec
-from computegroups.topology import Nic, Topology, parse_nvidia_smi_topo
+from computegroups.topology import NIC_LINKS, Nic, Topology, link_rank, parse_nvidia_smi_topo
 from tests.conftest import TOPO_FIXTURES, a6000_spec, topo_fixture
 
 FIXTURE = "rtx_a6000_x8_nv4_pairs.txt"
@@ -68,6 +77,41 @@ def test_devices_carved_from_gpus_inherit_their_gpus_links_to_the_nics() -> None
     assert [n.device for n in carved.nics] == ["mlx5_0", "mlx5_1"]
 
 
+@pytest.mark.parametrize("nvlink", [False, True])
+@pytest.mark.parametrize("link", NIC_LINKS)
+def test_every_occupancy_gets_the_best_set_then_the_nearest_to_the_nic(link: str, nvlink: bool) -> None:
+    """Against an exhaustive search of its own: for every free mask and size, the set chosen is the best
+    of all sets within ``link`` of one NIC by (bottleneck, total, NUMA nodes), then by nearness to it."""
+    topo = parse_nvidia_smi_topo(topo_fixture(FIXTURE))
+    cons = Constraints.parse({"nic": "any", "nic_link": link, "nvlink": nvlink})
+    worst = link_rank(link)
+
+    def key(indices: tuple[int, ...], nic: int) -> tuple[int, ...]:
+        c = topo.evaluate(indices)
+        to_nic = [topo.nic_rank(nic, i) for i in indices]
+        return (c.bottleneck, c.total, -c.numa_nodes, min(to_nic), sum(to_nic))
+
+    for mask in range(1 << topo.gpu_count):
+        for k in range(1, topo.gpu_count + 1):
+            best = max(
+                (
+                    key(combo, nic)
+                    for nic in range(len(topo.nics))
+                    for combo in itertools.combinations(
+                        [i for i in range(8) if mask >> i & 1 and topo.nic_rank(nic, i) >= worst], k
+                    )
+                    if not nvlink or k == 1 or all(topo.is_nvlink(a, b) for a, b in itertools.combinations(combo, 2))
+                ),
+                default=None,
+            )
+            got = nic_subset(topo, mask, k, cons)
+            if got is None:
+                assert best is None, (bin(mask), k)
+                continue
+            near = [n for n in range(len(topo.nics)) if all(topo.nic_rank(n, i) >= worst for i in got.indices)]
+            assert near and max(key(got.indices, n) for n in near) == best, (bin(mask), k, got.indices)
+
+
 def _cluster(spec: dict[str, Any] | None = None) -> Cluster:
     return Cluster(nodes_from_spec(spec or a6000_spec()))
 
@@ -110,7 +154,12 @@ def test_four_gpus_near_a_nic_are_its_numa_nodes_four() -> None:
 
 def test_one_gpu_and_a_share_within_the_host_bridge_go_to_gpu6() -> None:
     assert _place(_cluster(), {"gpus": 1}, {"nic": "any", "nic_link": "PHB"}) == [6]
-    assert _place(_cluster(), {"gpus": 0.5}, {"nic": "NIC1", "nic_link": "PHB"}) == [6]
+    c = _cluster()
+    assert _place(c, {"gpus": 0.5}, {"nic": "NIC1", "nic_link": "PHB"}) == [6]
+    assert _place(c, {"gpus": 0.5}, {"nic": "NIC1", "nic_link": "PHB"}) == [6]  # shares fill the shared GPU
+    with pytest.raises(InsufficientResourcesError) as info:
+        _place(c, {"gpus": 0.5}, {"nic": "NIC1", "nic_link": "PHB"})
+    assert info.value.reasons == {"no GPU within PHB of NIC1 with 0.5 of a GPU free": 1}
 
 
 def test_an_impossible_nic_constraint_is_refused_with_a_typed_reason() -> None:

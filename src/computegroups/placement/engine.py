@@ -181,6 +181,10 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     if req.share_milli:
         idx = share_target(node, req, eligible_mask(node, req) & ~blocked & near)
         if idx is None:
+            if cons.nic is not None:
+                return Reason(
+                    UNSCHEDULABLE, "no GPU {} with {:g} of a GPU free", (nic_text(cons), req.share_milli / MILLI)
+                )
             return Reason(UNSCHEDULABLE, "no GPU with {:g} of a GPU free", (req.share_milli / MILLI,))
         dev = DeviceShare(idx, spec.gpus[idx].uuid, req.share_milli, share_memory(node, idx, req))
         return Pick((dev,), None, req.share_milli)
