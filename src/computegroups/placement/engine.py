@@ -177,11 +177,14 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     """Choose the devices on a node that passed the filters, or say why none fit."""
     spec = node.spec
     blocked = ctx.blocked_mask(spec.id) if ctx.nominated else 0
-    near = nic_mask(node.topology, cons) if cons.nic is not None else -1  # -1: every GPU
+    nic = cons.nic
     if req.share_milli:
-        idx = share_target(node, req, eligible_mask(node, req) & ~blocked & near)
+        eligible = eligible_mask(node, req) & ~blocked
+        if nic is not None:
+            eligible &= nic_mask(node.topology, cons)
+        idx = share_target(node, req, eligible)
         if idx is None:
-            if cons.nic is not None:
+            if nic is not None:
                 return Reason(
                     UNSCHEDULABLE, "no GPU {} with {:g} of a GPU free", (nic_text(cons), req.share_milli / MILLI)
                 )
@@ -192,13 +195,13 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     if k == 0:
         return Pick((), None, 0)
     mask = node.free_mask & eligible_mask(node, req) & ~blocked
-    if cons.nic is not None:
-        choice = nic_subset(node.topology, mask, k, cons)
-    else:
+    if nic is None:
         choice = node.topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
+    else:
+        choice = nic_subset(node.topology, mask, k, cons)
     if choice is None:
         rules = [text for on, text in ((cons.nvlink, "joined by NVLink"), (cons.same_numa, "on one NUMA node")) if on]
-        if cons.nic is not None:
+        if nic is not None:
             rules.append(nic_text(cons))
         return Reason(UNSCHEDULABLE, "no {} free GPUs {}", (k, ", ".join(rules) or "that fit"))
     return Pick(node.whole_gpus(choice.indices), choice, k * MILLI)
