@@ -96,11 +96,20 @@ async def child(state: str, rtdir: str, results: str, seed: int, loop: bool) -> 
                     await rt.run("crash", {"gpus": rng.choice([1, 2])}, ["sleep", "600"])
 
 
+def _lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def zygote(state: str, rtdir: str, results: str, trials: int, seed: int) -> None:
     rng = random.Random(seed)
     killed_after: list[float] = []
     for t in range(trials + 1):
         last = t == trials
+        checked = _lines(results)
         pid = os.fork()
         if pid == 0:  # the child: never returns into the zygote's loop
             code = 0
@@ -116,7 +125,16 @@ def zygote(state: str, rtdir: str, results: str, trials: int, seed: int) -> None
                 print(f"final check exited {status}", flush=True)
                 sys.exit(1)
             break
-        delay = rng.choice([rng.uniform(0.0, 0.08), rng.uniform(0.05, 0.4)])
+        if rng.random() < 0.5:  # anywhere in its start-up (opening, reconciling, checking)
+            delay = rng.uniform(0.0, 0.08)
+        else:  # in the middle of its work: once it has checked, however slow the machine is
+            delay = rng.uniform(0.0, 0.4)
+            deadline = time.monotonic() + 60
+            while _lines(results) == checked and time.monotonic() < deadline:
+                if os.waitpid(pid, os.WNOHANG)[0]:  # it ended by itself: that is a failure
+                    print(f"child {t} exited before it was killed", flush=True)
+                    sys.exit(1)
+                time.sleep(0.01)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
