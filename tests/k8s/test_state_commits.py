@@ -52,16 +52,19 @@ async def test_a_reader_sees_exactly_the_commits_without_listing(k8s_namespace: 
         b.client.requests.clear()
         want: dict[str, GroupRecord] = {}
         unseen: dict[str, GroupRecord] = {}  # committed since the reader last read
+        history: list[tuple[int, list[GroupRecord], list[str]]] = []
         for n in range(12):
             before = writes(a)
             if n % 3 == 2:  # release the group allocated two steps before
                 gone = want[f"g{n - 2}"].replace(state=AllocationState.RELEASED)
                 rev = await a.commit(rev, [gone])
                 want[gone.id] = unseen[gone.id] = gone
+                history.append((rev, [gone], []))
             else:
                 r = rec(f"g{n}", n)
                 rev = await a.commit(rev, [r])
                 want[r.id] = unseen[r.id] = r
+                history.append((rev, [r], []))
             assert writes(a) - before == 2  # the ledger and the one group object
             if n % 4 == 3:  # the reader catches up now and then, several commits at once
                 got = await b.changes_since(seen)
@@ -70,16 +73,24 @@ async def test_a_reader_sees_exactly_the_commits_without_listing(k8s_namespace: 
                 seen = got.revision
                 unseen.clear()
         rev = await a.commit(rev, [], ["g0"])
+        history.append((rev, [], ["g0"]))
         got = await b.changes_since(seen)
         assert got.revision == rev and list(got.deletes) == ["g0"] and not got.upserts
-        # From the start, in one read of the ledger: every record as last committed.
-        first = await b.changes_since(0)  # revision 0 is inside the log: incremental
+        # From the oldest revision the ledger's log reaches back to, in one read: the net changes since.
+        oldest = rev - LOG_ENTRIES
+        first = await b.changes_since(oldest)
+        net: dict[str, GroupRecord | None] = {}
+        for r_, ups, dels in history:
+            if r_ > oldest:
+                net.update({u.id: u for u in ups})
+                net.update(dict.fromkeys(dels))
         assert not first.full and first.revision == rev
-        assert {r.id: r for r in first.upserts} == {k: v for k, v in want.items() if k != "g0"}
+        assert {r.id: r for r in first.upserts} == {k: v for k, v in net.items() if v is not None}
         assert list(first.deletes) == ["g0"]
-        assert a.client.requests["list"] == 0 and b.client.requests["list"] == 0
+        assert (await b.changes_since(oldest - 1)).full  # one further back: a reload, the reader's only list
+        assert a.client.requests["list"] == 0 and b.client.requests["list"] == 1
         assert a.client.requests["get"] == 0  # each commit reused the ledger its own last write returned
-        assert b.client.requests["get"] == 5 and writes(b) == 0  # one GET per read
+        assert b.client.requests["get"] == 7 and writes(b) == 0  # one GET per read (two for the reload)
     finally:
         await a.close()
         await b.close()

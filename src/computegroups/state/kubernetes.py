@@ -64,9 +64,9 @@ log_ = logging.getLogger("computegroups.k8s")
 
 GC_EVERY = 256  # commits between sweeps of old deletion tombstones
 GC_LAG = 1024  # revisions a deletion tombstone is kept (a late writer of an older change set is refused)
-LOG_ENTRIES = 64  # change sets the ledger carries; a reader further behind lists the live group objects
-LOG_BYTES = 256 * 1024  # about this much JSON of change sets in the ledger (the newest is always kept)
-MIRROR_LAG = 8  # a change set this old that no writer confirmed in the group objects is written again
+LOG_ENTRIES = 8  # change sets the ledger carries; a reader further behind lists the live group objects
+LOG_BYTES = 16 * 1024  # about this much JSON of change sets in the ledger (the newest is always kept)
+MIRROR_LAG = 4  # a change set this old that no writer confirmed in the group objects is written again
 BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
 BACKOFF_CAP = 0.05
 
