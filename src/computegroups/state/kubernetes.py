@@ -11,6 +11,7 @@ behind (``kubectl get cg -l 'computegroups.dev/state notin (released,deleted)'``
                                                 the change sets of the last revisions up to N, oldest
                                                 first (at most LOG_ENTRIES and about LOG_BYTES)
                                 spec.mirrored = every change set up to this one is in the group objects
+                                (an entry's ``done``: its writer wrote it there in full)
     ComputeGroup <group id>     spec.revision = revision of its last write; label state=<record state>
                                 spec.record   = the GroupRecord (state=deleted: a deletion tombstone)
 
@@ -221,20 +222,25 @@ class KubernetesStateStore:
         if current != expected:
             raise RevisionConflict(f"revision is {current}, not {expected}")
         rev = expected + 1
-        log = _log_of(spec)
+        # Entries this writer wrote into the group objects in full are marked done (by their own writer,
+        # on its next commit), so no other writer has to check them.
+        mine = self._mirrored
+        log = [{**e, "done": True} if not e.get("done") and int(e["revision"]) in mine else e for e in _log_of(spec)]
         entry: Obj = {"revision": rev, "upserts": [r.to_json() for r in upserts], "deletes": list(deletes)}
         kept = _trim([*log, entry])
         keep_from = int(kept[0]["revision"])
-        # Everything older than the log must be in the group objects: finish the change sets that leave
-        # the log now, and old ones, unless some writer confirmed them (`mirrored`) or this one wrote them.
+        # Everything older than the log must be in the group objects: write the change sets that leave
+        # the log now, and old ones, unless they are done.
         mirrored = max(int(spec.get("mirrored", 0)), (int(log[0]["revision"]) if log else rev) - 1)
         for old in log:
             orev = int(old["revision"])
-            if orev > mirrored and orev not in self._mirrored and (orev < keep_from or orev <= rev - MIRROR_LAG):
+            if orev > mirrored and not old.get("done") and (orev < keep_from or orev <= rev - MIRROR_LAG):
                 await self._apply(old)
-        while mirrored + 1 in self._mirrored:
-            mirrored += 1
-        self._mirrored = {r for r in self._mirrored if r > mirrored}
+                old["done"] = True
+        for old in log:
+            if int(old["revision"]) == mirrored + 1 and old.get("done"):
+                mirrored += 1
+        self._mirrored = {r for r in mine if r > mirrored}
         gc_before = int(spec.get("gcBefore", 0))
         sweep = rev % GC_EVERY == 0 and rev > GC_LAG
         if sweep:
