@@ -67,7 +67,7 @@ GC_EVERY = 256  # commits between sweeps of old deletion tombstones
 GC_LAG = 1024  # revisions a deletion tombstone is kept (a late writer of an older change set is refused)
 LOG_ENTRIES = 8  # change sets the ledger carries; a reader further behind lists the live group objects
 LOG_BYTES = 16 * 1024  # about this much JSON of change sets in the ledger (the newest is always kept)
-MIRROR_LAG = 4  # a change set this old that no writer confirmed in the group objects is written again
+MIRROR_LAG = 6  # a change set this old that no writer confirmed in the group objects is written again
 BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
 BACKOFF_CAP = 0.05
 
@@ -235,7 +235,7 @@ class KubernetesStateStore:
         for old in log:
             orev = int(old["revision"])
             if orev > mirrored and not old.get("done") and (orev < keep_from or orev <= rev - MIRROR_LAG):
-                await self._apply(old)
+                await self._apply(old, probe=True)
                 old["done"] = True
         for old in log:
             if int(old["revision"]) == mirrored + 1 and old.get("done"):
@@ -274,8 +274,9 @@ class KubernetesStateStore:
             )
         return rev
 
-    async def _apply(self, change: Obj) -> None:
-        """Write one change set into the group objects (idempotent; each object only moves forward)."""
+    async def _apply(self, change: Obj, probe: bool = False) -> None:
+        """Write one change set into the group objects (idempotent; each object only moves forward).
+        ``probe``: the objects most likely exist already (another writer's change set): read before writing."""
         rev = int(change.get("revision", 0))
         writes: list[tuple[str, GroupRecord | None]] = [(str(r["id"]), _decode(r)) for r in change.get("upserts") or []]
         writes += [(str(gid), None) for gid in change.get("deletes") or []]
@@ -283,7 +284,7 @@ class KubernetesStateStore:
 
         async def one(gid: str, rec: GroupRecord | None) -> None:
             async with sem:
-                await self._write(gid, rec, rev)
+                await self._write(gid, rec, rev, probe)
 
         try:
             await asyncio.gather(*(one(g, r) for g, r in writes))
@@ -291,7 +292,7 @@ class KubernetesStateStore:
             raise self._error(exc) from exc
         self._mirrored.add(rev)
 
-    async def _write(self, gid: str, rec: GroupRecord | None, rev: int) -> None:
+    async def _write(self, gid: str, rec: GroupRecord | None, rev: int, probe: bool = False) -> None:
         """Move one group object forward to revision ``rev`` (never backward)."""
         name = cr_name(gid, self.name)
         state = "deleted" if rec is None else rec.state.value
@@ -311,7 +312,18 @@ class KubernetesStateStore:
             "spec": spec,
         }
         known = self._objects.get(name)
+        # Not known here and most likely there (a change set of another writer, a deletion, a release):
+        # read it first rather than try to create it.
+        probe = probe or rec is None or rec.state in (AllocationState.RELEASED, AllocationState.DRAINING)
         for _ in range(20):
+            if known is None and probe:
+                probe = False
+                try:
+                    cur = await self.client.get(f"{self._groups_path}/{name}")
+                    known = (str(cur["metadata"]["resourceVersion"]), int((cur.get("spec") or {}).get("revision", 0)))
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
             if known is None:
                 try:
                     made = await self.client.post(self._groups_path, body)
