@@ -26,9 +26,9 @@ skipped when their ``spec.revision`` is already as new), so a late writer of an 
 overwrites newer data; deletions leave tombstone objects, swept ``GC_LAG`` revisions later.
 
 ``changes_since(rev)``: one GET of the ledger. A reader whose ``rev`` is within the log folds the
-entries after it (no list). A reader further behind lists the *live* group objects only (label
-selector), reads the ledger again, and overlays the log entries of both reads; see docs/kubernetes.md
-for why that is exactly the state after one commit.
+entries after it (no list). A reader further behind (or opening) lists the group objects but
+deletion tombstones (label selector), reads the ledger again, and overlays the log entries of both
+reads; see docs/kubernetes.md for why that is exactly the state after one commit.
 
 Errors from the API server become :class:`StateError` with a one-line message naming the
 verb and the resource (``forbidden: cannot update computegroupledgers.computegroups.dev ...``).
@@ -50,7 +50,6 @@ from computegroups.kube.names import (
     API_GROUP,
     API_VERSION,
     DNS_NAME,
-    LIVE_SELECTOR,
     MANAGED_BY,
     STATE_LABEL,
     STORE_LABEL,
@@ -65,7 +64,7 @@ log_ = logging.getLogger("computegroups.k8s")
 
 GC_EVERY = 256  # commits between sweeps of old deletion tombstones
 GC_LAG = 1024  # revisions a deletion tombstone is kept (a late writer of an older change set is refused)
-LOG_ENTRIES = 8  # change sets the ledger carries; a reader further behind lists the live group objects
+LOG_ENTRIES = 8  # change sets the ledger carries; a reader further behind lists the group objects
 LOG_BYTES = 16 * 1024  # about this much JSON of change sets in the ledger (the newest is always kept)
 MIRROR_LAG = 6  # a change set this old that no writer confirmed in the group objects is written again
 BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
@@ -182,11 +181,14 @@ class KubernetesStateStore:
         raise StateError(f"state {self}: the store kept changing while it was read; gave up")
 
     async def _reload(self, current: int, log: list[Obj]) -> Changes | None:
-        """All live records: the live group objects, overlaid by the log of the ledger read before the
-        list (``current``, ``log``) and by the log of one read after it. None: read everything again."""
+        """All records: the group objects but deletion tombstones, overlaid by the log of the ledger read
+        before the list (``current``, ``log``) and by the log of one read after it. None: read again.
+
+        Released groups are read too: they are the manager's tombstones (a second release of one is a
+        no-op, in any manager), bounded by its ``tombstone_limit``."""
         try:
             listed = await self.client.list(
-                self._groups_path, labelSelector=f"{STORE_LABEL}={self.name},{LIVE_SELECTOR}"
+                self._groups_path, labelSelector=f"{STORE_LABEL}={self.name},{STATE_LABEL}!=deleted"
             )
         except KubeError as exc:
             raise self._error(exc) from exc
@@ -209,8 +211,7 @@ class KubernetesStateStore:
         ups, _ = _fold(log + [e for e in alog if int(e["revision"]) > current])
         effective.update(ups)
         self._objects = objects
-        live = [r for r in effective.values() if r is not None and r.state is not AllocationState.RELEASED]
-        return Changes(arev, live, (), full=True)
+        return Changes(arev, [r for r in effective.values() if r is not None], (), full=True)
 
     # -- writes -----------------------------------------------------------------------
     async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
