@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from computegroups import ComputeGroupManager, KubernetesComputeResourceProvider, ProviderError, StateError
-from computegroups.state.kubernetes import KubernetesStateStore
+from computegroups.state.kubernetes import MIRROR_LAG, KubernetesStateStore
 
 from .harness import ApiError, ControlPlane, gpu_uuid
 
@@ -106,7 +106,13 @@ async def manager(kubeconfig: Path, namespace: str, selector: str, **kw: Any) ->
 
 def live_groups(cp: ControlPlane, namespace: str) -> list[dict[str, Any]]:
     items = cp.client().get(f"/apis/computegroups.dev/v1alpha1/namespaces/{namespace}/computegroups")["items"]
-    return [i for i in items if not i["spec"].get("deleted") and i["spec"]["record"]["state"] != "released"]
+    live = [i for i in items if not i["spec"].get("deleted") and i["spec"]["record"]["state"] != "released"]
+    labelled = cp.client().get(
+        f"/apis/computegroups.dev/v1alpha1/namespaces/{namespace}/computegroups",
+        labelSelector="computegroups.dev/state notin (released,deleted)",
+    )["items"]
+    assert sorted(i["metadata"]["name"] for i in labelled) == sorted(i["metadata"]["name"] for i in live)
+    return live
 
 
 # -- discovery ------------------------------------------------------------------------
@@ -336,12 +342,24 @@ async def test_crash_between_commit_and_group_objects(k8s_cluster: ControlPlane,
     try:
         seen = await other.changes_since(rev)
         assert seen.revision == rev + 1 and sorted(r.id for r in seen.upserts) == ["g1", "g2"]
+        assert (await other.changes_since(-1)).upserts and other.client.requests["list"] == 1
         await other.commit(rev + 1, [], ["g1"])
-        names = sorted(
-            (i["spec"]["id"], bool(i["spec"].get("deleted")))
-            for i in api.get(f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups")["items"]
-            if i["metadata"]["labels"].get("computegroups.dev/store") == "crash"
+
+        def objects() -> list[tuple[str, bool]]:
+            return sorted(
+                (i["spec"]["id"], bool(i["spec"].get("deleted")))
+                for i in api.get(f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups")["items"]
+                if i["metadata"]["labels"].get("computegroups.dev/store") == "crash"
+            )
+
+        assert objects() == [("g1", True)]  # the dead writer's change set is still only in the ledger's log
+        r = rev + 2
+        for n in range(MIRROR_LAG):  # until it is old enough for the next writer to finish it
+            r = await other.commit(r, [_record(f"h{n}", index=2 + n % 6)])
+        assert ("g2", False) in objects() and ("g1", True) in objects()
+        fresh = await other.changes_since(-1)
+        assert (
+            fresh.revision == r and "g2" in {x.id for x in fresh.upserts} and "g1" not in {x.id for x in fresh.upserts}
         )
-        assert names == [("g1", True), ("g2", False)]
     finally:
         await other.close()

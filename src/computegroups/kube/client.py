@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -75,6 +76,9 @@ class KubeClient:
 
     def __init__(self, api_client: Any) -> None:
         self._api = api_client
+        #: requests sent, by verb (``get``, ``list``, ``create``, ``update``, ``patch``, ``delete``...);
+        #: a retried request counts each time it is sent
+        self.requests: Counter[str] = Counter()
 
     @classmethod
     async def create(
@@ -161,6 +165,7 @@ class KubeClient:
         if self._api is None:
             raise KubeError(0, _VERBS.get(method, method), _resource_of(path), "the client is closed")
         verb = verb or _VERBS.get(method, method.lower())
+        self.requests[verb] += 1
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             resp = await self._api.call_api(

@@ -2,33 +2,33 @@
 
 Kubernetes has no multi-object transaction: one object's ``resourceVersion`` is the
 only compare-and-swap. So each store has one small ``ComputeGroupLedger`` object
-whose update *is* the commit, and one ``ComputeGroup`` object per group that
-people and tools read (``kubectl get computegroups``)::
+whose update *is* the commit and which carries the last change sets inline, and one
+``ComputeGroup`` object per group, a mirror for people, tools and readers that fell
+behind (``kubectl get cg -l 'computegroups.dev/state notin (released,deleted)'``)::
 
     ComputeGroupLedger <name>   spec.revision = N
-                                spec.pending  = {revision: N, upserts: [records], deletes: [ids]}
-    ComputeGroup <group id>     spec.revision = revision of its last write
-                                spec.record   = the GroupRecord (spec.deleted: a deletion tombstone)
+                                spec.log      = [{revision, upserts: [records], deletes: [ids]}, ...]
+                                                the change sets of the last revisions up to N, oldest
+                                                first (at most LOG_ENTRIES and about LOG_BYTES)
+                                spec.mirrored = every change set up to this one is in the group objects
+                                (an entry's ``done``: its writer wrote it there in full)
+    ComputeGroup <group id>     spec.revision = revision of its last write; label state=<record state>
+                                spec.record   = the GroupRecord (state=deleted: a deletion tombstone)
 
-``commit(expected, upserts, deletes)``:
-  1. If the ledger's pending change set may not be in the group objects yet, write it
-     (idempotent: see 4).
-  2. Replace the ledger with ``revision = expected + 1`` and ``pending`` = the whole change
-     set, guarded by the ledger's resourceVersion. A 409 means another writer won:
-     :class:`RevisionConflict`, nothing written. **This one write is the commit point.**
-  3. Write the change set into the group objects and return ``expected + 1``. A crash here
-     loses nothing: the change set is in the ledger, and the next reader overlays it and
-     the next writer finishes it (step 1) before it may commit.
-  4. A group object is only ever moved forward: it is written with a resourceVersion
-     guard and only if its ``spec.revision`` is older than the change set's, so a late
-     finisher of an old change set can never overwrite newer data. Deletions are
-     tombstone objects with a revision (so a late finisher cannot re-create them);
-     tombstones older than ``gcBefore`` are removed later.
+``commit(expected, upserts, deletes)``: one write of the ledger (``revision = expected + 1``, the
+change set appended to the log, the oldest entries dropped), guarded by its resourceVersion: a 409
+is :class:`RevisionConflict` and nothing was written. **This one write is the commit point.** Then
+one write per changed group object (a mirror; a crash here loses nothing, the change set is in the
+log). Before a change set leaves the log (or when it is ``MIRROR_LAG`` revisions old) and no writer
+has confirmed it in the group objects, the committer writes it there first; so everything older than
+the log is always in the group objects. Group objects only move forward (resourceVersion-guarded,
+skipped when their ``spec.revision`` is already as new), so a late writer of an old change set never
+overwrites newer data; deletions leave tombstone objects, swept ``GC_LAG`` revisions later.
 
-``changes_since(rev)`` reads the ledger, lists the group objects and overlays the pending
-change set; if a group object is newer than the ledger it read (a commit landed in
-between), it reads again. So a reader sees exactly the state after some commit, never
-a state between two.
+``changes_since(rev)``: one GET of the ledger. A reader whose ``rev`` is within the log folds the
+entries after it (no list). A reader further behind (or opening) lists the group objects but
+deletion tombstones (label selector), reads the ledger again, and overlays the log entries of both
+reads; see docs/kubernetes.md for why that is exactly the state after one commit.
 
 Errors from the API server become :class:`StateError` with a one-line message naming the
 verb and the resource (``forbidden: cannot update computegroupledgers.computegroups.dev ...``).
@@ -37,23 +37,38 @@ verb and the resource (``forbidden: cannot update computegroupledgers.computegro
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from typing import Any
 
 from computegroups.errors import StateError
 from computegroups.kube.client import KubeClient, KubeError, Obj
-from computegroups.kube.names import API_GROUP, API_VERSION, DELETED_LABEL, DNS_NAME, MANAGED_BY, STORE_LABEL, cr_name
-from computegroups.model import GroupRecord
+from computegroups.kube.names import (
+    API_GROUP,
+    API_VERSION,
+    DNS_NAME,
+    MANAGED_BY,
+    STATE_LABEL,
+    STORE_LABEL,
+    cr_name,
+)
+from computegroups.model import AllocationState, GroupRecord
 from computegroups.state.base import Changes, RevisionConflict
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
-log = logging.getLogger("computegroups.k8s")
+log_ = logging.getLogger("computegroups.k8s")
 
 GC_EVERY = 256  # commits between sweeps of old deletion tombstones
-GC_LAG = 1024  # revisions a deletion tombstone is kept (readers further behind get a full reload)
+GC_LAG = 1024  # revisions a deletion tombstone is kept (a late writer of an older change set is refused)
+LOG_ENTRIES = 8  # change sets the ledger carries; a reader further behind lists the group objects
+LOG_BYTES = 16 * 1024  # about this much JSON of change sets in the ledger (the newest is always kept)
+MIRROR_LAG = 6  # a change set this old that no writer confirmed in the group objects is written again
+BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
+BACKOFF_CAP = 0.05
 
 
 class KubernetesStateStore:
@@ -83,7 +98,8 @@ class KubernetesStateStore:
         self._client: KubeClient | None = None
         self._ledger: Obj | None = None
         self._objects: dict[str, tuple[str, int]] = {}  # object name -> (resourceVersion, spec.revision)
-        self._applied = -1  # the pending change set at this revision is known to be in the group objects
+        self._mirrored: set[int] = set()  # change sets after the ledger's `mirrored` this store wrote in full
+        self._lost = 0  # commits lost to another writer in a row
         base = f"/apis/{API_GROUP}/v1alpha1/namespaces/{namespace}"
         self._ledger_path = f"{base}/computegroupledgers/{name}"
         self._groups_path = f"{base}/computegroups"
@@ -134,7 +150,7 @@ class KubernetesStateStore:
             "apiVersion": API_VERSION,
             "kind": "ComputeGroupLedger",
             "metadata": {"name": self.name, "labels": {MANAGED_BY: "computegroups", STORE_LABEL: self.name}},
-            "spec": {"revision": 0, "gcBefore": 0},
+            "spec": {"revision": 0, "gcBefore": 0, "mirrored": 0, "log": []},
         }
         try:
             return await self.client.post(self._ledger_path.rsplit("/", 1)[0], body)
@@ -149,52 +165,53 @@ class KubernetesStateStore:
     # -- reads ------------------------------------------------------------------------
     async def changes_since(self, revision: int) -> Changes:
         for _ in range(50):
-            ledger = await self._get_ledger()
-            self._ledger = ledger
+            ledger = self._ledger = await self._get_ledger()
             spec = ledger.get("spec") or {}
             current = int(spec.get("revision", 0))
             if current == revision:
                 return Changes(current)
-            try:
-                listed = await self.client.list(self._groups_path, labelSelector=f"{STORE_LABEL}={self.name}")
-            except KubeError as exc:
-                raise self._error(exc) from exc
-            effective: dict[str, tuple[int, GroupRecord | None]] = {}
-            objects: dict[str, tuple[str, int]] = {}
-            newer = False
-            for item in listed["items"]:
-                ispec = item.get("spec") or {}
-                rev = int(ispec.get("revision", 0))
-                if rev > current:
-                    newer = True
-                    break
-                objects[item["metadata"]["name"]] = (str(item["metadata"]["resourceVersion"]), rev)
-                gid = str(ispec.get("id"))
-                record = None if ispec.get("deleted") else _decode(ispec.get("record"))
-                effective[gid] = (rev, record)
-            if newer:
-                continue  # a commit landed between reading the ledger and listing; read again
-            self._objects = objects
-            pending = spec.get("pending") or {}
-            prev = int(pending.get("revision", 0))
-            behind = False
-            for raw in pending.get("upserts") or []:
-                rec = _decode(raw)
-                if effective.get(rec.id, (-1, None))[0] < prev:
-                    effective[rec.id] = (prev, rec)
-                    behind = True
-            for gid in pending.get("deletes") or []:
-                if effective.get(gid, (-1, None))[0] < prev:
-                    effective[gid] = (prev, None)
-                    behind = True
-            if not behind:
-                self._applied = max(self._applied, prev)
-            if revision < 0 or revision > current or revision < int(spec.get("gcBefore", 0)):
-                return Changes(current, [r for _, r in effective.values() if r is not None], (), full=True)
-            ups = [r for rev, r in effective.values() if rev > revision and r is not None]
-            dels = [gid for gid, (rev, r) in effective.items() if rev > revision and r is None]
-            return Changes(current, ups, dels)
+            log = _log_of(spec)
+            start = int(log[0]["revision"]) if log else current + 1
+            if 0 <= revision < current and revision >= start - 1:
+                ups, dels = _fold(e for e in log if int(e["revision"]) > revision)
+                return Changes(current, [r for r in ups.values() if r is not None], [g for g in dels])
+            full = await self._reload(current, log)
+            if full is not None:
+                return full
         raise StateError(f"state {self}: the store kept changing while it was read; gave up")
+
+    async def _reload(self, current: int, log: list[Obj]) -> Changes | None:
+        """All records: the group objects but deletion tombstones, overlaid by the log of the ledger read
+        before the list (``current``, ``log``) and by the log of one read after it. None: read again.
+
+        Released groups are read too: they are the manager's tombstones (a second release of one is a
+        no-op, in any manager), bounded by its ``tombstone_limit``."""
+        try:
+            listed = await self.client.list(
+                self._groups_path, labelSelector=f"{STORE_LABEL}={self.name},{STATE_LABEL}!=deleted"
+            )
+        except KubeError as exc:
+            raise self._error(exc) from exc
+        after = self._ledger = await self._get_ledger()
+        aspec = after.get("spec") or {}
+        arev = int(aspec.get("revision", 0))
+        alog = _log_of(aspec)
+        if (int(alog[0]["revision"]) if alog else arev + 1) > current + 1:
+            return None  # so many commits during the list that the log no longer reaches back to `current`
+        effective: dict[str, GroupRecord | None] = {}
+        objects: dict[str, tuple[str, int]] = {}
+        for item in listed["items"]:
+            ispec = item.get("spec") or {}
+            if int(ispec.get("revision", 0)) > arev:
+                return None  # not expected (the list came before the second read); read again
+            objects[item["metadata"]["name"]] = (str(item["metadata"]["resourceVersion"]), int(ispec["revision"]))
+            if not ispec.get("deleted"):  # objects written before the state label existed
+                rec = _decode(ispec.get("record"))
+                effective[rec.id] = rec
+        ups, _ = _fold(log + [e for e in alog if int(e["revision"]) > current])
+        effective.update(ups)
+        self._objects = objects
+        return Changes(arev, [r for r in effective.values() if r is not None], (), full=True)
 
     # -- writes -----------------------------------------------------------------------
     async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
@@ -205,44 +222,62 @@ class KubernetesStateStore:
         current = int(spec.get("revision", 0))
         if current != expected:
             raise RevisionConflict(f"revision is {current}, not {expected}")
-        pending = spec.get("pending") or {}
-        if pending and int(pending.get("revision", 0)) > self._applied:
-            await self._apply(pending)  # the previous change set must be in place before it is overwritten
         rev = expected + 1
+        # Entries this writer wrote into the group objects in full are marked done (by their own writer,
+        # on its next commit), so no other writer has to check them.
+        mine = self._mirrored
+        log = [{**e, "done": True} if not e.get("done") and int(e["revision"]) in mine else e for e in _log_of(spec)]
+        entry: Obj = {"revision": rev, "upserts": [r.to_json() for r in upserts], "deletes": list(deletes)}
+        kept = _trim([*log, entry])
+        keep_from = int(kept[0]["revision"])
+        # Everything older than the log must be in the group objects: write the change sets that leave
+        # the log now, and old ones, unless they are done.
+        mirrored = max(int(spec.get("mirrored", 0)), (int(log[0]["revision"]) if log else rev) - 1)
+        for old in log:
+            orev = int(old["revision"])
+            if orev > mirrored and not old.get("done") and (orev < keep_from or orev <= rev - MIRROR_LAG):
+                await self._apply(old, probe=True)
+                old["done"] = True
+        for old in log:
+            if int(old["revision"]) == mirrored + 1 and old.get("done"):
+                mirrored += 1
+        self._mirrored = {r for r in mine if r > mirrored}
         gc_before = int(spec.get("gcBefore", 0))
         sweep = rev % GC_EVERY == 0 and rev > GC_LAG
         if sweep:
             gc_before = rev - GC_LAG
-        change = {
-            "revision": rev,
-            "upserts": [r.to_json() for r in upserts],
-            "deletes": list(deletes),
-        }
         body = {
             "apiVersion": API_VERSION,
             "kind": "ComputeGroupLedger",
             "metadata": {**ledger["metadata"], "resourceVersion": ledger["metadata"]["resourceVersion"]},
-            "spec": {"revision": rev, "gcBefore": gc_before, "pending": change},
+            "spec": {"revision": rev, "gcBefore": gc_before, "mirrored": mirrored, "log": kept},
         }
         try:
             self._ledger = await self.client.put(self._ledger_path, body)
         except KubeError as exc:
             self._ledger = None
             if exc.status == 409:
+                # Lost the race. Wait a little, longer after each loss in a row (jittered), so two busy
+                # writers do not keep colliding; the caller catches up and decides again.
+                self._lost += 1
+                await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(self._lost, 8))))
                 raise RevisionConflict(f"the ledger moved on from revision {expected}") from exc
             raise self._error(exc) from exc
+        self._lost = 0
         # Committed. Writing the group objects can fail now without losing anything.
         try:
-            await self._apply(change)
+            await self._apply(entry)
             if sweep:
                 await self._sweep(gc_before)
         except (KubeError, StateError) as exc:
-            log.warning(
+            log_.warning(
                 "state %s: revision %d is committed; its group objects will be finished later: %s", self, rev, exc
             )
         return rev
 
-    async def _apply(self, change: Obj) -> None:
+    async def _apply(self, change: Obj, probe: bool = False) -> None:
+        """Write one change set into the group objects (idempotent; each object only moves forward).
+        ``probe``: the objects most likely exist already (another writer's change set): read before writing."""
         rev = int(change.get("revision", 0))
         writes: list[tuple[str, GroupRecord | None]] = [(str(r["id"]), _decode(r)) for r in change.get("upserts") or []]
         writes += [(str(gid), None) for gid in change.get("deletes") or []]
@@ -250,25 +285,23 @@ class KubernetesStateStore:
 
         async def one(gid: str, rec: GroupRecord | None) -> None:
             async with sem:
-                await self._write(gid, rec, rev)
+                await self._write(gid, rec, rev, probe)
 
         try:
             await asyncio.gather(*(one(g, r) for g, r in writes))
         except KubeError as exc:
             raise self._error(exc) from exc
-        self._applied = max(self._applied, rev)
+        self._mirrored.add(rev)
 
-    async def _write(self, gid: str, rec: GroupRecord | None, rev: int) -> None:
+    async def _write(self, gid: str, rec: GroupRecord | None, rev: int, probe: bool = False) -> None:
         """Move one group object forward to revision ``rev`` (never backward)."""
         name = cr_name(gid, self.name)
-        labels = {MANAGED_BY: "computegroups", STORE_LABEL: self.name}
-        spec: dict[str, Any] = {"id": gid, "revision": rev, "deleted": rec is None}
-        if rec is None:
-            labels[DELETED_LABEL] = "true"
-        else:
+        state = "deleted" if rec is None else rec.state.value
+        labels = {MANAGED_BY: "computegroups", STORE_LABEL: self.name, STATE_LABEL: state}
+        spec: dict[str, Any] = {"id": gid, "revision": rev, "deleted": rec is None, "state": state}
+        if rec is not None:
             spec.update(
                 record=rec.to_json(),
-                state=rec.state.value,
                 nodeName=rec.node_id,
                 component=rec.component or "",
                 gpus=f"{rec.gpus:g}",
@@ -280,7 +313,18 @@ class KubernetesStateStore:
             "spec": spec,
         }
         known = self._objects.get(name)
+        # Not known here and most likely there (a change set of another writer, a deletion, a release):
+        # read it first rather than try to create it.
+        probe = probe or rec is None or rec.state in (AllocationState.RELEASED, AllocationState.DRAINING)
         for _ in range(20):
+            if known is None and probe:
+                probe = False
+                try:
+                    cur = await self.client.get(f"{self._groups_path}/{name}")
+                    known = (str(cur["metadata"]["resourceVersion"]), int((cur.get("spec") or {}).get("revision", 0)))
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
             if known is None:
                 try:
                     made = await self.client.post(self._groups_path, body)
@@ -313,7 +357,7 @@ class KubernetesStateStore:
     async def _sweep(self, before: int) -> None:
         """Remove deletion tombstones older than ``before`` (each guarded by its resourceVersion)."""
         listed = await self.client.list(
-            self._groups_path, labelSelector=f"{STORE_LABEL}={self.name},{DELETED_LABEL}=true"
+            self._groups_path, labelSelector=f"{STORE_LABEL}={self.name},{STATE_LABEL}=deleted"
         )
         for item in listed["items"]:
             if int((item.get("spec") or {}).get("revision", 0)) >= before:
@@ -328,6 +372,40 @@ class KubernetesStateStore:
             except KubeError as exc:
                 if exc.status not in (404, 409):
                     raise
+
+
+def _log_of(spec: Obj) -> list[Obj]:
+    """The ledger's change sets, oldest first (a ledger of the older format has one, ``pending``)."""
+    log = spec.get("log")
+    if log is None:
+        pending = spec.get("pending")
+        return [pending] if pending else []
+    return list(log)
+
+
+def _trim(log: list[Obj]) -> list[Obj]:
+    """The newest change sets within LOG_ENTRIES and about LOG_BYTES (the newest is always kept)."""
+    kept: list[Obj] = []
+    size = 0
+    for entry in reversed(log[-LOG_ENTRIES:]):
+        size += len(json.dumps(entry, separators=(",", ":")))
+        if kept and size > LOG_BYTES:
+            break
+        kept.append(entry)
+    kept.reverse()
+    return kept
+
+
+def _fold(entries: Any) -> tuple[dict[str, GroupRecord | None], list[str]]:
+    """The net effect of change sets in order: id -> last record written (None: deleted), and the deleted ids."""
+    out: dict[str, GroupRecord | None] = {}
+    for entry in entries:
+        for raw in entry.get("upserts") or []:
+            rec = _decode(raw)
+            out[rec.id] = rec
+        for gid in entry.get("deletes") or []:
+            out[str(gid)] = None
+    return out, [g for g, r in out.items() if r is None]
 
 
 def _decode(raw: Any) -> GroupRecord:
