@@ -10,7 +10,7 @@ Run as ``python -m bench sqlite``; one sitting measures, side by side:
   same wall-clock window: operations a second in all and per process (an operation is one
   ``allocate_compute_group`` or one ``deallocate_compute_group``), p50 and p99 of one operation.
 
-A worker process is ``python -m bench.sqlite_speed STATE NODES K START DURATION OUT``.
+A worker process is ``python -m bench.sqlite_speed STATE NODES K GO DURATION OUT``.
 """
 
 from __future__ import annotations
@@ -106,14 +106,18 @@ def _place_only(name: str, nodes: int, k: int, cycles: int) -> dict[str, Any]:
     return _row(name, "place() only", nodes, k, lat, sum(lat), len(records))
 
 
-async def _worker(state: str, nodes: int, k: int, start: float, duration: float) -> dict[str, Any]:
-    """One process: cycles from ``start`` until ``start + duration`` (wall clock), every operation timed."""
+async def _worker(state: str, nodes: int, k: int, go: Path, duration: float) -> dict[str, Any]:
+    """One process: set up, say so (``GO.ready-PID``), then cycle for ``duration`` seconds from the
+    start time the parent writes into ``GO`` once every worker is ready, every operation timed."""
     specs = mixed_nodes(nodes)
     perf = time.perf_counter
     lat: list[float] = []
     async with ComputeGroupManager(SimulatedComputeResourceProvider(specs), state) as mgr:
         fragmentation.set_enabled(False)
-        ready = time.time()
+        go.with_name(f"{go.name}.ready-{os.getpid()}").touch()
+        while not go.is_file():
+            await asyncio.sleep(0.005)
+        start = float(go.read_text())
         while time.time() < start:
             await asyncio.sleep(0.001)
         req = {"gpus": k}
@@ -130,7 +134,6 @@ async def _worker(state: str, nodes: int, k: int, start: float, duration: float)
     return {
         "ops": len(lat),
         "wall_s": wall,
-        "late": ready > start,  # set-up outlasted the start: the window is short for this one
         "per_s": len(lat) / wall,
         "p50_us": 1e6 * median(lat),
         "p99_us": 1e6 * percentile(lat, 99),
@@ -138,8 +141,8 @@ async def _worker(state: str, nodes: int, k: int, start: float, duration: float)
     }
 
 
-def processes(n: int, nodes: int = NODES, k: int = 2, duration: float = 4.0, setup_s: float = 0.0) -> dict[str, Any]:
-    """``n`` processes on one pre-filled SQLite file for the same ``duration`` seconds."""
+def processes(n: int, nodes: int = NODES, k: int = 2, duration: float = 4.0) -> dict[str, Any]:
+    """``n`` processes on one pre-filled SQLite file, all cycling in the same ``duration`` seconds."""
     with tempfile.TemporaryDirectory(prefix="cg-bench-") as tmp:
         path = Path(tmp) / "state.db"
         records = prefill_records(mixed_nodes(nodes), speed.FILL, seed=nodes)
@@ -151,7 +154,7 @@ def processes(n: int, nodes: int = NODES, k: int = 2, duration: float = 4.0, set
             await store.close()
 
         asyncio.run(prefill())
-        start = time.time() + (setup_s or 4.0 + 3.0 * n * nodes / 10_000)
+        go = Path(tmp) / "go"
         outs = [Path(tmp) / f"w{i}.json" for i in range(n)]
         procs = [
             subprocess.Popen(
@@ -162,13 +165,22 @@ def processes(n: int, nodes: int = NODES, k: int = 2, duration: float = 4.0, set
                     str(path),
                     str(nodes),
                     str(k),
-                    str(start),
+                    str(go),
                     str(duration),
                     str(o),
                 ]
             )
             for o in outs
         ]
+        deadline = time.time() + 600
+        while len(list(Path(tmp).glob("go.ready-*"))) < n:
+            if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise RuntimeError("a worker did not get ready")
+            time.sleep(0.05)
+        (Path(tmp) / "go.tmp").write_text(str(time.time() + 0.5))
+        (Path(tmp) / "go.tmp").rename(go)
         for p in procs:
             if p.wait(timeout=600) != 0:
                 raise RuntimeError(f"a worker failed with exit code {p.returncode}")
@@ -225,6 +237,6 @@ def run(
 
 
 if __name__ == "__main__":
-    state, nodes, k, start, duration, out = sys.argv[1:7]
-    result = asyncio.run(_worker(state, int(nodes), int(k), float(start), float(duration)))
+    state, nodes, k, go, duration, out = sys.argv[1:7]
+    result = asyncio.run(_worker(state, int(nodes), int(k), Path(go), float(duration)))
     Path(out).write_text(json.dumps(result))

@@ -134,3 +134,29 @@ async def test_a_reader_in_another_process_sees_exactly_each_commit(tmp_path: Pa
     finally:
         reader.close()
         await writer.close()
+
+
+async def test_waiting_for_another_writer_leaves_the_event_loop_free(tmp_path: Path) -> None:
+    """While another connection holds the write lock, a commit waits without stalling other coroutines."""
+    import asyncio
+
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path, busy_timeout_s=20)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        record = _record(0, random.Random(1), 0.0)
+        commit = asyncio.ensure_future(store.commit(0, [record]))
+        ticks = 0
+        while ticks < 20:  # this coroutine runs while the commit waits; a blocked loop would never get here
+            await asyncio.sleep(0.001)
+            ticks += 1
+        assert not commit.done()
+        other.execute("COMMIT")  # released by a coroutine on the same loop
+        assert await commit == 1
+        assert store.stats["busy_waits"] > 0
+        assert [r.id for r in (await store.changes_since(0)).upserts] == [record.id]
+    finally:
+        other.close()
+        await store.close()

@@ -1,10 +1,30 @@
 """The embedded default state store: one SQLite file, safe across processes.
 
-WAL journal, one ``BEGIN IMMEDIATE`` transaction per commit (so the revision
-check and the write happen under SQLite's write lock), ``synchronous=NORMAL`` by
-default: a committed change survives a crash of any process; ``durable=True``
-selects ``synchronous=FULL`` to survive power loss as well, at an fsync per
-commit.
+WAL journal, one short ``BEGIN IMMEDIATE`` transaction per commit (so the
+revision check and the write happen under SQLite's write lock) that moves the
+revision on by compare-and-swap and writes only the changed rows, with cached
+(prepared) statements; ``synchronous=NORMAL`` by default: a committed change
+survives a crash of any process; ``durable=True`` selects ``synchronous=FULL`` to
+survive power loss as well, at an fsync per commit.
+
+Reading what others changed (:meth:`SqliteStateStore.changes_since`) reads only
+the rows written after the caller's revision (through the ``groups_rev`` index,
+the change log revision -> ids) and the deletion log after it. The deletion log
+is pruned to its newest half once it outgrows ``log_limit``; ``log_start`` in
+the meta rows records the cut, and a reader whose revision is older gets every
+record (``full``), which is correct however far behind it fell.
+
+Nothing waits by blocking the event loop: after opening, the connection's busy
+timeout is 0, and a lock another process holds is waited for by pausing
+asynchronously (0.5 ms, doubling to 2 ms, jittered) until ``busy_timeout_s``,
+then :class:`StateError`. :meth:`SqliteStateStore.lock` takes the write lock
+before a catch-up, so the decision that follows cannot lose the race (the
+manager uses it for a retry). The WAL is checkpointed (``PASSIVE``) every 256
+commits in a thread of the store's own, not inside a commit.
+
+A record is stored as a JSON object of its fields, those at their default
+values left out; :meth:`GroupRecord.from_json` fills them in, so files stay
+readable by every version with format 2 (the format is unchanged).
 
 A state file knows what it is. Its header carries :data:`APPLICATION_ID` and the
 format version :data:`FORMAT` (``user_version``); its meta table the schema, the
