@@ -542,11 +542,12 @@ class SqliteStateStore:
         """One short ``BEGIN IMMEDIATE`` transaction writing only the changed rows (prepared statements)."""
         conn = self.conn
         self._opened = None
+        rev = expected + 1
+        rows = [(r.id, rev, _body(r)) for r in upserts]  # encoded before the lock is taken
         if self._held is None:
             await self._begin("BEGIN IMMEDIATE")
             self._held = -1
         try:
-            rev = expected + 1
             if self._held != expected:  # compare and swap: move the revision on only from ``expected``
                 if conn.execute(_SWAP, (str(rev), str(expected))).rowcount != 1:
                     current = self._meta_int("revision")  # StateError if it is gone or damaged
@@ -554,11 +555,10 @@ class SqliteStateStore:
                     raise RevisionConflict(f"revision is {current}, not {expected}")
             elif conn.execute(_SET_REVISION, (str(rev),)).rowcount != 1:
                 raise self._error("meta revision is missing; the file is damaged")
-            if len(upserts) == 1:
-                r = upserts[0]
-                conn.execute(_UPSERT, (r.id, rev, _body(r)))
-            elif upserts:
-                conn.executemany(_UPSERT, [(r.id, rev, _body(r)) for r in upserts])
+            if len(rows) == 1:
+                conn.execute(_UPSERT, rows[0])
+            elif rows:
+                conn.executemany(_UPSERT, rows)
             if deletes:
                 conn.executemany("DELETE FROM groups WHERE id=?", [(d,) for d in deletes])
                 conn.executemany("INSERT INTO deletions(id, rev) VALUES (?, ?)", [(d, rev) for d in deletes])
