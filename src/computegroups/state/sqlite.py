@@ -86,7 +86,7 @@ FORMAT = 2
 SCHEMA = "computegroups/2"
 _LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, user_version 0
 _DELETION_LOG_LIMIT = 100_000
-_CHECKPOINT_EVERY = 256  # own commits between checkpoints, which run in a thread, off the commit path
+_CHECKPOINT_EVERY = 256  # commits (revisions) between checkpoints, which run in a thread, off the commit path
 _BACKOFF_S = (0.0005, 0.002)  # first and longest pause, jittered, while another process holds the write lock
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
 _encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
@@ -164,7 +164,6 @@ class SqliteStateStore:
         self._identity: str | None = None
         self._opened: tuple[int, list[GroupRecord]] | None = None  # what open() read, served once
         self._held: int | None = None  # holding the write lock: the revision read under it (-1: not yet read)
-        self._unchecked = 0  # own commits since the last checkpoint
         self._deleted = 0  # deletion log rows this store wrote since it last looked at the log's size
         self._checkpointer: sqlite3.Connection | None = None  # the checkpoint thread's connection
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
@@ -575,8 +574,7 @@ class SqliteStateStore:
             raise
         finally:
             self._held = None
-        self._unchecked += 1
-        if self._unchecked >= _CHECKPOINT_EVERY:
+        if rev % _CHECKPOINT_EVERY == 0:  # one checkpoint per so many commits, whichever process makes them
             self._start_checkpoint()
         return rev
 
@@ -605,16 +603,21 @@ class SqliteStateStore:
                 self.stats["checkpoints"] += 1
         if self._thread is None:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="computegroups-checkpoint")
-        self._unchecked = 0
         self._checkpoint = self._thread.submit(self._run_checkpoint)
 
     def _run_checkpoint(self) -> None:
-        """On a connection of its own: copy the WAL into the file (PASSIVE: waits for no one)."""
+        """On a connection of its own: copy the WAL into the file, then let the WAL start again.
+
+        The copy (``PASSIVE``) runs beside the writers. Commits made meanwhile would keep the WAL
+        from ever starting again from its beginning, so it would grow; ``RESTART`` then copies
+        those few frames while holding writers off for that short while (they wait asynchronously).
+        """
         if self._checkpointer is None:
             uri = f"file:{quote(os.path.abspath(self.path))}?mode=rw"
-            conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(uri, uri=True, timeout=0.2, isolation_level=None, check_same_thread=False)
             self._checkpointer = conn
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
     def _decode(self, gid: object, body: object) -> GroupRecord:
         """One stored record, checked: a JSON object whose fields have their types and whose id is its row's."""
