@@ -19,8 +19,8 @@ timeout is 0, and a lock another process holds is waited for by pausing
 asynchronously (0.5 ms, doubling to 2 ms, jittered) until ``busy_timeout_s``,
 then :class:`StateError`. :meth:`SqliteStateStore.lock` takes the write lock
 before a catch-up, so the decision that follows cannot lose the race (the
-manager uses it for a retry). The WAL is checkpointed (``PASSIVE``) every 256
-commits in a thread of the store's own, not inside a commit.
+manager uses it for a retry). The WAL is checkpointed by SQLite itself, by the
+commit that takes it past 1,000 pages.
 
 A record is stored as a JSON object of its fields, those at their default
 values left out; :meth:`GroupRecord.from_json` fills them in, so files stay
@@ -58,10 +58,8 @@ real machine.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
-import logging
 import os
 import random
 import re
@@ -86,11 +84,9 @@ FORMAT = 2
 SCHEMA = "computegroups/2"
 _LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, user_version 0
 _DELETION_LOG_LIMIT = 100_000
-_CHECKPOINT_EVERY = 256  # commits (revisions) between checkpoints, which run in a thread, off the commit path
 _BACKOFF_S = (0.0005, 0.002)  # first and longest pause, jittered, while another process holds the write lock
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
 _encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-log = logging.getLogger("computegroups")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _REVISION = re.compile(r"0|[1-9][0-9]{0,17}")
 _META_KEYS = ("schema", "revision", "log_start", "cluster")
@@ -165,13 +161,10 @@ class SqliteStateStore:
         self._opened: tuple[int, list[GroupRecord]] | None = None  # what open() read, served once
         self._held: int | None = None  # holding the write lock: the revision read under it (-1: not yet read)
         self._deleted = 0  # deletion log rows this store wrote since it last looked at the log's size
-        self._checkpointer: sqlite3.Connection | None = None  # the checkpoint thread's connection
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
-        self._checkpoint: concurrent.futures.Future[None] | None = None
         #: What this store read and waited for (for tests and benchmarks): incremental reads of
         #: others' changes, the rows they read, full reloads, pauses for another process's lock,
-        #: commits refused for a lost race, and checkpoints finished.
-        self.stats = dict.fromkeys(("reads", "rows_read", "full_reads", "busy_waits", "conflicts", "checkpoints"), 0)
+        #: and commits refused for a lost race.
+        self.stats = dict.fromkeys(("reads", "rows_read", "full_reads", "busy_waits", "conflicts"), 0)
 
     def bind(self, identity: str) -> None:
         """Name the cluster this store serves (before :meth:`open`, or on an open store).
@@ -389,11 +382,9 @@ class SqliteStateStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
         self._bind(conn)
-        # From now on nothing blocks the event loop: a lock another process holds is waited for
-        # asynchronously (busy timeout 0, retried with a pause), and the WAL is checkpointed in a
-        # thread rather than by whichever commit crosses SQLite's threshold.
+        # From now on no lock another process holds is waited for by blocking the event loop: the
+        # busy timeout is 0 and a busy lock is retried after an asynchronous pause.
         conn.execute("PRAGMA busy_timeout=0")
-        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA cache_size=-16384")
 
     def _bind(self, conn: sqlite3.Connection) -> None:
@@ -417,16 +408,6 @@ class SqliteStateStore:
     async def close(self) -> None:
         self._opened = None
         self._held = None
-        if self._checkpoint is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(self._checkpoint)
-            self._checkpoint = None
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
-            self._thread = None
-        if self._checkpointer is not None:
-            self._checkpointer.close()
-            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -574,8 +555,6 @@ class SqliteStateStore:
             raise
         finally:
             self._held = None
-        if rev % _CHECKPOINT_EVERY == 0:  # one checkpoint per so many commits, whichever process makes them
-            self._start_checkpoint()
         return rev
 
     def _trim_log(self) -> None:
@@ -589,35 +568,6 @@ class SqliteStateStore:
             ).fetchone()[0]
             conn.execute("DELETE FROM deletions WHERE rev <= ?", (cut,))
             conn.execute("UPDATE computegroups_meta SET value=? WHERE key='log_start'", (str(cut),))
-
-    def _start_checkpoint(self) -> None:
-        """Checkpoint in this store's thread, unless the last one is still running (then at a later commit)."""
-        last = self._checkpoint
-        if last is not None:
-            if not last.done():
-                return
-            exc = last.exception()
-            if exc is not None:  # another process was checkpointing: the next one catches up
-                log.debug("state %s: checkpoint skipped: %s", self.path, exc)
-            else:
-                self.stats["checkpoints"] += 1
-        if self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="computegroups-checkpoint")
-        self._checkpoint = self._thread.submit(self._run_checkpoint)
-
-    def _run_checkpoint(self) -> None:
-        """On a connection of its own: copy the WAL into the file, then let the WAL start again.
-
-        The copy (``PASSIVE``) runs beside the writers. Commits made meanwhile would keep the WAL
-        from ever starting again from its beginning, so it would grow; ``RESTART`` then copies
-        those few frames while holding writers off for that short while (they wait asynchronously).
-        """
-        if self._checkpointer is None:
-            uri = f"file:{quote(os.path.abspath(self.path))}?mode=rw"
-            conn = sqlite3.connect(uri, uri=True, timeout=0.2, isolation_level=None, check_same_thread=False)
-            self._checkpointer = conn
-        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
     def _decode(self, gid: object, body: object) -> GroupRecord:
         """One stored record, checked: a JSON object whose fields have their types and whose id is its row's."""
