@@ -1,6 +1,7 @@
 """``python -m bench [SECTION ...] [--light] [--out DIR]``: run benchmarks, write results, tables and plots.
 
-Sections: speed, features (the advanced features in use), ray, topology, worst_case (the slowest
+Sections: speed, sqlite (the durable path: in memory against SQLite, 1/2/4 processes on one file, Ray in
+the same run), features (the advanced features in use), ray, topology, worst_case (the slowest
 decisions inside one node: the largest nodes, MIG slices), packing, openb,
 openb_binpack (the same replay with the fragmentation score disabled: the "before"), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
@@ -24,7 +25,18 @@ from typing import Any
 
 from bench import common, report
 
-SECTIONS = ("speed", "features", "ray", "topology", "worst_case", "packing", "openb", "openb_binpack", "memory")
+SECTIONS = (
+    "speed",
+    "sqlite",
+    "features",
+    "ray",
+    "topology",
+    "worst_case",
+    "packing",
+    "openb",
+    "openb_binpack",
+    "memory",
+)
 
 
 def _save(out: Path, name: str, data: Any) -> None:
@@ -53,6 +65,12 @@ def run_section(name: str, light: bool, workers: int) -> Any:
         if light:
             return speed.run(clusters=(1, 100), sizes=(1, 8), cycles=300, sqlite_cycles=100, warmup=30)
         return speed.run()
+    if name == "sqlite":
+        from bench import sqlite_speed
+
+        if light:
+            return sqlite_speed.run(nodes=100, cycles=100, warmup=20, procs=(1, 2), duration=1.0, ray=False)
+        return sqlite_speed.run()
     if name == "ray":
         from bench import ray_speed
 

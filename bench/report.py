@@ -82,6 +82,8 @@ def write(out: Path) -> Path:
             )
             + "\n"
         )
+    if "sqlite" in data:
+        parts.append(_sqlite(data["sqlite"]))
     if "features" in data:
         parts.append("## With the advanced features in use (in memory)\n")
         parts.append(
@@ -319,3 +321,53 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
         fig.tight_layout()
         fig.savefig(bdir / "openb_allocation.png", dpi=110)
         plt.close(fig)
+
+
+def _sqlite(data: dict[str, Any]) -> str:
+    """The durable path: one process in memory and with SQLite, and several processes on one file."""
+    ray = data.get("ray") or {}
+    ray_p50 = {r["k"]: r["p50_us"] for r in ray.get("rows", []) if r.get("mode") == "settled"}
+    place = {(r["fleet"], r["k"]): r["p50_us"] for r in data["single"] if r["state"] == "place() only"}
+    rows = []
+    for r in data["single"]:
+        rp = ray_p50.get(r["k"])
+        above = place.get((r["fleet"], r["k"]))
+        rows.append(
+            [
+                r["fleet"],
+                r["nodes"],
+                r["k"],
+                r["state"],
+                r["p50_us"],
+                r["p99_us"],
+                r["per_s"],
+                r["p50_us"] / above if above else "n/a",
+                rp if rp is not None else "n/a",
+                rp / r["p50_us"] if rp is not None else "n/a",
+            ]
+        )
+    out = ["## The durable path: one process (allocate + release cycles)\n"]
+    header = ["fleet", "nodes", "GPUs/group", "state", "p50 µs", "p99 µs", "cycles/s", "p50 / place() p50"]
+    header += ["Ray settled p50 µs", "Ray p50 / ours p50"]
+    out.append(_table(header, rows) + "\n")
+    if "error" in ray:
+        out.append(f"Ray not run: {ray['error']}\n")
+    out.append("## Processes on one SQLite file (an operation: one allocate or one release)\n")
+    prow = []
+    for m in data["processes"]:
+        ws = m["workers"]
+        prow.append(
+            [
+                m["processes"],
+                m["nodes"],
+                m["ops_per_s"],
+                ", ".join(f"{w['per_s']:,.0f}" for w in ws),
+                m["min_share"],
+                ", ".join(f"{w['p50_us']:,.0f}" for w in ws),
+                ", ".join(f"{w['p99_us']:,.0f}" for w in ws),
+            ]
+        )
+    header = ["processes", "nodes", "ops/s in all", "ops/s per process", "smallest share"]
+    header += ["p50 µs per process", "p99 µs per process"]
+    out.append(_table(header, prow) + "\n")
+    return "\n".join(out)

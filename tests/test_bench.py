@@ -24,12 +24,14 @@ def test_light_mode_runs_and_writes_results(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = out / "benchmarks" / "results"
-    for name in ("machine", "speed", "ray", "topology", "worst_case", "packing", "openb", "openb_binpack", "memory"):
+    sections = ("speed", "sqlite", "ray", "topology", "worst_case", "packing", "openb", "openb_binpack", "memory")
+    for name in ("machine", *sections):
         assert (results / f"{name}.json").is_file(), name
     topo = json.loads((results / "topology.json").read_text())
     assert all(r["placements"] > 0 for r in topo)
     md = (out / "benchmarks" / "results.md").read_text()
     assert "Allocate + release latency" in md and "Production trace" in md
+    assert "Processes on one SQLite file" in md
 
 
 def test_exact_fit_oracle_on_small_cases() -> None:

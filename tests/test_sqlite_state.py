@@ -102,7 +102,7 @@ def test_sigkill_mid_change_leaves_a_consistent_state(tmp_path: Path) -> None:
         p.stdout.close()
         records = _records(state)
         _check_capacity(records)
-        ids = [r["request_id"] for r in records if r["request_id"] and r["state"] != "released"]
+        ids = [r.get("request_id") for r in records if r.get("request_id") and r["state"] != "released"]
         assert len(ids) == len(set(ids))
     print(f"sigkill trials: {trials}, records at end: {len(_records(state))}")
 

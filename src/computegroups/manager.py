@@ -132,8 +132,10 @@ class ComputeGroupManager:
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self.provider = provider
         self.store = _open_store(state)
-        # Stores in this process can tell their revision without I/O (optional ``local_revision()``).
+        # Optional: an in-process store's revision without I/O; a shared store's write lock, catch-up to commit.
         self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)
+        self._store_lock: Callable[[], Awaitable[None]] | None = getattr(self.store, "lock", None)
+        self._store_unlock: Callable[[], None] | None = getattr(self.store, "unlock", None)
         self._lock = asyncio.Lock()
         self._entered = False
         self.inventory: Inventory = Inventory((), source="none")
@@ -224,37 +226,45 @@ class ComputeGroupManager:
 
         Reservations past their deadline are released first, in a commit of their own. Old
         tombstones (released groups past ``tombstone_limit``) are pruned with a change, in batches.
+        A retry after a lost race holds the store's write lock (if it has one) from catch-up to commit.
         """
         ledger = self.ledger
-        for _ in range(self._max_attempts):
-            await self._refresh()
-            now = self._clock()
-            heap = ledger.expiry
-            due = ledger.due(now) if heap and heap[0][0] <= now else None
-            if due:
-                expiry = plan_expire(due, now)
-                try:
-                    ledger.apply(await self.store.commit(ledger.revision, expiry.upserts, ()), expiry.upserts, ())
-                except RevisionConflict:
-                    ledger.requeue(due)  # someone else moved on; look at them again after catching up
+        lock = self._store_lock
+        try:
+            for attempt in range(self._max_attempts):
+                if attempt and lock is not None:
+                    await lock()
+                await self._refresh()
+                now = self._clock()
+                heap = ledger.expiry
+                due = ledger.due(now) if heap and heap[0][0] <= now else None
+                if due:
+                    expiry = plan_expire(due, now)
+                    try:
+                        ledger.apply(await self.store.commit(ledger.revision, expiry.upserts, ()), expiry.upserts, ())
+                    except RevisionConflict:
+                        ledger.requeue(due)  # someone else moved on; look at them again after catching up
+                        continue
+                    self.expired += len(due)
+                    for event in expiry.events:
+                        log.info("reservation %s of %s expired", event.group_id, event.component)
+                        self.emit(event)
                     continue
-                self.expired += len(due)
-                for event in expiry.events:
-                    log.info("reservation %s of %s expired", event.group_id, event.component)
-                    self.emit(event)
-                continue
-            plan = decide(now)
-            if not plan.upserts and not plan.deletes:
+                plan = decide(now)
+                if not plan.upserts and not plan.deletes:
+                    return plan
+                deletes = plan.deletes
+                if len(ledger.tombstones) > self._tombstone_limit:
+                    deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
+                try:
+                    rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
+                except RevisionConflict:
+                    continue
+                ledger.apply(rev, plan.upserts, deletes)
                 return plan
-            deletes = plan.deletes
-            if len(ledger.tombstones) > self._tombstone_limit:
-                deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
-            try:
-                rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
-            except RevisionConflict:
-                continue
-            ledger.apply(rev, plan.upserts, deletes)
-            return plan
+        finally:
+            if self._store_unlock is not None:
+                self._store_unlock()
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
 
     async def _run(self, decide: Callable[[float], Plan]) -> Plan:

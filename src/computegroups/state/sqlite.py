@@ -1,10 +1,30 @@
 """The embedded default state store: one SQLite file, safe across processes.
 
-WAL journal, one ``BEGIN IMMEDIATE`` transaction per commit (so the revision
-check and the write happen under SQLite's write lock), ``synchronous=NORMAL`` by
-default: a committed change survives a crash of any process; ``durable=True``
-selects ``synchronous=FULL`` to survive power loss as well, at an fsync per
-commit.
+WAL journal, one short ``BEGIN IMMEDIATE`` transaction per commit (so the
+revision check and the write happen under SQLite's write lock) that moves the
+revision on by compare-and-swap and writes only the changed rows, with cached
+(prepared) statements; ``synchronous=NORMAL`` by default: a committed change
+survives a crash of any process; ``durable=True`` selects ``synchronous=FULL`` to
+survive power loss as well, at an fsync per commit.
+
+Reading what others changed (:meth:`SqliteStateStore.changes_since`) reads only
+the rows written after the caller's revision (through the ``groups_rev`` index,
+the change log revision -> ids) and the deletion log after it. The deletion log
+is pruned to its newest half once it outgrows ``log_limit``; ``log_start`` in
+the meta rows records the cut, and a reader whose revision is older gets every
+record (``full``), which is correct however far behind it fell.
+
+Nothing waits by blocking the event loop: after opening, the connection's busy
+timeout is 0, and a lock another process holds is waited for by pausing
+asynchronously (0.5 ms, doubling to 2 ms, jittered) until ``busy_timeout_s``,
+then :class:`StateError`. :meth:`SqliteStateStore.lock` takes the write lock
+before a catch-up, so the decision that follows cannot lose the race (the
+manager uses it for a retry). The WAL is checkpointed by SQLite itself, by the
+commit that takes it past 1,000 pages.
+
+A record is stored as a JSON object of its fields, those at their default
+values left out; :meth:`GroupRecord.from_json` fills them in, so files stay
+readable by every version with format 2 (the format is unchanged).
 
 A state file knows what it is. Its header carries :data:`APPLICATION_ID` and the
 format version :data:`FORMAT` (``user_version``); its meta table the schema, the
@@ -37,12 +57,15 @@ real machine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import sqlite3
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -61,6 +84,9 @@ FORMAT = 2
 SCHEMA = "computegroups/2"
 _LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, user_version 0
 _DELETION_LOG_LIMIT = 100_000
+_BACKOFF_S = (0.0005, 0.002)  # first and longest pause, jittered, while another process holds the write lock
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
+_encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _REVISION = re.compile(r"0|[1-9][0-9]{0,17}")
 _META_KEYS = ("schema", "revision", "log_start", "cluster")
@@ -72,6 +98,12 @@ _DDL = (
     "CREATE TABLE deletions (id TEXT NOT NULL, rev INTEGER NOT NULL)",
     "CREATE INDEX deletions_rev ON deletions(rev)",
 )
+_UPSERT = (  # an existing row is updated in place: its id index entry stays as it is
+    "INSERT INTO groups(id, rev, body) VALUES (?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET rev=excluded.rev, body=excluded.body"
+)
+_SWAP = "UPDATE computegroups_meta SET value=? WHERE key='revision' AND value=?"
+_SET_REVISION = "UPDATE computegroups_meta SET value=? WHERE key='revision'"
 _SCHEMA_SQL = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
 
 
@@ -110,13 +142,29 @@ class _Found(NamedTuple):
 class SqliteStateStore:
     """Group records in a SQLite file; see the module docstring for guarantees."""
 
-    def __init__(self, path: str | os.PathLike[str], *, durable: bool = False, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durable: bool = False,
+        busy_timeout_s: float = 30.0,
+        log_limit: int = _DELETION_LOG_LIMIT,
+    ) -> None:
+        if isinstance(log_limit, bool) or not isinstance(log_limit, int) or log_limit < 2:
+            raise StateError(f"log_limit: {log_limit!r} is not a whole number of at least 2")
         self.path = Path(path)
         self._durable = durable
         self._timeout = busy_timeout_s
+        self._log_limit = log_limit
         self._conn: sqlite3.Connection | None = None
         self._identity: str | None = None
         self._opened: tuple[int, list[GroupRecord]] | None = None  # what open() read, served once
+        self._held: int | None = None  # holding the write lock: the revision read under it (-1: not yet read)
+        self._deleted = 0  # deletion log rows this store wrote since it last looked at the log's size
+        #: What this store read and waited for (for tests and benchmarks): incremental reads of
+        #: others' changes, the rows they read, full reloads, pauses for another process's lock,
+        #: and commits refused for a lost race.
+        self.stats = dict.fromkeys(("reads", "rows_read", "full_reads", "busy_waits", "conflicts"), 0)
 
     def bind(self, identity: str) -> None:
         """Name the cluster this store serves (before :meth:`open`, or on an open store).
@@ -129,7 +177,11 @@ class SqliteStateStore:
         before, self._identity = self._identity, identity
         if self._conn is not None:
             try:
-                self._bind(self._conn)
+                self._conn.execute(f"PRAGMA busy_timeout={int(self._timeout * 1000)}")
+                try:
+                    self._bind(self._conn)
+                finally:
+                    self._conn.execute("PRAGMA busy_timeout=0")
             except sqlite3.DatabaseError as exc:
                 self._identity = before
                 raise self._error(f"not a usable SQLite database: {exc}") from exc
@@ -330,6 +382,10 @@ class SqliteStateStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self._durable else 'NORMAL'}")
         self._bind(conn)
+        # From now on no lock another process holds is waited for by blocking the event loop: the
+        # busy timeout is 0 and a busy lock is retried after an asynchronous pause.
+        conn.execute("PRAGMA busy_timeout=0")
+        conn.execute("PRAGMA cache_size=-16384")
 
     def _bind(self, conn: sqlite3.Connection) -> None:
         """Under the write lock: re-check the header and meta rows, adopt a 0.1.0 file, record the cluster."""
@@ -351,6 +407,7 @@ class SqliteStateStore:
 
     async def close(self) -> None:
         self._opened = None
+        self._held = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -361,6 +418,45 @@ class SqliteStateStore:
             raise self._error("store is not open")
         return self._conn
 
+    # -- the write lock ---------------------------------------------------------
+    async def _begin(self, sql: str) -> None:
+        """``BEGIN`` or ``BEGIN IMMEDIATE``; while another process holds the lock, pause (asynchronously) and retry."""
+        conn = self.conn
+        pause, longest = _BACKOFF_S
+        deadline = 0.0
+        while True:
+            try:
+                conn.execute(sql)
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
+                    raise self._error(f"could not start a transaction: {exc}") from exc
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self._timeout
+                elif now >= deadline:
+                    raise self._error(f"could not take the write lock in {self._timeout:g}s: {exc}") from exc
+            self.stats["busy_waits"] += 1
+            await asyncio.sleep(pause * (0.5 + random.random()))
+            pause = min(2 * pause, longest)
+
+    async def lock(self) -> None:
+        """Take the write lock now: the next :meth:`changes_since` and :meth:`commit` run under it.
+
+        A caller that catches up, decides and commits under the lock never loses the race, so it
+        never decides twice. :meth:`commit` releases the lock; so does :meth:`unlock`, writing nothing.
+        """
+        if self._held is None:
+            await self._begin("BEGIN IMMEDIATE")
+            self._held = -1
+
+    def unlock(self) -> None:
+        """Release the write lock taken by :meth:`lock` if no commit did (nothing is written)."""
+        if self._held is not None:
+            self._held = None
+            if self._conn is not None and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+
     # -- reads ------------------------------------------------------------------
     def _meta_int(self, key: str) -> int:
         row = self.conn.execute("SELECT value FROM computegroups_meta WHERE key=?", (key,)).fetchone()
@@ -369,73 +465,109 @@ class SqliteStateStore:
         return int(row[0])
 
     async def changes_since(self, revision: int) -> Changes:
+        """What changed after ``revision``: the rows written after it (the ``groups_rev`` index is the
+        change log, revision -> ids) and the deletion log after it; everything only if the deletion
+        log no longer reaches back to ``revision``."""
         conn = self.conn
         opened, self._opened = self._opened, None
+        held = self._held is not None
         try:
-            current = self._meta_int("revision")
+            if held:
+                current = self._held = self._meta_int("revision")
+            else:
+                try:
+                    current = self._meta_int("revision")
+                except sqlite3.OperationalError as exc:
+                    if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
+                        raise
+                    await self._begin("BEGIN")  # waits out what kept the read from starting
+                    conn.execute("COMMIT")
+                    current = self._meta_int("revision")
             if current == revision:
                 return Changes(current)
             if current < revision:
                 raise self._error(f"revision went back from {revision} to {current}; the file was changed underneath")
             if opened is not None and opened[0] == current:
                 return Changes(current, opened[1], (), full=True)  # what open() read and checked
-            conn.execute("BEGIN")
+            if not held:
+                await self._begin("BEGIN")
             try:
                 current = self._meta_int("revision")
                 log_start = self._meta_int("log_start")
+                stats = self.stats
                 if revision < log_start:
                     rows = conn.execute("SELECT id, body FROM groups").fetchall()
+                    stats["full_reads"] += 1
+                    stats["rows_read"] += len(rows)
                     return Changes(current, [self._decode(i, b) for i, b in rows], (), full=True)
                 rows = conn.execute("SELECT id, body FROM groups WHERE rev > ?", (revision,)).fetchall()
                 dels = [i for (i,) in conn.execute("SELECT id FROM deletions WHERE rev > ?", (revision,))]
-                return Changes(current, [self._decode(i, b) for i, b in rows], dels)
+                stats["reads"] += 1
+                stats["rows_read"] += len(rows) + len(dels)
+                ups = [self._decode(i, b) for i, b in rows]
+                if dels and ups:  # an id written again after its deletion exists
+                    written = {r.id for r in ups}
+                    dels = [d for d in dels if d not in written]
+                return Changes(current, ups, dels)
             finally:
-                conn.execute("COMMIT")
+                if held:
+                    self._held = current
+                else:
+                    conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise self._error(f"read failed: {exc}") from exc
 
     # -- writes -----------------------------------------------------------------
     async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
+        """One short ``BEGIN IMMEDIATE`` transaction writing only the changed rows (prepared statements)."""
         conn = self.conn
         self._opened = None
+        rev = expected + 1
+        rows = [(r.id, rev, _body(r)) for r in upserts]  # encoded before the lock is taken
+        if self._held is None:
+            await self._begin("BEGIN IMMEDIATE")
+            self._held = -1
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise self._error(f"could not take the write lock: {exc}") from exc
-        try:
-            current = self._meta_int("revision")
-            if current != expected:
-                raise RevisionConflict(f"revision is {current}, not {expected}")
-            rev = current + 1
-            if upserts:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO groups(id, rev, body) VALUES (?, ?, ?)",
-                    [(r.id, rev, json.dumps(r.to_json(), separators=(",", ":"))) for r in upserts],
-                )
+            if self._held != expected:  # compare and swap: move the revision on only from ``expected``
+                if conn.execute(_SWAP, (str(rev), str(expected))).rowcount != 1:
+                    current = self._meta_int("revision")  # StateError if it is gone or damaged
+                    self.stats["conflicts"] += 1
+                    raise RevisionConflict(f"revision is {current}, not {expected}")
+            elif conn.execute(_SET_REVISION, (str(rev),)).rowcount != 1:
+                raise self._error("meta revision is missing; the file is damaged")
+            if len(rows) == 1:
+                conn.execute(_UPSERT, rows[0])
+            elif rows:
+                conn.executemany(_UPSERT, rows)
             if deletes:
                 conn.executemany("DELETE FROM groups WHERE id=?", [(d,) for d in deletes])
                 conn.executemany("INSERT INTO deletions(id, rev) VALUES (?, ?)", [(d, rev) for d in deletes])
-                if rev % 1024 == 0:
-                    self._trim_log(rev)
-            if conn.execute("UPDATE computegroups_meta SET value=? WHERE key='revision'", (str(rev),)).rowcount != 1:
-                raise self._error("meta revision is missing; the file is damaged")
+                self._deleted += len(deletes)
+                if self._deleted >= self._log_limit // 4:
+                    self._deleted = 0
+                    self._trim_log()
             conn.execute("COMMIT")
-            return rev
         except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.DatabaseError):
                 raise self._error(f"write failed: {exc}") from exc
             raise
+        finally:
+            self._held = None
+        return rev
 
-    def _trim_log(self, rev: int) -> None:
-        count = self.conn.execute("SELECT COUNT(*) FROM deletions").fetchone()[0]
-        if count > _DELETION_LOG_LIMIT:
-            cut = self.conn.execute(
-                "SELECT rev FROM deletions ORDER BY rev DESC LIMIT 1 OFFSET ?", (_DELETION_LOG_LIMIT // 2,)
+    def _trim_log(self) -> None:
+        """Keep the newest half of the deletion log once it outgrows its limit; a reader from before
+        the cut (``log_start``) then gets everything, as it can no longer be told what was deleted."""
+        conn = self.conn
+        count = conn.execute("SELECT COUNT(*) FROM deletions").fetchone()[0]
+        if count > self._log_limit:
+            cut = conn.execute(
+                "SELECT rev FROM deletions ORDER BY rev DESC LIMIT 1 OFFSET ?", (self._log_limit // 2,)
             ).fetchone()[0]
-            self.conn.execute("DELETE FROM deletions WHERE rev <= ?", (cut,))
-            self.conn.execute("UPDATE computegroups_meta SET value=? WHERE key='log_start'", (str(cut),))
+            conn.execute("DELETE FROM deletions WHERE rev <= ?", (cut,))
+            conn.execute("UPDATE computegroups_meta SET value=? WHERE key='log_start'", (str(cut),))
 
     def _decode(self, gid: object, body: object) -> GroupRecord:
         """One stored record, checked: a JSON object whose fields have their types and whose id is its row's."""
@@ -450,6 +582,38 @@ class SqliteStateStore:
         if problem:
             raise self._error(f"group record {gid!r} is unreadable: {problem}")
         return record
+
+
+_SPARSE = (  # fields left out of a stored record while they are at their defaults
+    *("component", "cpus_milli", "memory_mib", "request_id", "carved", "requirements", "constraints"),
+    *("priority", "preemptible", "pool", "tenant", "expires_at", "pending", "preempted_by", "gang_id"),
+)
+
+
+def _body(r: GroupRecord) -> str:
+    """A record as stored: a JSON object of its fields, those at their defaults left out.
+
+    :meth:`GroupRecord.from_json` fills them in, so every version reads it; it is shorter to write
+    and to parse than the whole record.
+    """
+    data: dict[str, object] = {
+        "id": r.id,
+        "node_id": r.node_id,
+        "state": r.state.value,
+        "devices": [[d.index, d.uuid, d.share_milli, d.memory_mib] for d in r.devices],
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+    }
+    for key in _SPARSE:
+        value = getattr(r, key)
+        if value is None or value is False or (type(value) is int and value == 0):
+            continue
+        if isinstance(value, Mapping):
+            if not value:
+                continue
+            value = dict(value)
+        data[key] = value
+    return _encode_json(data)
 
 
 def _difference(missing: Sequence[str], extra: Sequence[str]) -> str:
