@@ -92,6 +92,8 @@ _ALWAYS = {
     "sort_by": "--sort-by",
     "selector": "--selector",
     "provider": "--provider",
+    "since": "--since",
+    "state": "--state",
 }
 _active: dict[str, str] = dict(_ALWAYS)
 _KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(\[\d+\])?(\.[a-z_]+)?:")

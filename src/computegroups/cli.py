@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -25,6 +25,8 @@ from computegroups.model import ComputeGroup, ComputeNode
 from computegroups.providers.base import ComputeResourceProvider
 from computegroups.providers.local import LocalComputeResourceProvider
 from computegroups.providers.simulated import SimulatedComputeResourceProvider, load_spec
+from computegroups.state.base import StateStore
+from computegroups.state.sqlite import SqliteStateStore, default_state_path
 
 __all__ = ["EXIT_CODES", "cli", "main"]
 
@@ -80,6 +82,17 @@ class Context:
         if not isinstance(pools, list):
             raise InvalidRequestError(f"{source}: 'pools' is not a list", key="pools")
         return pools
+
+    def store(self) -> StateStore:
+        """The state store the commands would use, without discovering anything (for reading the event log)."""
+        if self.kind == "kubernetes":
+            return cast(StateStore, cast(Any, self.provider()).state_store())
+        if self.state == ":memory:":
+            raise InvalidRequestError("state: an in-memory state keeps nothing to read", key="state")
+        path = Path(self.state) if self.state else default_state_path()
+        if not path.is_file():
+            raise InvalidRequestError(f"state: no state file at {path}", key="state")
+        return SqliteStateStore(path)
 
     def manager(self) -> ComputeGroupManager:
         provider = self.provider()

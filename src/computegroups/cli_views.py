@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,8 +21,10 @@ import yaml
 
 from computegroups._cliutil import complete_group_id, run
 from computegroups.errors import InvalidRequestError, NotFoundError
+from computegroups.events import Event
 from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode, GangComputeGroup, GroupRecord, NodeSpec
+from computegroups.state.base import EventLog
 
 __all__ = ["age", "human_mib", "register"]
 
@@ -521,6 +524,69 @@ def allocation_row(n: ComputeNode) -> dict[str, Any]:
 
 
 def register(group: click.Group) -> None:
-    """Add ``get``, ``describe`` and ``map`` to a click group (the main CLI)."""
-    for command in (get_command, describe_command, map_command):
+    """Add ``get``, ``describe``, ``map`` and ``events`` to a click group (the main CLI)."""
+    for command in (get_command, describe_command, map_command, events_command):
         group.add_command(command)
+
+
+_DURATION = re.compile(r"(\d{1,9})(s|m|h|d)")
+
+
+def _since(text: str | None, now: float) -> tuple[int, float]:
+    """``--since``: an event number, or a duration back from now (30s, 10m, 2h, 1d); (after seq, after time)."""
+    if not text:
+        return 0, 0.0
+    if text.isdigit() and len(text) <= 18:
+        return int(text), 0.0
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise InvalidRequestError(f"since: {text[:40]!r} is not an event number or a duration like 10m", key="since")
+    return 0, now - int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _event_line(e: Event) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.at))
+    fields = [when, str(e.seq), e.kind, e.group_id or "-", e.component or "-", e.node_id or "-", e.detail]
+    return "  ".join(fields).rstrip()
+
+
+@click.command("events")
+@click.option("--since", help="Only events after this event number, or newer than a duration (30s, 10m, 2h, 1d).")
+@click.option("-w", "--watch", is_flag=True, help="Then print each new event as any process records it.")
+@click.option("--component", help="Only this component's events.")
+@click.option("--group", "group_id", help="Only this group's events.", shell_complete=complete_group_id)
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def events_command(
+    ctx: Any, since: str | None, watch: bool, component: str | None, group_id: str | None, output: str
+) -> None:
+    """What happened, from the state's durable event log: every change and refusal, with its time."""
+    as_json = ctx.json or output == "json"
+
+    async def go() -> None:
+        after, newer = _since(since, time.time())
+        store = ctx.store()
+        await store.open()
+        try:
+            if not isinstance(store, EventLog):
+                raise InvalidRequestError("state: this state store keeps no event log", key="state")
+            while True:
+                batch = await store.events_since(after, 1000)
+                for e in batch:
+                    if (
+                        e.at < newer
+                        or (component and e.component != component)
+                        or (group_id and e.group_id != group_id)
+                    ):
+                        continue
+                    click.echo(json.dumps(e.to_dict()) if as_json else _event_line(e))
+                if batch:
+                    after = batch[-1].seq
+                    continue
+                if not watch:
+                    return
+                await asyncio.sleep(0.25)
+        finally:
+            await store.close()
+
+    run(go())

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 __all__ = [
+    "REFUSALS",
     "ComputeGroupsError",
     "ConflictError",
     "InsufficientResourcesError",
@@ -109,6 +110,10 @@ class StateError(ComputeGroupsError):
 
 class ProviderError(ComputeGroupsError):
     """Discovery or materialisation failed in the environment underneath."""
+
+
+#: The errors that refuse a valid request (as opposed to a malformed one): each is recorded as a ``refused`` event.
+REFUSALS = (InsufficientResourcesError, NotFoundError, ConflictError)
 
 
 def one_of(values: Sequence[str]) -> str:

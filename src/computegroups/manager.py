@@ -31,8 +31,8 @@ from computegroups.decide import (
     priority_of,
     resolve_pool,
 )
-from computegroups.errors import ConflictError, InvalidRequestError, ProviderError, one_of
-from computegroups.events import Event, event_stream
+from computegroups.errors import REFUSALS, ConflictError, InvalidRequestError, ProviderError, one_of
+from computegroups.events import Event, Publisher
 from computegroups.model import (
     AllocationState,
     ComputeGroup,
@@ -41,6 +41,7 @@ from computegroups.model import (
     GroupRecord,
     NodeSpec,
     Requirements,
+    check_bool,
     check_callable,
     check_int_in,
     check_name,
@@ -52,7 +53,7 @@ from computegroups.model import (
 from computegroups.monitor import Hook, Monitor, reconcile
 from computegroups.pools import Pool, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
-from computegroups.state.base import Changes, RevisionConflict, StateStore
+from computegroups.state.base import Changes, EventLog, RevisionConflict, StateStore
 from computegroups.state.memory import MemoryStateStore
 from computegroups.state.sqlite import SqliteStateStore, default_state_path
 from computegroups.views import Views
@@ -122,18 +123,14 @@ class ComputeGroupManager:
         self._tombstone_limit = check_int_in("tombstone_limit", tombstone_limit, 0, 10**9)
         self._max_attempts = check_int_in("max_attempts", max_attempts, 1, 100_000)
         self._monitor_interval = check_seconds("monitor_interval", monitor_interval)
-        if not isinstance(reconcile_on_start, bool):
-            raise InvalidRequestError(
-                f"reconcile_on_start: {shown(reconcile_on_start)} is not true or false", key="reconcile_on_start"
-            )
+        reconcile_on_start = check_bool("reconcile_on_start", reconcile_on_start)
         self._new_id: Callable[[], str] = (
             check_callable("id_factory", id_factory) if id_factory is not None else lambda: "cg-" + os.urandom(8).hex()
         )
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self.provider = provider
         self.store = _open_store(state)
-        # Optional: an in-process store's revision without I/O; a shared store's write lock, catch-up to commit.
-        self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)
+        self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)  # no I/O
         self._store_lock: Callable[[], Awaitable[None]] | None = getattr(self.store, "lock", None)
         self._store_unlock: Callable[[], None] | None = getattr(self.store, "unlock", None)
         self._lock = asyncio.Lock()
@@ -143,8 +140,8 @@ class ComputeGroupManager:
         self.ledger = Ledger((), self.pools.values())
         self._telemetry: dict[tuple[str, int], dict[str, float]] = {}
         self.views = Views(self.ledger, self._telemetry_of)
-        self._subscribers: list[asyncio.Queue[Event]] = []
-        self.recent_events: deque[Event] = deque(maxlen=1000)
+        self._events = Publisher(self.store.record if isinstance(self.store, EventLog) else None)
+        self.recent_events: deque[Event] = self._events.recent
         self.expired = 0  # reservations this manager released at their deadline
         # Monitoring and reconciliation (computegroups.monitor): hooks return the events they caused.
         self.reconcile_on_start = reconcile_on_start
@@ -201,6 +198,7 @@ class ComputeGroupManager:
         if self.monitor is not None:
             await self.monitor.stop()
         try:
+            await self._events.drain()
             await self.store.close()
         finally:
             await self.provider.__aexit__(exc_type, exc, tb)
@@ -241,14 +239,15 @@ class ComputeGroupManager:
                 if due:
                     expiry = plan_expire(due, now)
                     try:
-                        ledger.apply(await self.store.commit(ledger.revision, expiry.upserts, ()), expiry.upserts, ())
+                        rev = await self.store.commit(ledger.revision, expiry.upserts, (), expiry.events)
                     except RevisionConflict:
                         ledger.requeue(due)  # someone else moved on; look at them again after catching up
                         continue
+                    ledger.apply(rev, expiry.upserts, ())
                     self.expired += len(due)
                     for event in expiry.events:
                         log.info("reservation %s of %s expired", event.group_id, event.component)
-                        self.emit(event)
+                        self._events.emit(event, durable=False)  # in the log already, with its commit
                     continue
                 plan = decide(now)
                 if not plan.upserts and not plan.deletes:
@@ -257,7 +256,7 @@ class ComputeGroupManager:
                 if len(ledger.tombstones) > self._tombstone_limit:
                     deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
                 try:
-                    rev = await self.store.commit(ledger.revision, plan.upserts, deletes)
+                    rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events)
                 except RevisionConflict:
                     continue
                 ledger.apply(rev, plan.upserts, deletes)
@@ -267,16 +266,20 @@ class ComputeGroupManager:
                 self._store_unlock()
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
 
-    async def _run(self, decide: Callable[[float], Plan]) -> Plan:
-        """Decide and commit under the lock, then run the plan's effects and raise its error."""
+    async def _run(self, decide: Callable[[float], Plan], component: str | None = None) -> Plan:
+        """Decide and commit under the lock (a refusal is an event), run the plan's effects, raise its error."""
         async with self._lock:
-            plan = await self._commit(decide)
+            try:
+                plan = await self._commit(decide)
+            except REFUSALS as exc:
+                await self._events.note(Event("refused", None, None, component, f"{type(exc).__name__}: {exc}"))
+                raise
         if plan.dematerialise:
             await self._dematerialise(plan.dematerialise)
         for record in plan.materialise:
             await self._materialise(record, own=plan.group == record.id or plan.group == record.gang_id)
         for event in plan.events:
-            self.emit(event)
+            self._events.emit(event, durable=False)  # in the log already, with its commit
         if plan.error is not None:
             raise plan.error
         return plan
@@ -311,15 +314,12 @@ class ComputeGroupManager:
 
     # -- events ---------------------------------------------------------------------
     def emit(self, event: Event) -> None:
-        """Publish an event: to every ``events()`` stream, the recent-events log and the debug log."""
-        self.recent_events.append(event)
-        log.debug("event %s", event)
-        for q in self._subscribers:
-            q.put_nowait(event)
+        """Publish an event: to every ``events()`` stream, the recent events, the state's event log."""
+        self._events.emit(event)
 
     def events(self) -> AsyncIterator[Event]:
         """An endless stream of events from now on (allocations, releases, health changes)."""
-        return event_stream(self._subscribers)
+        return self._events.stream()
 
     def _telemetry_of(self, node_id: str, index: int) -> Mapping[str, float]:
         return self._telemetry.get((node_id, index), {})
@@ -419,7 +419,7 @@ class ComputeGroupManager:
         self._require_open()
         component = _check_name("component_name", component_name)
         ask = self._ask(component, resource_requirements, constraints, AllocationState.ALLOCATED, None)
-        plan = await self._run(lambda now: plan_acquire(self.ledger, ask, now, self._new_id))
+        plan = await self._run(lambda now: plan_acquire(self.ledger, ask, now, self._new_id), component)
         return self.views.by_id(plan.group or "")
 
     async def reserve_compute_group(
@@ -453,7 +453,7 @@ class ComputeGroupManager:
             )
         if ask.req.nodes > 1:
             raise InvalidRequestError("requirements.nodes: reservations hold one node", key="requirements.nodes")
-        plan = await self._run(lambda now: plan_acquire(self.ledger, ask, now, self._new_id))
+        plan = await self._run(lambda now: plan_acquire(self.ledger, ask, now, self._new_id), component)
         return self.views.by_id(plan.group or "")
 
     def _ask(

@@ -173,6 +173,13 @@ def check_text(key: str, value: object, pattern: re.Pattern[str] = _TEXT, what: 
     return value
 
 
+def check_bool(key: str, value: object) -> bool:
+    """A bool (not 0 or 1)."""
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{key}: {shown(value)} is not true or false", key=key)
+    return value
+
+
 def check_int_in(key: str, value: object, low: int, high: int) -> int:
     """An int (not a bool) in low..high."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

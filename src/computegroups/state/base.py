@@ -12,9 +12,14 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from computegroups.errors import ConflictError
+from computegroups.events import Event
 from computegroups.model import GroupRecord
 
-__all__ = ["Changes", "RevisionConflict", "StateStore"]
+__all__ = ["EVENT_LIMIT", "Changes", "EventLog", "RevisionConflict", "StateStore"]
+
+
+#: Events a store keeps (the oldest go first); enough for hours of a busy planner.
+EVENT_LIMIT = 10_000
 
 
 class RevisionConflict(ConflictError):
@@ -55,6 +60,25 @@ class StateStore(Protocol):
         """Records changed after ``revision``."""
         ...
 
-    async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
-        """Write the change set if the revision is ``expected``; return the new revision."""
+    async def commit(
+        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+    ) -> int:
+        """Write the change set if the revision is ``expected``; return the new revision.
+
+        A store with an event log (:class:`EventLog`) writes ``events`` in the same transaction.
+        """
+        ...
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """A store that keeps events: those of a change in the commit that makes it (``commit(..., events=)``),
+    others (refusals, health) on their own; numbered in order, the newest :data:`EVENT_LIMIT` kept."""
+
+    async def record(self, events: Sequence[Event]) -> None:
+        """Append events that change no record."""
+        ...
+
+    async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
+        """The kept events numbered after ``seq``, oldest first."""
         ...

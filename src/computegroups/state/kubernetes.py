@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from computegroups.errors import StateError
+from computegroups.events import Event
 from computegroups.kube.client import KubeClient, KubeError, Obj
 from computegroups.kube.names import (
     API_GROUP,
@@ -214,7 +215,10 @@ class KubernetesStateStore:
         return Changes(arev, [r for r in effective.values() if r is not None], (), full=True)
 
     # -- writes -----------------------------------------------------------------------
-    async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
+    async def commit(
+        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+    ) -> int:
+        """``events`` are not kept: this store has no event log (it is not an :class:`EventLog`)."""
         ledger = self._ledger
         if ledger is None or int((ledger.get("spec") or {}).get("revision", 0)) != expected:
             ledger = self._ledger = await self._get_ledger()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 
+from computegroups.events import Event
 from computegroups.model import GroupRecord
-from computegroups.state.base import Changes, RevisionConflict
+from computegroups.state.base import EVENT_LIMIT, Changes, RevisionConflict
 
 __all__ = ["MemoryStateStore"]
 
@@ -13,7 +16,9 @@ __all__ = ["MemoryStateStore"]
 class MemoryStateStore:
     """Keeps records in a dict, with a change log so several managers can share one store."""
 
-    def __init__(self, log_limit: int = 100_000) -> None:
+    def __init__(self, log_limit: int = 100_000, event_limit: int = EVENT_LIMIT) -> None:
+        self._events: deque[Event] = deque(maxlen=event_limit)
+        self._event_seq = 0
         self._records: dict[str, GroupRecord] = {}
         self._revision = 0
         self._log: list[tuple[int, str]] = []  # (revision, id) of every write or delete
@@ -44,9 +49,26 @@ class MemoryStateStore:
         dels = [g for g in ids if g not in self._records]
         return Changes(self._revision, ups, dels)
 
-    async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
+    async def record(self, events: Sequence[Event]) -> None:
+        """Append events that change no record (refusals, health)."""
+        self._append(events)
+
+    async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
+        """The kept events after ``seq``, oldest first, at most ``limit``."""
+        return [e for e in self._events if e.seq > seq][:limit]
+
+    def _append(self, events: Sequence[Event]) -> None:
+        for e in events:
+            self._event_seq += 1
+            self._events.append(replace(e, seq=self._event_seq))
+
+    async def commit(
+        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+    ) -> int:
         if expected != self._revision:
             raise RevisionConflict(f"revision is {self._revision}, not {expected}")
+        if events:
+            self._append(events)
         self._revision += 1
         rev = self._revision
         for r in upserts:

@@ -23,8 +23,11 @@ manager uses it for a retry). The WAL is checkpointed by SQLite itself, by the
 commit that takes it past 1,000 pages.
 
 A record is stored as a JSON object of its fields, those at their default
-values left out; :meth:`GroupRecord.from_json` fills them in, so files stay
-readable by every version with format 2 (the format is unchanged).
+values left out; :meth:`GroupRecord.from_json` fills them in. Format 3 adds the
+event log (``events``: every change's events, written in the commit that makes
+the change, and refusals and health on their own; the newest
+:data:`~computegroups.state.base.EVENT_LIMIT` kept). A format 2 file is adopted
+in place by adding that table, under the write lock.
 
 A state file knows what it is. Its header carries :data:`APPLICATION_ID` and the
 format version :data:`FORMAT` (``user_version``); its meta table the schema, the
@@ -72,16 +75,18 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from computegroups.errors import StateError
+from computegroups.events import Event
 from computegroups.model import AllocationState, GroupRecord
-from computegroups.state.base import Changes, RevisionConflict
+from computegroups.state.base import EVENT_LIMIT, Changes, RevisionConflict
 
 __all__ = ["APPLICATION_ID", "FORMAT", "SCHEMA", "SqliteStateStore", "default_state_path"]
 
 #: ``PRAGMA application_id`` of a computegroups state file ("CGst").
 APPLICATION_ID = 0x43477374
 #: ``PRAGMA user_version``: the file format this version reads and writes.
-FORMAT = 2
-SCHEMA = "computegroups/2"
+FORMAT = 3
+SCHEMA = "computegroups/3"
+_FORMAT_2 = "computegroups/2"  # without the event log: adopted in place (the table is added)
 _LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, user_version 0
 _DELETION_LOG_LIMIT = 100_000
 _BACKOFF_S = (0.0005, 0.002)  # first and longest pause, jittered, while another process holds the write lock
@@ -97,7 +102,10 @@ _DDL = (
     "CREATE INDEX groups_rev ON groups(rev)",
     "CREATE TABLE deletions (id TEXT NOT NULL, rev INTEGER NOT NULL)",
     "CREATE INDEX deletions_rev ON deletions(rev)",
+    "CREATE TABLE events (seq INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL)",
 )
+_EVENTS_DDL = _DDL[-1]
+_ADD_EVENT = "INSERT INTO events(at, body) VALUES (?, ?)"
 _UPSERT = (  # an existing row is updated in place: its id index entry stays as it is
     "INSERT INTO groups(id, rev, body) VALUES (?, ?, ?) "
     "ON CONFLICT(id) DO UPDATE SET rev=excluded.rev, body=excluded.body"
@@ -107,18 +115,19 @@ _SET_REVISION = "UPDATE computegroups_meta SET value=? WHERE key='revision'"
 _SCHEMA_SQL = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
 
 
-def _expected_objects() -> list[tuple[str, str, str, str | None]]:
-    """sqlite_master as this SQLite stores :data:`_DDL` (its normalisation of the text included)."""
+def _expected_objects(ddl: Sequence[str]) -> list[tuple[str, str, str, str | None]]:
+    """sqlite_master as this SQLite stores ``ddl`` (its normalisation of the text included)."""
     conn = sqlite3.connect(":memory:")
     try:
-        for ddl in _DDL:
-            conn.execute(ddl)
+        for statement in ddl:
+            conn.execute(statement)
         return [tuple(row) for row in conn.execute(_SCHEMA_SQL)]
     finally:
         conn.close()
 
 
-_OBJECTS = _expected_objects()
+_OBJECTS = _expected_objects(_DDL)
+_OBJECTS_2 = _expected_objects(_DDL[:-1])  # format 2 and 0.1.0 files: no event log
 
 
 def default_state_path() -> Path:
@@ -135,6 +144,7 @@ class _Found(NamedTuple):
 
     legacy: bool
     revision: int
+    older: bool  # format 2: adopted by adding the event log
     cluster: str
     records: list[GroupRecord]
 
@@ -324,7 +334,7 @@ class SqliteStateStore:
                     "a SQLite database without tables; computegroups only initialises files it creates, "
                     "so it is not a state file"
                 )
-            if objects != _OBJECTS:
+            if objects != _OBJECTS_2:
                 tables = sorted(name for kind, name, _, _ in objects if kind == "table")
                 raise self._error(
                     f"a SQLite database that is not a computegroups state file (tables: {', '.join(tables)})"
@@ -335,6 +345,8 @@ class SqliteStateStore:
                 f"a SQLite database of another program (application_id {app:#010x}, "
                 f"computegroups uses {APPLICATION_ID:#010x})"
             )
+        elif version == 2 and objects == _OBJECTS_2:
+            legacy = False
         elif version != FORMAT:
             newer = "a newer" if version > FORMAT else "an unknown"
             raise self._error(f"format {version} is {newer} computegroups format; this version reads {FORMAT}")
@@ -357,7 +369,7 @@ class SqliteStateStore:
         extra = sorted(k for k in meta if k not in keys)
         if missing or extra:
             raise self._error(f"meta rows are damaged ({_difference(missing, extra)})")
-        schema = _LEGACY_SCHEMA if legacy else SCHEMA
+        schema = _LEGACY_SCHEMA if legacy else (_FORMAT_2 if version == 2 else SCHEMA)
         if meta["schema"] != schema:
             raise self._error(
                 f"schema {meta['schema']!r} is not {schema!r}; use the computegroups version that wrote it"
@@ -368,7 +380,7 @@ class SqliteStateStore:
         revision, log_start = int(meta["revision"]), int(meta["log_start"])
         if log_start > revision:
             raise self._error(f"meta log_start {log_start} is beyond revision {revision}")
-        return _Found(legacy, revision, meta.get("cluster", ""), [])
+        return _Found(legacy, revision, version == 2, meta.get("cluster", ""), [])
 
     def _check_identity(self, recorded: str) -> None:
         if self._identity is not None and recorded and recorded != self._identity:
@@ -393,9 +405,11 @@ class SqliteStateStore:
         try:
             found = self._check_meta(conn)  # the file may have changed since the read-only pass
             self._check_identity(found.cluster)
-            if found.legacy:
+            if found.legacy or found.older:
                 conn.execute("UPDATE computegroups_meta SET value=? WHERE key='schema'", (SCHEMA,))
-                conn.execute("INSERT INTO computegroups_meta(key, value) VALUES ('cluster', '')")
+                if found.legacy:
+                    conn.execute("INSERT INTO computegroups_meta(key, value) VALUES ('cluster', '')")
+                conn.execute(_EVENTS_DDL)
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={FORMAT}")
             if not found.cluster and self._identity:
@@ -426,10 +440,14 @@ class SqliteStateStore:
         deadline = 0.0
         while True:
             try:
+                if conn.in_transaction:  # another task of this process (the event log's writer) is inside one
+                    raise sqlite3.OperationalError("a transaction of this connection is open")
                 conn.execute(sql)
                 return
             except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
+                if conn.in_transaction:
+                    pass
+                elif getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
                     raise self._error(f"could not start a transaction: {exc}") from exc
                 now = time.monotonic()
                 if not deadline:
@@ -518,12 +536,16 @@ class SqliteStateStore:
             raise self._error(f"read failed: {exc}") from exc
 
     # -- writes -----------------------------------------------------------------
-    async def commit(self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = ()) -> int:
-        """One short ``BEGIN IMMEDIATE`` transaction writing only the changed rows (prepared statements)."""
+    async def commit(
+        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+    ) -> int:
+        """One short ``BEGIN IMMEDIATE`` transaction writing only the changed rows (prepared statements),
+        and the change's ``events`` in the event log."""
         conn = self.conn
         self._opened = None
         rev = expected + 1
         rows = [(r.id, rev, _body(r)) for r in upserts]  # encoded before the lock is taken
+        logged = [_event_row(e) for e in events]
         if self._held is None:
             await self._begin("BEGIN IMMEDIATE")
             self._held = -1
@@ -546,6 +568,8 @@ class SqliteStateStore:
                 if self._deleted >= self._log_limit // 4:
                     self._deleted = 0
                     self._trim_log()
+            if logged:
+                self._log_events(logged)
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
@@ -556,6 +580,61 @@ class SqliteStateStore:
         finally:
             self._held = None
         return rev
+
+    # -- the event log ------------------------------------------------------------
+    def _log_events(self, rows: Sequence[tuple[float, str]]) -> None:
+        """Append to the event log (inside the caller's transaction); keep the newest :data:`EVENT_LIMIT`."""
+        conn = self.conn
+        cursor = conn.executemany(_ADD_EVENT, rows) if len(rows) > 1 else conn.execute(_ADD_EVENT, rows[0])
+        last = cursor.lastrowid or conn.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+        if last % 256 < len(rows):  # now and then, not at every commit
+            conn.execute("DELETE FROM events WHERE seq <= ?", (last - EVENT_LIMIT,))
+
+    async def record(self, events: Sequence[Event]) -> None:
+        """Append events that change no record (refusals, health), in a transaction of their own."""
+        if not events:
+            return
+        rows = [_event_row(e) for e in events]
+        conn = self.conn
+        while self._held is not None:  # the manager holds the write lock until its commit: after it
+            await asyncio.sleep(0.001)
+        await self._begin("BEGIN IMMEDIATE")
+        try:
+            self._log_events(rows)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise self._error(f"write failed: {exc}") from exc
+            raise
+
+    async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
+        """The kept events numbered after ``seq``, oldest first (at most ``limit``)."""
+        try:
+            rows = self.conn.execute(
+                "SELECT seq, at, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._error(f"read failed: {exc}") from exc
+        out = []
+        for n, at, body in rows:
+            try:
+                data = json.loads(body)
+                out.append(
+                    Event(
+                        str(data["kind"]),
+                        data.get("group_id"),
+                        data.get("node_id"),
+                        data.get("component"),
+                        str(data.get("detail", "")),
+                        float(at),
+                        int(n),
+                    )
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise self._error(f"event {n} is unreadable: {exc}") from exc
+        return out
 
     def _trim_log(self) -> None:
         """Keep the newest half of the deletion log once it outgrows its limit; a reader from before
@@ -614,6 +693,11 @@ def _body(r: GroupRecord) -> str:
             value = dict(value)
         data[key] = value
     return _encode_json(data)
+
+
+def _event_row(e: Event) -> tuple[float, str]:
+    body = {"kind": e.kind, "group_id": e.group_id, "node_id": e.node_id, "component": e.component, "detail": e.detail}
+    return e.at, _encode_json(body)
 
 
 def _difference(missing: Sequence[str], extra: Sequence[str]) -> str:
