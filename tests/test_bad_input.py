@@ -152,6 +152,9 @@ CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     ([*A, "--gpus", "1", "--affinity", "decode\n"], 2, "--affinity", {}),
     ([*A, "--gpus", "1", "--affinity", "decode:rack"], 2, "--affinity", {}),
     ([*A, "--gpus", "1", "--reservation", "cg-\x1b[2J"], 2, "--reservation", {}),
+    ([*A, "--gpus", "1", "--nic", "NIC 0"], 2, "--nic: 'NIC 0' is not a NIC name", {}),
+    ([*A, "--gpus", "1", "--nic", "any", "--nic-link", "NEAR"], 2, "--nic-link: 'NEAR' is not one of PIX", {}),
+    ([*A, "--gpus", "1", "--nic-link", "PHB"], 2, "--nic-link", {}),
     (A, 2, "request: nothing requested", {}),
     (["allocate", "decode\n", "--gpus", "1"], 2, "COMPONENT: 'decode\\n' is not a name", {}),
     (["reserve", "x", "--gpus", "1", "--ttl", "inf"], 2, "--ttl", {}),
@@ -165,7 +168,7 @@ CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     (["supervise", "--interval", "-1"], 2, "--interval", {}),
     (["supervise", "--interval", "nan"], 2, "--interval", {}),
     (["discover"], 2, "not valid YAML", {"spec": "malformed.yaml"}),
-    (["discover"], 2, "cpus: inf is not a number", {"spec": "infinite-cpus.yaml"}),
+    (["discover"], 2, "cpus: inf: not a finite number", {"spec": "infinite-cpus.yaml"}),
     (["discover"], 2, "count", {"spec": "huge-count.yaml"}),
     (["discover"], 2, "gpus", {"spec": "huge-gpus.yaml"}),
     (["discover"], 2, "memory_mib", {"spec": "memory-digits.yaml"}),
@@ -181,6 +184,8 @@ CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     (["summary"], 1, "belongs to cluster", {"spec": ""}),  # the state of a simulated cluster, read locally
     (["dynamo-actuate", *DYNAMO, "--prefill-cmd", "python 'x"], 2, "--prefill-cmd", {}),
     (["dynamo-actuate", *DYNAMO, "--decode-cmd", "sleep \\"], 2, "--decode-cmd", {}),
+    (["dynamo-actuate", *DYNAMO, "--prefill-cmd", "sleep 9", "--nic", "mlx5_0\n"], 2, "--nic", {}),
+    (["dynamo-actuate", *DYNAMO, "--prefill-cmd", "sleep 9", "--nic", "any", "--nic-link", "X"], 2, "--nic-link", {}),
     (["dynamo-actuate", *DYNAMO[:2], "--etcd", "https://127.0.0.1:2379", "--prefill-cmd", "sleep 9"], 2, "TLS", {}),
 ]
 

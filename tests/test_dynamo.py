@@ -50,6 +50,7 @@ from computegroups.integrations.etcd import EtcdClient, prefix_end
 from computegroups.providers.simulated import simulated_uuid
 from computegroups.runtime import CircusDaemon, LocalRuntime
 from tests._dynamo_planner import LOOPBACK, RealPlanner, RecordPlanner
+from tests.conftest import a6000_spec
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_dynamo_worker.py"
@@ -812,6 +813,54 @@ async def test_shortfall_acknowledged_reported_and_converged(
             await asyncio.to_thread(planner.wait_ready, 90)
             assert await actuator.counts() == {"prefill": 0, "decode": 0}
             assert all(s.terminated for s in records(record_dir))
+        finally:
+            stop.set()
+            await task
+            await asyncio.to_thread(planner.stop)
+            for s in live(record_dir):
+                os.kill(s.pid, signal.SIGTERM)
+
+
+# -- workers asking for their NIC: on the real topology that lists NICs (actuator in process) -------------
+@pytest.mark.etcd
+@pytest.mark.circus
+async def test_workers_asking_for_a_nic_get_the_gpus_near_it(
+    etcd_url: str, dynamo_runtime: None, daemon: CircusDaemon, loopback_env: dict[str, str], tmp_path: Path
+) -> None:
+    """tests/fixtures/nvidia-smi-topo/rtx_a6000_x8_nv4_pairs.txt: NIC0 and NIC1 are PHB to GPU6 and NODE to
+    GPUs 4, 5 and 7, SYS to the rest: two TP=2 workers fit near a NIC (6-7, then 4-5), a third does not."""
+    ns = "nic"
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    etcd = EtcdClient(etcd_url)
+    spec = a6000_spec(id=NODE)
+    mgr = ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(spec), tmp_path / "state.db")
+    runtime = LocalRuntime(mgr, daemon, graceful_timeout_s=10)
+    specs = {
+        role: WorkerSpec(2, tuple(worker_cmd(record_dir, role, "--register").split()), constraints={"nic": "any"})
+        for role in ("prefill", "decode")
+    }
+    async with mgr:
+        actuator = DynamoActuator(runtime, etcd, ns, specs, poll_interval_s=0.3)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(actuator.run(stop))
+        planner = await asyncio.to_thread(RealPlanner, etcd_url, ns, tmp_path / "planner.log")
+        try:
+            assert await asyncio.to_thread(planner.decide, 1, 1) == 0
+            await asyncio.to_thread(planner.wait_ready, 90)
+            by_role = {s.mode: s.gpus for s in live(record_dir)}
+            assert sorted(map(sorted, by_role.values())) == [[4, 5], [6, 7]], by_role
+            # A third worker has no NVLink-free pair left near a NIC: acknowledged as a shortfall, with the reason.
+            assert await asyncio.to_thread(planner.decide, 2, 1) == 1
+            await asyncio.to_thread(planner.wait_ready, 90)
+            assert actuator.last_outcome is not None and actuator.last_outcome.shortfall == {"prefill": 1}
+            shortfalls = [e for e in mgr.recent_events if e.kind == "dynamo-shortfall"]
+            assert shortfalls and "within NODE of a NIC" in shortfalls[-1].detail, shortfalls
+            held = {g for s in live(record_dir) for g in s.gpus}
+            assert held == {4, 5, 6, 7}  # GPUs 0-3, SYS to both NICs, stayed free
+            await asyncio.to_thread(planner.decide, 0, 0)
+            await asyncio.to_thread(planner.wait_ready, 90)
+            assert await actuator.counts() == {"prefill": 0, "decode": 0}
         finally:
             stop.set()
             await task

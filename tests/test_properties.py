@@ -69,6 +69,7 @@ constraints = st.fixed_dictionaries(
     optional={
         "nvlink": st.booleans(),
         "same_numa": st.booleans(),
+        "nic": st.sampled_from(["any", "mlx5_1"]),
         "strategy": st.sampled_from(["binpack", "spread"]),
         "node_id": st.sampled_from(["pairs", "dgx", "cpu"]),
         "pool": st.just("gold"),
@@ -139,6 +140,9 @@ class Machine(RuleBasedStateMachine):
             assert g.topology["nvlink"]
         if cons.get("same_numa"):
             assert len(g.topology["numa_nodes"]) <= 1
+        if cons.get("nic") and g.resources["gpu_indices"]:  # every GPU within NODE of one NIC
+            near = {"PIX", "PXB", "PHB", "NODE"}
+            assert any(set(links) <= near for links in g.topology["nics"].values()), g.topology
         return g.id
 
     @rule(target=groups, component=st.sampled_from(["a", "b"]), gpus=sizes, ttl=st.sampled_from([5, 30, 300]))

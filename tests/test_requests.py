@@ -162,6 +162,14 @@ _ALLOC: list[tuple[str, dict[str, Any], dict[str, Any] | None, str]] = [
     ("affinity scope unknown", {"gpus": 1}, {"affinity": [{"component": "x", "scope": "rack"}]}, f"{C}.affinity[0]"),
     ("strategy a number", {"gpus": 1}, {"strategy": 5}, f"{C}.strategy"),
     ("same_numa an integer", {"gpus": 1}, {"same_numa": 1}, f"{C}.same_numa"),
+    ("nic with a space", {"gpus": 1}, {"nic": "NIC 0"}, f"{C}.nic"),
+    ("nic empty", {"gpus": 1}, {"nic": ""}, f"{C}.nic"),
+    ("nic a number", {"gpus": 1}, {"nic": 0}, f"{C}.nic"),
+    ("nic with a trailing newline", {"gpus": 1}, {"nic": "mlx5_0\n"}, f"{C}.nic"),
+    ("nic link unknown", {"gpus": 1}, {"nic": "any", "nic_link": "NEAR"}, f"{C}.nic_link"),
+    ("nic link an NVLink", {"gpus": 1}, {"nic": "any", "nic_link": "NV4"}, f"{C}.nic_link"),
+    ("nic link a number", {"gpus": 1}, {"nic": "any", "nic_link": 3}, f"{C}.nic_link"),
+    ("nic link without a nic", {"gpus": 1}, {"nic_link": "PHB"}, f"{C}.nic_link"),
 ]
 BAD += [(what, "allocate", ("c", req, cons), InvalidRequestError, key) for what, req, cons, key in _ALLOC]
 BAD += [

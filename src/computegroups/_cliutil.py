@@ -68,6 +68,8 @@ REQUEST_FLAGS: dict[str, str] = {
     "requirements": "request",
     "constraints.nvlink": "--nvlink",
     "constraints.same_numa": "--same-numa",
+    "constraints.nic": "--nic",
+    "constraints.nic_link": "--nic-link",
     "constraints.strategy": "--strategy",
     "constraints.node_id": "--node",
     "constraints.labels": "--label",
@@ -154,6 +156,12 @@ def request_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--memory-mib", type=int, help="Host memory to hold."),
         click.option("--nvlink", is_flag=True, help="Every pair of GPUs joined by NVLink."),
         click.option("--same-numa", is_flag=True, help="All GPUs on one NUMA node."),
+        click.option("--nic", metavar="NIC|any", help="All GPUs near this NIC (NIC0, mlx5_0) or any one NIC."),
+        click.option(
+            "--nic-link",
+            metavar="LINK",
+            help="With --nic: the farthest link to the NIC, PIX, PXB, PHB, NODE (default) or SYS.",
+        ),
         click.option("--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True),
         click.option("--node", "node_id", help="Only this node."),
         click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Node label selector (repeatable)."),
@@ -217,7 +225,7 @@ def _request(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if opts["nodes"] is not None:
         req["nodes"] = opts["nodes"]
     cons: dict[str, Any] = {"strategy": opts["strategy"], "nvlink": opts["nvlink"], "same_numa": opts["same_numa"]}
-    for key in ("node_id", "request_id", "pool", "tenant", "priority"):
+    for key in ("node_id", "request_id", "pool", "tenant", "priority", "nic", "nic_link"):
         if opts[key] is not None:
             cons[key] = opts[key]
     if opts["preemptible"]:

@@ -192,8 +192,12 @@ def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
         if len(labels) < 2:
             continue
         click.echo(f"\n{n.id} topology")
-        numa = {f"GPU{g.smi_index}": n.topology.numa_node(d) for d, g in reversed(list(enumerate(n.spec.gpus)))}
-        rows = [[a, *row, str(numa[a])] for a, row in zip(labels, m, strict=True)]
+        first = {f"GPU{g.smi_index}": d for d, g in reversed(list(enumerate(n.spec.gpus)))}  # a GPU's first device
+        rows = [[a, *row, str(n.topology.numa_node(first[a]))] for a, row in zip(labels, m, strict=True)]
+        for nic in n.topology.nics:  # each NIC's link to each GPU, as nvidia-smi's NIC rows show it
+            label = f"{nic.name} ({nic.device})" if nic.device else nic.name
+            links = [nic.links[first[a]] for a in labels]
+            rows.append([label, *links, "-" if nic.numa_node is None else str(nic.numa_node)])
         _table(rows, ["", *labels, "NUMA"])
 
 
@@ -316,6 +320,23 @@ def demo(ctx: Context, state_dir: str | None) -> None:
         provider = SimulatedComputeResourceProvider.from_spec(Path(ctx.spec) if ctx.spec else None)
         say = (lambda text: click.echo(json.dumps({"message": text.strip()}))) if ctx.json else click.echo
         run(run_demo(provider, path, say))
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["spec", "pools"]))
+def schema(kind: str) -> None:
+    """Print the JSON Schema of a configuration file: a cluster spec, or a list of pools."""
+    from pydantic import TypeAdapter
+
+    from computegroups.config import ClusterSpec, PoolConfig, json_schema
+
+    if kind == "spec":
+        data = json_schema(ClusterSpec)
+    else:
+        data = TypeAdapter(list[PoolConfig]).json_schema()
+        data["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        data["title"] = "Pools"
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 def main() -> None:

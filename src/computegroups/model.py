@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from computegroups.errors import InvalidRequestError, one_of
 from computegroups.memo import Memo
-from computegroups.topology import Topology
+from computegroups.topology import NIC_LINKS, Topology
 
 __all__ = [
     "MAX_CPUS",
@@ -449,6 +449,10 @@ class AffinityRule:
 _MIG_PROFILE = re.compile(r"[1-9][0-9]?g\.[1-9][0-9]{0,3}gb(\+me)?", re.IGNORECASE)
 _LABEL_KEY = re.compile(r"([A-Za-z0-9.\-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?")
 _MAX_RULES = 64  # labels, affinity or anti-affinity rules in one request
+#: A NIC as ``nvidia-smi topo -m`` names it (``NIC0``, ``mlx5_0``), or ``any``.
+_NIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+#: The link ``nic_link`` defaults to: the NIC's NUMA node, never across the SMP interconnect.
+DEFAULT_NIC_LINK = "NODE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +468,9 @@ class Constraints:
     preempt preemptible groups of lower priority. ``reservation_id``: claim a reservation.
     ``affinity`` / ``anti_affinity``: lists of rules (a component name, or
     ``{"component", "scope": node|nvlink_domain, "required": bool}``).
+    ``nic``: every GPU of the group near one NIC of the node, the one named (``NIC0`` or its
+    device name ``mlx5_0``) or, with ``"any"``, any one; ``nic_link``: the farthest link a GPU
+    may have to it, one of PIX, PXB, PHB, NODE (default: the NIC's NUMA node) or SYS.
     """
 
     node_id: str | None = None
@@ -479,6 +486,8 @@ class Constraints:
     reservation_id: str | None = None
     affinity: tuple[AffinityRule, ...] = ()
     anti_affinity: tuple[AffinityRule, ...] = ()
+    nic: str | None = None
+    nic_link: str | None = None
     #: ``to_dict()``, read-only, as group records keep it
     stored: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
@@ -496,6 +505,8 @@ class Constraints:
         "reservation_id",
         "affinity",
         "anti_affinity",
+        "nic",
+        "nic_link",
     )
 
     def __post_init__(self) -> None:
@@ -550,7 +561,25 @@ class Constraints:
                 )
             check_text("constraints.labels", v, _LABEL_VALUE, "a label value without control characters")
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))  # the caller's dict may change
+        self._check_nic()
         object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
+
+    def _check_nic(self) -> None:
+        if self.nic is None:
+            if self.nic_link is not None:
+                raise InvalidRequestError(
+                    f"constraints.nic_link: {shown(self.nic_link)} has no NIC to be near"
+                    " (give nic too: a NIC name or 'any')",
+                    key="constraints.nic_link",
+                )
+            return
+        check_text("constraints.nic", self.nic, _NIC_NAME, "a NIC name (NIC0, mlx5_0) or 'any'")
+        link = DEFAULT_NIC_LINK if self.nic_link is None else self.nic_link
+        if not isinstance(link, str) or link.upper() not in NIC_LINKS:
+            raise InvalidRequestError(
+                f"constraints.nic_link: {shown(link)} is not one of {one_of(NIC_LINKS)}", key="constraints.nic_link"
+            )
+        object.__setattr__(self, "nic_link", link.upper())
 
     @classmethod
     def parse(cls, value: Constraints | Mapping[str, Any] | None) -> Constraints:
@@ -582,6 +611,9 @@ class Constraints:
             out["affinity"] = [r.to_dict() for r in self.affinity]
         if self.anti_affinity:
             out["anti_affinity"] = [r.to_dict() for r in self.anti_affinity]
+        if self.nic is not None:
+            out["nic"] = self.nic
+            out["nic_link"] = self.nic_link
         return out
 
 
@@ -817,13 +849,16 @@ class ComputeGroup:
         topo = self._node.effective_topology
         links = {f"{a}-{b}": topo.link(a, b) for n, a in enumerate(idx) for b in idx[n + 1 :]}
         worst = min(links.items(), key=lambda kv: topo.rank(*map(int, kv[0].split("-"))))[1] if links else None
-        return {
+        out: dict[str, Any] = {
             "gpu_indices": idx,
             "links": links,
             "numa_nodes": sorted({n for n in (topo.numa_node(i) for i in idx) if n is not None}),
             "bottleneck": worst,
             "nvlink": bool(links) and all(topo.is_nvlink(a, b) for a, b in (map(int, k.split("-")) for k in links)),
         }
+        if topo.nics:  # each NIC's link to each of the group's GPUs, in gpu_indices order
+            out["nics"] = {nic.name: [nic.links[i] for i in idx] for nic in topo.nics}
+        return out
 
     @property
     def utilization(self) -> dict[str, float]:
@@ -1033,6 +1068,10 @@ class ComputeNode:
             "utilization": self.utilization,
             "gpus": [g.to_dict() for g in self._spec.gpus],
             "topology": topo.matrix() if self._spec.gpus else [],
+            "nics": [
+                {"name": c.name, "device": c.device, "numa_node": c.numa_node, "links": list(c.links)}
+                for c in topo.nics
+            ],
             "groups": [g.id for g in self._groups],
         }
 

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from computegroups.errors import InvalidRequestError, one_of
+from computegroups.config import PoolConfig, QuotaConfig, parse
+from computegroups.errors import InvalidRequestError
 from computegroups.model import NodeSpec
 
 __all__ = ["Pool", "Quota", "parse_pools"]
@@ -36,17 +37,9 @@ class Quota:
     max_gpus: float | None = None
     max_share: float | None = None  # of the pool's GPUs, in (0, 1]
 
-    KEYS = ("max_gpus", "max_share")
-
     def __post_init__(self) -> None:
-        for key in self.KEYS:
-            v = getattr(self, key)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise InvalidRequestError(f"quota.{key}: {v!r} is not a number >= 0", key=f"quota.{key}")
-        if self.max_share is not None and self.max_share > 1:
-            raise InvalidRequestError(f"quota.max_share: {self.max_share!r} is above 1", key="quota.max_share")
+        # The same rule as in a pools file (QuotaConfig), for Quota objects made in code.
+        parse(QuotaConfig, {"max_gpus": self.max_gpus, "max_share": self.max_share}, "quota")
 
     def limit_milli(self, pool_gpus: int) -> int | None:
         """The ceiling in thousandths of a GPU, the tighter of the two."""
@@ -58,15 +51,8 @@ class Quota:
         return min(limits) if limits else None
 
     @classmethod
-    def parse(cls, value: object, key: str) -> Quota:
-        if isinstance(value, Quota):
-            return value
-        if not isinstance(value, Mapping):
-            raise InvalidRequestError(f"{key}: {value!r} is not a quota mapping", key=key)
-        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
-        if unknown:
-            raise InvalidRequestError(f"{key}.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}", key=key)
-        return cls(**value)
+    def of(cls, config: QuotaConfig | None) -> Quota | None:
+        return None if config is None else cls(config.max_gpus, config.max_share)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,69 +84,30 @@ class Pool:
         return self.tenants.get(tenant, self.default_tenant)
 
 
-_POOL_KEYS = ("name", "selector", "nodes", "priority", "quotas")
-_QUOTA_KEYS = ("components", "tenants", "default_component", "default_tenant")
-
-
 def parse_pools(value: Sequence[Pool | Mapping[str, Any]] | None) -> list[Pool]:
-    """Validate pool definitions (Pool objects or mappings in the documented shape)."""
+    """Validate pool definitions: Pool objects, or mappings shaped as :class:`~computegroups.config.PoolConfig`."""
     out: list[Pool] = []
     names: set[str] = set()
+    if value is not None and not isinstance(value, Sequence):
+        raise InvalidRequestError("pools: not a list", key="pools")
     for n, item in enumerate(value or ()):
-        where = f"pools[{n}]"
         if isinstance(item, Pool):
             pool = item
         else:
-            if not isinstance(item, Mapping):
-                raise InvalidRequestError(f"{where}: not a mapping", key="pools")
-            unknown = sorted(str(k) for k in item if k not in _POOL_KEYS)
-            if unknown:
-                raise InvalidRequestError(
-                    f"{where}.{unknown[0]}: unknown key; allowed: {one_of(_POOL_KEYS)}", key="pools"
-                )
-            name = item.get("name")
-            if not isinstance(name, str) or not name:
-                raise InvalidRequestError(f"{where}.name: {name!r} is not a name", key="pools")
-            selector = item.get("selector") or {}
-            nodes = item.get("nodes") or []
-            priority = item.get("priority", 0)
-            if not isinstance(selector, Mapping) or not all(isinstance(v, str) for v in selector.values()):
-                raise InvalidRequestError(f"{where}.selector: not a mapping of strings", key="pools")
-            if not isinstance(nodes, list | tuple) or not all(isinstance(x, str) for x in nodes):
-                raise InvalidRequestError(f"{where}.nodes: not a list of node ids", key="pools")
-            if isinstance(priority, bool) or not isinstance(priority, int):
-                raise InvalidRequestError(f"{where}.priority: {priority!r} is not an integer", key="pools")
-            if not selector and not nodes:
-                raise InvalidRequestError(f"{where}: give a selector or nodes", key="pools")
-            quotas = item.get("quotas") or {}
-            if not isinstance(quotas, Mapping):
-                raise InvalidRequestError(f"{where}.quotas: not a mapping", key="pools")
-            unknown = sorted(str(k) for k in quotas if k not in _QUOTA_KEYS)
-            if unknown:
-                raise InvalidRequestError(
-                    f"{where}.quotas.{unknown[0]}: unknown key; allowed: {one_of(_QUOTA_KEYS)}", key="pools"
-                )
+            c = parse(PoolConfig, item, f"pools[{n}]", "pools")
+            q = c.quotas
             pool = Pool(
-                name=name,
-                selector=dict(selector),
-                nodes=tuple(nodes),
-                priority=priority,
-                components={
-                    k: Quota.parse(v, f"{where}.quotas.components.{k}")
-                    for k, v in (quotas.get("components") or {}).items()
-                },
-                tenants={
-                    k: Quota.parse(v, f"{where}.quotas.tenants.{k}") for k, v in (quotas.get("tenants") or {}).items()
-                },
-                default_component=Quota.parse(quotas["default_component"], f"{where}.quotas.default_component")
-                if quotas.get("default_component")
-                else None,
-                default_tenant=Quota.parse(quotas["default_tenant"], f"{where}.quotas.default_tenant")
-                if quotas.get("default_tenant")
-                else None,
+                name=c.name,
+                selector=dict(c.selector),
+                nodes=tuple(c.nodes),
+                priority=c.priority,
+                components={k: Quota(v.max_gpus, v.max_share) for k, v in q.components.items()},
+                tenants={k: Quota(v.max_gpus, v.max_share) for k, v in q.tenants.items()},
+                default_component=Quota.of(q.default_component),
+                default_tenant=Quota.of(q.default_tenant),
             )
         if pool.name in names:
-            raise InvalidRequestError(f"{where}.name: duplicate pool {pool.name!r}", key="pools")
+            raise InvalidRequestError(f"pools[{n}].name: duplicate pool {pool.name!r}", key="pools")
         names.add(pool.name)
         out.append(pool)
     return out

@@ -1,8 +1,9 @@
 """GPU interconnect topology: parsing ``nvidia-smi topo -m`` and choosing GPU sets.
 
 A :class:`Topology` is the link matrix of one node plus the NUMA node and CPU
-affinity of each GPU. Links are named as nvidia-smi names them and ranked
-(best first)::
+affinity of each GPU, and the NICs ``nvidia-smi topo -m`` lists with their link
+to each GPU (:class:`Nic`; NVML sees no NICs, so a topology discovered through
+it has none). Links are named as nvidia-smi names them and ranked (best first)::
 
     NV<n> (more bonded links is better) > PIX > PXB > PHB > NODE > SYS
 
@@ -27,11 +28,14 @@ from dataclasses import dataclass
 from computegroups.errors import InvalidRequestError
 from computegroups.memo import Memo
 
-__all__ = ["LINK_RANKS", "Topology", "link_rank", "parse_nvidia_smi_topo", "search_budget"]
+__all__ = ["LINK_RANKS", "NIC_LINKS", "Nic", "Topology", "link_rank", "parse_nvidia_smi_topo", "search_budget"]
 
 #: Rank of each PCIe/SMP link class; NVLink ranks are ``NV_BASE + links``.
 LINK_RANKS: dict[str, int] = {"SYS": 1, "SOC": 1, "NODE": 2, "PHB": 3, "PXB": 4, "PIX": 5}
 NV_BASE = 100
+#: The links a GPU can have to a NIC, nearest first: the same PCIe switch (PIX, PXB), the same PCIe host
+#: bridge (PHB), the same NUMA node (NODE), across the SMP interconnect (SYS).
+NIC_LINKS = ("PIX", "PXB", "PHB", "NODE", "SYS")
 #: Searches of at most this many links over all subsets (subsets x pairs in one) evaluate every subset
 #: (every request on an 8-GPU node: at most 560).
 ENUMERATE_WORK = 2_000
@@ -107,10 +111,29 @@ class SubsetChoice:
     numa_nodes: int  # distinct NUMA nodes spanned
 
 
-class Topology:
-    """Link matrix, NUMA nodes and CPU affinity of the GPUs of one node.
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """A network interface of the node: its link to each GPU, as ``nvidia-smi topo -m`` shows it.
 
-    Immutable after construction except for an internal decision cache.
+    ``name``: the column name (``NIC0``; older drivers print the device name there). ``device``:
+    the device name from the NIC legend (``mlx5_0``), where given. ``links[i]``: the link to GPU i
+    (``PIX`` ... ``SYS``). ``numa_node``: the host NUMA node, where known.
+    """
+
+    name: str
+    links: tuple[str, ...]
+    device: str = ""
+    numa_node: int | None = None
+
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` names this NIC (its column name or its device name)."""
+        return name == self.name or (bool(self.device) and name == self.device)
+
+
+class Topology:
+    """Link matrix, NUMA nodes and CPU affinity of the GPUs of one node, and its NICs.
+
+    Immutable after construction except for internal decision caches.
     """
 
     __slots__ = (
@@ -118,6 +141,9 @@ class Topology:
         "_best_full",
         "_cache",
         "_links",
+        "_near_nic",
+        "_nic_ranks",
+        "_nics",
         "_numa",
         "_ranks",
         "gpu_count",
@@ -131,6 +157,7 @@ class Topology:
         cpu_affinity: Sequence[Iterable[int]] | None = None,
         *,
         name: str = "",
+        nics: Sequence[Nic] = (),
     ) -> None:
         n = len(links)
         if any(len(row) != n for row in links):
@@ -154,6 +181,16 @@ class Topology:
             "free mask, GPUs wanted, nvlink, same_numa", 65536
         )
         self._best_full: dict[int, int] = {}
+        self._nics = tuple(nics)
+        names: set[str] = set()
+        for nic in self._nics:
+            if not isinstance(nic, Nic) or len(nic.links) != n:
+                raise InvalidRequestError(f"topology: NIC {nic!r} does not give one link per GPU", key="topology")
+            if not nic.name or nic.name in names or (nic.device and nic.device in names):
+                raise InvalidRequestError(f"topology: NIC name {nic.name!r} is empty or not unique", key="topology")
+            names.update((nic.name, nic.device) if nic.device else (nic.name,))
+        self._nic_ranks = tuple(tuple(link_rank(x) for x in nic.links) for nic in self._nics)
+        self._near_nic: dict[tuple[int, int], int] = {}
 
     # -- construction helpers -------------------------------------------------
     @classmethod
@@ -177,7 +214,12 @@ class Topology:
             [self.numa_node(p) for p in parents],
             [self.cpu_affinity(p) for p in parents],
             name=name or f"{self.name}-projected",
+            nics=[Nic(c.name, tuple(c.links[p] for p in parents), c.device, c.numa_node) for c in self._nics],
         )
+
+    def without_nics(self) -> Topology:
+        """The same GPUs without the NICs (what NVML, which sees no NICs, discovers)."""
+        return Topology(self._links, self._numa, self._affinity, name=self.name)
 
     # -- queries --------------------------------------------------------------
     def link(self, i: int, j: int) -> str:
@@ -204,9 +246,31 @@ class Topology:
         """The link matrix as nvidia-smi prints it."""
         return [list(row) for row in self._links]
 
+    @property
+    def nics(self) -> tuple[Nic, ...]:
+        """The NICs, in nvidia-smi's order (none where the source lists none, as NVML)."""
+        return self._nics
+
+    def nic_indices(self, name: str) -> tuple[int, ...]:
+        """Positions in :attr:`nics` of the NIC ``name`` names (its name or device), or of every NIC for ``"any"``."""
+        return tuple(n for n, nic in enumerate(self._nics) if name == "any" or nic.matches(name))
+
+    def nic_rank(self, nic: int, gpu: int) -> int:
+        """Rank of the link between NIC ``nic`` (a position in :attr:`nics`) and a GPU (see :func:`link_rank`)."""
+        return self._nic_ranks[nic][gpu]
+
+    def near_nic(self, nic: int, worst: int) -> int:
+        """Mask of the GPUs joined to NIC ``nic`` by a link ranked ``worst`` or better (remembered)."""
+        key = (nic, worst)
+        mask = self._near_nic.get(key)
+        if mask is None:
+            mask = sum(1 << i for i, r in enumerate(self._nic_ranks[nic]) if r >= worst)
+            self._near_nic[key] = mask
+        return mask
+
     def signature(self) -> tuple[object, ...]:
-        """A value equal for two topologies with the same links, NUMA and affinity."""
-        return (self._links, self._numa, self._affinity)
+        """A value equal for two topologies with the same links, NUMA, affinity and NICs."""
+        return (self._links, self._numa, self._affinity, self._nics)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Topology) and self.signature() == other.signature()
@@ -514,13 +578,19 @@ class _SubsetSearch:
 _DEVICE_HEADER = re.compile(r"^(GPU\d+|NIC\d+|mlx\d+_\d+|[A-Za-z]+\d*_\d+)$")
 
 
+_NIC_LEGEND = re.compile(r"^\s*(NIC\d+)\s*:\s*(\S+)\s*$")
+
+
 def parse_nvidia_smi_topo(text: str) -> Topology:
     """Parse the output of ``nvidia-smi topo -m``.
 
     Accepts raw output (tab-separated, self cell `` X ``) and terminal copies
     (runs of spaces); with or without NIC rows and the NIC legend; old drivers
-    without the NUMA Affinity column. Raises :class:`InvalidRequestError` when
-    the text has no GPU matrix.
+    without the NUMA Affinity column. NICs are kept (:class:`Nic`): the link to
+    each GPU from the GPU rows, the device name from the NIC legend, and the NUMA
+    node of the GPUs it reaches without crossing the SMP interconnect (NODE or
+    nearer), where they agree on one. Raises :class:`InvalidRequestError` when
+    the text has no GPU matrix, or a NIC row contradicts the GPU rows.
     """
     lines = text.splitlines()
     header_at = None
@@ -544,6 +614,7 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
     has_cpu = "CPU Affinity" in header or "CPU" in tokens[len(devices) : len(devices) + 1]
     has_numa = "NUMA Affinity" in header
     gpu_names = [d for d in devices if d.startswith("GPU")]
+    nic_names = [d for d in devices if not d.startswith("GPU")]
     col_of = {d: c for c, d in enumerate(devices)}
     links: dict[str, list[str]] = {}
     cpu: dict[str, frozenset[int]] = {}
@@ -575,4 +646,24 @@ def parse_nvidia_smi_topo(text: str) -> Topology:
     if missing:
         raise InvalidRequestError(f"nvidia-smi topo: no row for {', '.join(missing)}", key="topology")
     matrix = [[links[a][col_of[b]] for b in gpu_names] for a in gpu_names]
-    return Topology(matrix, [numa[g] for g in gpu_names], [cpu[g] for g in gpu_names], name="nvidia-smi")
+    legend: dict[str, str] = {}
+    for line in lines[header_at + 1 :]:
+        m = _NIC_LEGEND.match(line)
+        if m:
+            legend[m.group(1)] = m.group(2)
+    gpu_numa = [numa[g] for g in gpu_names]
+    nics = []
+    for nic in nic_names:
+        to_gpus = tuple(links[g][col_of[nic]] for g in gpu_names)
+        row = links.get(nic)
+        if row is not None:
+            for g, seen in zip(gpu_names, to_gpus, strict=True):
+                if row[col_of[g]] != seen:
+                    raise InvalidRequestError(
+                        f"nvidia-smi topo: link {g}-{nic} is {seen!r} but {nic}-{g} is {row[col_of[g]]!r}",
+                        key="topology",
+                    )
+        local = {gpu_numa[i] for i, link in enumerate(to_gpus) if link_rank(link) >= LINK_RANKS["NODE"]}
+        home = next(iter(local)) if len(local) == 1 else None
+        nics.append(Nic(nic, to_gpus, legend.get(nic, ""), home))
+    return Topology(matrix, gpu_numa, [cpu[g] for g in gpu_names], name="nvidia-smi", nics=nics)

@@ -33,6 +33,7 @@ from computegroups.placement.plugins import (
     Context,
     CordonFilter,
     FilterPlugin,
+    NicFilter,
     NodeSelectorFilter,
     Pick,
     PreferredAffinityScore,
@@ -40,6 +41,9 @@ from computegroups.placement.plugins import (
     ScorePlugin,
     TopologyScore,
     eligible_mask,
+    nic_mask,
+    nic_subset,
+    nic_text,
     share_memory,
     share_target,
     strategy_plugin,
@@ -57,7 +61,13 @@ __all__ = [
     "refusal",
 ]
 
-DEFAULT_FILTERS: tuple[FilterPlugin, ...] = (NodeSelectorFilter(), AffinityFilter(), CordonFilter(), CapacityFilter())
+DEFAULT_FILTERS: tuple[FilterPlugin, ...] = (
+    NodeSelectorFilter(),
+    AffinityFilter(),
+    CordonFilter(),
+    CapacityFilter(),
+    NicFilter(),
+)
 _TOPOLOGY = TopologyScore()
 _PREFERRED = PreferredAffinityScore()
 
@@ -167,9 +177,17 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     """Choose the devices on a node that passed the filters, or say why none fit."""
     spec = node.spec
     blocked = ctx.blocked_mask(spec.id) if ctx.nominated else 0
+    nic = cons.nic
     if req.share_milli:
-        idx = share_target(node, req, eligible_mask(node, req) & ~blocked)
+        eligible = eligible_mask(node, req) & ~blocked
+        if nic is not None:
+            eligible &= nic_mask(node.topology, cons)
+        idx = share_target(node, req, eligible)
         if idx is None:
+            if nic is not None:
+                return Reason(
+                    UNSCHEDULABLE, "no GPU {} with {:g} of a GPU free", (nic_text(cons), req.share_milli / MILLI)
+                )
             return Reason(UNSCHEDULABLE, "no GPU with {:g} of a GPU free", (req.share_milli / MILLI,))
         dev = DeviceShare(idx, spec.gpus[idx].uuid, req.share_milli, share_memory(node, idx, req))
         return Pick((dev,), None, req.share_milli)
@@ -177,11 +195,15 @@ def pick_devices(node: NodeState, req: Requirements, cons: Constraints, ctx: Con
     if k == 0:
         return Pick((), None, 0)
     mask = node.free_mask & eligible_mask(node, req) & ~blocked
-    choice = node.topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
+    if nic is None:
+        choice = node.topology.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
+    else:
+        choice = nic_subset(node.topology, mask, k, cons)
     if choice is None:
-        return Reason(
-            UNSCHEDULABLE, "no {} free GPUs {}", (k, "joined by NVLink" if cons.nvlink else "on one NUMA node")
-        )
+        rules = [text for on, text in ((cons.nvlink, "joined by NVLink"), (cons.same_numa, "on one NUMA node")) if on]
+        if nic is not None:
+            rules.append(nic_text(cons))
+        return Reason(UNSCHEDULABLE, "no {} free GPUs {}", (k, ", ".join(rules) or "that fit"))
     return Pick(node.whole_gpus(choice.indices), choice, k * MILLI)
 
 
@@ -339,4 +361,6 @@ def _describe(req: Requirements, cons: Constraints) -> str:
         parts.append("joined by NVLink")
     if cons.same_numa:
         parts.append("on one NUMA node")
+    if cons.nic is not None:
+        parts.append(nic_text(cons))
     return ", ".join(parts) or "the request"

@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 
 from computegroups.model import MILLI, Constraints, DeviceShare, Requirements, Strategy
 from computegroups.placement.cluster import Cluster, NodeState
-from computegroups.topology import SubsetChoice
+from computegroups.topology import SubsetChoice, Topology, link_rank
 
 __all__ = [
     "RUN",
@@ -30,6 +30,7 @@ __all__ = [
     "CapacityFilter",
     "CordonFilter",
     "FilterPlugin",
+    "NicFilter",
     "NodeSelectorFilter",
     "Pick",
     "PreFilter",
@@ -265,6 +266,143 @@ class CapacityFilter:
         elif share_target(node, req, eligible) is None:
             return Reason(UNSCHEDULABLE, "no GPU with {:g} of a GPU free", (req.share_milli / MILLI,))
         return None
+
+
+_NO_NICS = Reason(UNRESOLVABLE, "topology lists no NICs")
+#: Searches one NIC's device choice may spend looking for a set nearer the NIC (see :func:`nic_subset`).
+NIC_SEARCHES = 32
+
+
+def nic_text(cons: Constraints) -> str:
+    """``within PHB of NIC0`` / ``within NODE of a NIC``, for messages."""
+    return f"within {cons.nic_link} of {'a NIC' if cons.nic == 'any' else cons.nic}"
+
+
+class NicFilter:
+    """``constraints.nic``: the node lists the NIC, and enough GPUs are within ``nic_link`` of it.
+
+    All of a group's GPUs must be near one NIC (with ``any``: any one of the node's NICs). A node
+    whose topology lists no NICs (NVML discovery sees none) is refused, never taken as near. A
+    request without GPUs only needs the node to list the NIC.
+    """
+
+    name = "nic"
+
+    def prefilter(self, cluster: Cluster, req: Requirements, cons: Constraints, ctx: Context) -> PreFilter:
+        return SKIP if cons.nic is None else RUN
+
+    def filter(self, node: NodeState, req: Requirements, cons: Constraints, ctx: Context) -> Reason | None:
+        assert cons.nic is not None and cons.nic_link is not None
+        topo = node.topology
+        if not topo.nics:
+            return _NO_NICS
+        nics = topo.nic_indices(cons.nic)
+        if not nics:
+            return Reason(UNRESOLVABLE, "no NIC {} (has {})", (cons.nic, ", ".join(n.name for n in topo.nics)))
+        k = req.whole_gpus or (1 if req.share_milli else 0)
+        if k == 0:
+            return None
+        eligible = eligible_mask(node, req)
+        worst = link_rank(cons.nic_link)
+        near = max((topo.near_nic(i, worst) & eligible).bit_count() for i in nics)
+        if near < k:
+            return Reason(UNRESOLVABLE, "{} GPU(s) {}, {} requested", (near, nic_text(cons), k))
+        if req.share_milli:
+            return None  # the GPU a share goes to is chosen among the near ones (pick_devices)
+        free = node.free_mask & eligible & ~(ctx.blocked_mask(node.spec.id) if ctx.nominated else 0)
+        near_free = max((topo.near_nic(i, worst) & free).bit_count() for i in nics)
+        if near_free < k:
+            return Reason(UNSCHEDULABLE, "{} of {} GPU(s) {} free, {} requested", (near_free, near, nic_text(cons), k))
+        return None
+
+
+def nic_mask(topo: Topology, cons: Constraints) -> int:
+    """GPUs within ``nic_link`` of any NIC ``constraints.nic`` names."""
+    assert cons.nic is not None and cons.nic_link is not None
+    worst = link_rank(cons.nic_link)
+    mask = 0
+    for i in topo.nic_indices(cons.nic):
+        mask |= topo.near_nic(i, worst)
+    return mask
+
+
+def nic_subset(topo: Topology, free_mask: int, k: int, cons: Constraints) -> SubsetChoice | None:
+    """Choose k GPUs of ``free_mask`` all within ``nic_link`` of one NIC, the nearest among the best.
+
+    For each NIC ``constraints.nic`` names, the ordinary search (:meth:`Topology.best_subset`, with
+    the request's NVLink and NUMA rules) runs on the free GPUs within ``nic_link`` of it; that sets
+    the quality to keep (bottleneck, total, NUMA nodes). Among sets of that quality the one nearest
+    the NIC (worst link to it, then the sum of the links) is then looked for, without changing the
+    search: the same search runs on the free GPUs within each nearer link class, and then on that
+    set less one chosen GPU at a time (the farthest first), as long as that finds a nearer set of the
+    same quality, at most :data:`NIC_SEARCHES` searches per NIC. The best over the NICs wins, by
+    (quality, nearness), then the first NIC. Deterministic.
+    """
+    assert cons.nic is not None and cons.nic_link is not None
+    worst = link_rank(cons.nic_link)
+    best: SubsetChoice | None = None
+    best_key: tuple[int, int, int, int, int] | None = None
+    for nic in topo.nic_indices(cons.nic):
+        choice = _nearest(topo, nic, free_mask, worst, k, cons)
+        if choice is None:
+            continue
+        key = (*_quality(choice), *_nearness(topo, nic, choice.indices))
+        if best_key is None or key > best_key:
+            best, best_key = choice, key
+    return best
+
+
+def _quality(choice: SubsetChoice) -> tuple[int, int, int]:
+    """The search's own order: bottleneck, total, fewest NUMA nodes."""
+    return (choice.bottleneck, choice.total, -choice.numa_nodes)
+
+
+def _nearness(topo: Topology, nic: int, indices: Sequence[int]) -> tuple[int, int]:
+    """(worst link rank to the NIC, sum of the link ranks to it) of a set of GPUs."""
+    ranks = [topo.nic_rank(nic, i) for i in indices]
+    return (min(ranks, default=0), sum(ranks))
+
+
+def _nearest(topo: Topology, nic: int, free_mask: int, worst: int, k: int, cons: Constraints) -> SubsetChoice | None:
+    """The best set within ``worst`` of one NIC, and among the sets as good, one nearest the NIC."""
+
+    def search(mask: int) -> SubsetChoice | None:
+        return topo.best_subset(mask, k, nvlink=cons.nvlink, same_numa=cons.same_numa)
+
+    mask = free_mask & topo.near_nic(nic, worst)
+    choice = search(mask)
+    if choice is None:
+        return None
+    quality = _quality(choice)
+    near = _nearness(topo, nic, choice.indices)
+    searches = 0
+    # Nearer link classes first: the farthest class left out, then the next, ...
+    base = mask
+    for rank in sorted({topo.nic_rank(nic, i) for i in range(topo.gpu_count) if base >> i & 1})[1:]:
+        tier = base & topo.near_nic(nic, rank)
+        if tier.bit_count() < k:
+            break
+        found = search(tier)
+        searches += 1
+        if found is None:
+            break  # a smaller set of GPUs cannot do better
+        if _quality(found) >= quality and _nearness(topo, nic, found.indices) > near:
+            choice, near, mask = found, _nearness(topo, nic, found.indices), tier
+    # Then one chosen GPU at a time, the farthest from the NIC first.
+    improved = True
+    while improved and searches < NIC_SEARCHES:
+        improved = False
+        nearest = max(topo.nic_rank(nic, i) for i in range(topo.gpu_count) if mask >> i & 1)
+        for gpu in sorted(choice.indices, key=lambda i: (topo.nic_rank(nic, i), i)):
+            if topo.nic_rank(nic, gpu) >= nearest or searches >= NIC_SEARCHES:
+                break
+            searches += 1
+            other = search(mask & ~(1 << gpu))
+            if other is not None and _quality(other) >= quality and _nearness(topo, nic, other.indices) > near:
+                choice, near, mask = other, _nearness(topo, nic, other.indices), mask & ~(1 << gpu)
+                improved = True
+                break
+    return choice
 
 
 def _model_reason(node: NodeState, req: Requirements) -> Reason:

@@ -20,7 +20,6 @@ and index, so they are stable across runs and processes.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,8 +29,9 @@ from typing import Any
 
 import yaml
 
-from computegroups.errors import InvalidRequestError, one_of
-from computegroups.model import MAX_CPUS, MAX_GPUS, MAX_MEMORY_MIB, MILLI, GpuSpec, NodeSpec
+from computegroups.config import MIG_PROFILE, ClusterSpec, GpuConfig, parse
+from computegroups.errors import InvalidRequestError
+from computegroups.model import MILLI, GpuSpec, NodeSpec
 from computegroups.providers.base import DeviceHealth, Inventory
 from computegroups.providers.materialise import EnvironmentProvider
 from computegroups.topology import Topology, parse_nvidia_smi_topo
@@ -41,7 +41,6 @@ __all__ = ["PRESETS", "Preset", "SimulatedComputeResourceProvider", "simulated_u
 _UUID_NAMESPACE = uuid.UUID("6f1d3c52-8a0e-4f59-9b51-3d0c0a4c7e21")
 MAX_SPEC_BYTES = 16 * 2**20  # a spec file, checked before it is parsed
 MAX_TOPOLOGY_BYTES = 2**20  # an `nvidia-smi topo -m` output
-MAX_NODES = 100_000  # nodes of one spec
 
 
 def read_text(path: Path, limit: int, what: str, key: str) -> str:
@@ -125,107 +124,41 @@ def simulated_uuid(node_id: str, index: int) -> str:
     return "GPU-" + str(uuid.uuid5(_UUID_NAMESPACE, f"{node_id}/{index}"))
 
 
-_NODE_KEYS = ("id", "count", "preset", "topology", "gpu", "gpus", "cpus", "memory_mib", "labels", "mig")
-_MIG_PROFILE = re.compile(r"^(\d+)g\.(\d+)gb(\+me)?$")
-
-
 def simulated_mig_uuid(node_id: str, index: int, slot: int) -> str:
     """A stable MIG device UUID, formatted like NVML's."""
     return "MIG-" + str(uuid.uuid5(_UUID_NAMESPACE, f"{node_id}/{index}/mig/{slot}"))
 
 
-def _mig_layout(value: object, gpu_count: int, where: str) -> dict[int, list[str]]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidRequestError(f"{where}.mig: not a mapping of GPU index to MIG profiles", key="mig")
-    out: dict[int, list[str]] = {}
-    for k, profiles in value.items():
-        try:
-            index = int(k)
-        except (TypeError, ValueError):
-            raise InvalidRequestError(f"{where}.mig: {k!r} is not a GPU index", key="mig") from None
-        if not 0 <= index < gpu_count:
-            raise InvalidRequestError(f"{where}.mig: GPU {index} does not exist", key="mig")
-        if not isinstance(profiles, list) or not profiles:
-            raise InvalidRequestError(f"{where}.mig.{index}: not a list of profiles", key="mig")
-        slices = 0
-        for p in profiles:
-            m = _MIG_PROFILE.match(p) if isinstance(p, str) else None
-            if m is None:
-                raise InvalidRequestError(f"{where}.mig.{index}: {p!r} is not a MIG profile like 1g.10gb", key="mig")
-            slices += int(m.group(1))
-        if slices > 7:
-            raise InvalidRequestError(f"{where}.mig.{index}: more than 7 compute slices", key="mig")
-        out[index] = list(profiles)
-    return out
-
-
-_MAXIMA = {"gpus": MAX_GPUS, "count": MAX_NODES, "memory_mib": MAX_MEMORY_MIB}
-
-
-def _int(entry: Mapping[str, Any], key: str, default: int, where: str) -> int:
-    value = entry.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 <= value <= _MAXIMA.get(key, MAX_MEMORY_MIB)
-        or value != int(value)
-    ):
-        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
-        raise InvalidRequestError(
-            f"{where}.{key}: {shown} is not a whole number in 0..{_MAXIMA.get(key, MAX_MEMORY_MIB)}", key=key
-        )
-    return int(value)
-
-
-def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[NodeSpec]:
-    """Expand a cluster spec into node specs (validating every key)."""
-    if not isinstance(spec, Mapping) or not isinstance(spec.get("nodes"), list):
-        raise InvalidRequestError("spec: expected a mapping with a 'nodes' list", key="nodes")
+def nodes_from_spec(spec: Mapping[str, Any] | ClusterSpec, base: Path | None = None) -> list[NodeSpec]:
+    """Expand a cluster spec (validated by :class:`~computegroups.config.ClusterSpec`) into node specs."""
+    cluster = spec if isinstance(spec, ClusterSpec) else parse(ClusterSpec, spec, "spec")
     out: list[NodeSpec] = []
     seen: set[str] = set()
-    for n, entry in enumerate(spec["nodes"]):
-        where = f"spec.nodes[{n}]"
-        if not isinstance(entry, Mapping):
-            raise InvalidRequestError(f"{where}: not a mapping", key="nodes")
-        unknown = sorted(set(entry) - set(_NODE_KEYS))
-        if unknown:
-            raise InvalidRequestError(
-                f"{where}.{unknown[0]}: unknown key; allowed: {one_of(_NODE_KEYS)}", key=unknown[0]
-            )
-        preset: Preset | None = None
-        if "preset" in entry:
-            if entry["preset"] not in PRESETS:
-                raise InvalidRequestError(
-                    f"{where}.preset: {entry['preset']!r} is not one of {one_of(sorted(PRESETS))}", key="preset"
-                )
-            preset = PRESETS[entry["preset"]]
+    for n, entry in enumerate(cluster.nodes):
+        where = f"spec nodes[{n}]"
+        preset = PRESETS[entry.preset] if entry.preset is not None else None
         topology: Topology | None = None
-        if "topology" in entry:
-            topology = _file_topology((base or Path.cwd()) / str(entry["topology"]))
+        if entry.topology is not None:
+            topology = _file_topology((base or Path.cwd()) / entry.topology)
         elif preset is not None and preset.topology_file:
             topology = _preset_topology(preset.topology_file)
-        gpu = entry.get("gpu") or {}
-        if not isinstance(gpu, Mapping):
-            raise InvalidRequestError(f"{where}.gpu: not a mapping", key="gpu")
-        gpu_count = topology.gpu_count if topology else _int({**gpu, **entry}, "gpus", gpu.get("count", 0), where)
-        model = str(gpu.get("model") or (preset.gpu_model if preset else "") or ("GPU" if gpu_count else ""))
-        mem = _int(gpu, "memory_mib", preset.gpu_memory_mib if preset else 0, f"{where}.gpu")
-        cpus = entry.get("cpus", preset.cpus if preset else 0)
-        if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not 0 <= cpus <= MAX_CPUS:
-            raise InvalidRequestError(f"{where}.cpus: {cpus!r:.40} is not a number in 0..{MAX_CPUS}", key="cpus")
-        memory = _int(entry, "memory_mib", preset.memory_mib if preset else 0, where)
-        labels = entry.get("labels") or {}
-        if not isinstance(labels, Mapping):
-            raise InvalidRequestError(f"{where}.labels: not a mapping", key="labels")
-        count = _int(entry, "count", 1, where)
-        base_id = str(entry.get("id") or f"node{n}")
-        mig = _mig_layout(entry.get("mig"), gpu_count, where)
+        gpu = entry.gpu or GpuConfig()
+        count_given = entry.gpus if entry.gpus is not None else gpu.count
+        gpu_count = topology.gpu_count if topology else (count_given or 0)
+        model = gpu.model or (preset.gpu_model if preset else "") or ("GPU" if gpu_count else "")
+        mem = gpu.memory_mib if gpu.memory_mib is not None else (preset.gpu_memory_mib if preset else 0)
+        cpus = entry.cpus if entry.cpus is not None else (preset.cpus if preset else 0)
+        memory = entry.memory_mib if entry.memory_mib is not None else (preset.memory_mib if preset else 0)
+        mig = dict(entry.mig or {})
+        missing = next((i for i in mig if i >= gpu_count), None)
+        if missing is not None:
+            raise InvalidRequestError(f"{where}.mig: GPU {missing} does not exist", key="mig")
         if mig and topology is None:
             topology = Topology.uniform(gpu_count, "SYS")
-        for r in range(count):
-            node_id = base_id if count == 1 else f"{base_id}-{r}"
+        labels = entry.label_map()
+        base_id = entry.id or f"node{n}"
+        for r in range(entry.count):
+            node_id = base_id if entry.count == 1 else f"{base_id}-{r}"
             if node_id in seen:
                 raise InvalidRequestError(f"{where}.id: duplicate node id {node_id!r}", key="id")
             seen.add(node_id)
@@ -251,7 +184,7 @@ def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[N
                             index=len(gpus),
                             uuid=simulated_mig_uuid(node_id, i, slot),
                             name=f"{model} MIG {profile}",
-                            memory_mib=int(_MIG_PROFILE.match(profile).group(2)) * 1024,  # type: ignore[union-attr]
+                            memory_mib=int(MIG_PROFILE.fullmatch(profile).group(2)) * 1024,  # type: ignore[union-attr]
                             pci_bus_id=whole.pci_bus_id,
                             numa_node=whole.numa_node,
                             mig_profile=profile,
@@ -268,7 +201,7 @@ def nodes_from_spec(spec: Mapping[str, Any], base: Path | None = None) -> list[N
                     topology=node_topology,
                     cpus_milli=round(float(cpus) * MILLI),
                     memory_mib=memory,
-                    labels={str(k): str(v) for k, v in labels.items()},
+                    labels=labels,
                 )
             )
     return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from computegroups._cliutil import fail, run
+from computegroups._cliutil import REQUEST_FLAGS, fail, flag_message, run
 from computegroups.errors import InvalidRequestError
 from computegroups.integrations.dynamo.actuator import (
     DEFAULT_DYNAMO_COMPONENTS,
@@ -24,6 +24,7 @@ from computegroups.integrations.dynamo.actuator import (
 )
 from computegroups.integrations.dynamo.readiness import DiscoveryReadiness, HealthReadiness, Readiness, SettleReadiness
 from computegroups.integrations.etcd import EtcdClient, EtcdError
+from computegroups.model import Constraints
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.cli import CliContext
 from computegroups.runtime.local import LocalRuntime
@@ -140,6 +141,17 @@ def _split(flag: str, command: str | None) -> list[str] | None:
 @click.option("--node", "node_id", help="Only this node.")
 @click.option("--nvlink", is_flag=True, help="Every pair of a worker's GPUs joined by NVLink.")
 @click.option("--same-numa", is_flag=True, help="All of a worker's GPUs on one NUMA node.")
+@click.option(
+    "--nic",
+    metavar="NIC|any",
+    help="All of a worker's GPUs near this NIC (NIC0, mlx5_0) or any one NIC, for KV-cache transfers over RDMA "
+    "(prefill and decode workers).",
+)
+@click.option(
+    "--nic-link",
+    metavar="LINK",
+    help="With --nic: the farthest link from a worker's GPU to the NIC, PIX, PXB, PHB, NODE (default) or SYS.",
+)
 @click.option("--strategy", type=click.Choice(["binpack", "spread"]), help="Node choice.")
 @click.option(
     "--poll-interval",
@@ -192,6 +204,8 @@ def dynamo_actuate_command(
     node_id: str | None,
     nvlink: bool,
     same_numa: bool,
+    nic: str | None,
+    nic_link: str | None,
     strategy: str | None,
     poll_interval: float,
     graceful_timeout: float,
@@ -221,6 +235,10 @@ def dynamo_actuate_command(
         cons["nvlink"] = True
     if same_numa:
         cons["same_numa"] = True
+    if nic is not None:
+        cons["nic"] = nic
+    if nic_link is not None:
+        cons["nic_link"] = nic_link
     if strategy:
         cons["strategy"] = strategy
     if ready_mode == "health" and not health_url:
@@ -229,6 +247,7 @@ def dynamo_actuate_command(
         fail("dynamo-actuate: --health-url is only used with --ready health", 2)
     try:
         check_name("namespace", namespace)
+        Constraints.parse(cons)  # a bad value is refused here, naming its flag, before anything starts
         specs = parse_specs(
             prefill_gpus,
             _split("--prefill-cmd", prefill_cmd),
@@ -263,7 +282,9 @@ def dynamo_actuate_command(
         for flag, value in (("--ready-timeout", ready_timeout), ("--retry-backoff", retry_backoff)):
             if value < 0:
                 raise InvalidRequestError(f"{flag}: {value} is negative")
-    except (InvalidRequestError, EtcdError) as exc:
+    except InvalidRequestError as exc:
+        fail(f"dynamo-actuate: {flag_message(exc, REQUEST_FLAGS)}", 2)
+    except EtcdError as exc:
         fail(f"dynamo-actuate: {exc}", 2)
     try:
         etcd.check()  # a wrong CA, certificate or password is refused here, before anything starts
