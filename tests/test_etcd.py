@@ -417,16 +417,18 @@ def test_backoff_doubles_is_capped_and_jitter_stays_within_bounds() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "key"),
     [
-        {"url": "ftp://127.0.0.1:2379"},
-        {"url": "http://127.0.0.1:2379", "ca_file": "/etc/hostname"},
-        {"url": "https://127.0.0.1:2379", "ca_file": "/nonexistent"},
-        {"url": "https://127.0.0.1:2379", "cert_file": "/etc/hostname"},
-        {"url": "http://127.0.0.1:2379", "user": "root"},
-        {"url": "http://127.0.0.1:99999"},
+        ({"url": "ftp://127.0.0.1:2379"}, "url"),
+        ({"url": "http://127.0.0.1:2379", "ca_file": "/etc/hostname"}, "ca_file"),
+        ({"url": "https://127.0.0.1:2379", "ca_file": "/nonexistent"}, "ca_file"),
+        ({"url": "https://127.0.0.1:2379", "cert_file": "/etc/hostname"}, "key_file"),
+        ({"url": "http://127.0.0.1:2379", "user": "root"}, "password"),
+        ({"url": "http://127.0.0.1:2379", "password": "x"}, "user"),
+        ({"url": "http://127.0.0.1:99999"}, "url"),
     ],
 )
-def test_bad_settings_are_refused_before_anything_is_sent(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(EtcdError):
+def test_bad_settings_are_refused_before_anything_is_sent(kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(EtcdError) as info:
         EtcdClient(**kwargs)
+    assert info.value.key == key and not info.value.transient

@@ -1,8 +1,9 @@
 """etcd v3 for the Dynamo integration: ``etcd3gw`` (etcd's JSON gateway) with TLS, auth and retries.
 
-``etcd3gw`` (OpenStack's client of the gateway) holds the ``requests`` session: one
-pool of kept-alive connections, TLS verified against ``ca_file`` (the system's CAs
-without one), a client certificate with ``cert_file``/``key_file``. With ``user`` and
+``etcd3gw`` (OpenStack's client of the gateway) makes the requests, on a ``requests``
+session set up here: one pool of kept-alive connections, TLS verified against
+``ca_file`` (the system's CAs without one; ``REQUESTS_CA_BUNDLE`` does not override a
+``ca_file``), a client certificate with ``cert_file``/``key_file``. With ``user`` and
 ``password`` every request carries an etcd auth token, fetched on first use from
 ``/v3/auth/authenticate`` and fetched again when etcd answers 401 (the token expired,
 or etcd restarted and forgot it).
@@ -61,10 +62,14 @@ class EtcdError(ProviderError):
     raised); ``retry_after_s``: the wait the server asked for, if it did.
     """
 
-    def __init__(self, message: str, *, transient: bool = False, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, transient: bool = False, retry_after_s: float | None = None, key: str | None = None
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.retry_after_s = retry_after_s
+        #: The :class:`EtcdClient` argument at fault, for a setting refused before anything was sent.
+        self.key = key
 
 
 def _b64(text: str) -> str:
@@ -145,11 +150,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _check_file(flag: str, path: str | None) -> str | None:
+def _check_file(key: str, what: str, path: str | None) -> str | None:
     if path is None:
         return None
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise EtcdError(f"etcd: {flag} {path!r} is not a readable file")
+        raise EtcdError(f"etcd: {what} {path!r} is not a readable file", key=key)
     return path
 
 
@@ -265,15 +270,23 @@ class EtcdClient:
         try:
             port = parts.port or 2379
         except ValueError as exc:
-            raise EtcdError(f"etcd: {url!r}: {exc}") from None
+            raise EtcdError(f"etcd: {url!r}: {exc}", key="url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise EtcdError(f"etcd: {url!r} is not an http://host:port or https://host:port URL")
+            raise EtcdError(f"etcd: {url!r} is not an http://host:port or https://host:port URL", key="url")
         if (cert_file is None) != (key_file is None):
-            raise EtcdError(f"etcd {url}: a client certificate needs both its file and its key file")
+            raise EtcdError(
+                f"etcd {url}: a client certificate needs both its file and its key file",
+                key="key_file" if key_file is None else "cert_file",
+            )
         if parts.scheme == "http" and (ca_file or cert_file):
-            raise EtcdError(f"etcd: {url!r}: a CA or client certificate needs an https:// URL")
+            raise EtcdError(
+                f"etcd: {url!r}: a CA or client certificate needs an https:// URL",
+                key="ca_file" if ca_file else "cert_file",
+            )
         if (user is None) != (password is None) or user == "":
-            raise EtcdError(f"etcd {url}: auth needs both a user name and a password")
+            raise EtcdError(
+                f"etcd {url}: auth needs both a user name and a password", key="password" if user else "user"
+            )
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         self.url = f"{parts.scheme}://{host}:{port}"
         self.timeout_s = timeout_s
@@ -282,9 +295,9 @@ class EtcdClient:
         self._password = password
         self.retry_attempts = max(1, int(retry_attempts))
         self.retry_timeout_s = float(retry_timeout_s)
-        _check_file("CA file", ca_file)
-        _check_file("client certificate", cert_file)
-        _check_file("client key", key_file)
+        _check_file("ca_file", "CA file", ca_file)
+        _check_file("cert_file", "client certificate", cert_file)
+        _check_file("key_file", "client key", key_file)
         self._gw = Etcd3Client(
             host=parts.hostname,
             port=port,

@@ -32,6 +32,17 @@ from computegroups.runtime.local import LocalRuntime
 __all__ = ["dynamo_actuate_command", "register"]
 
 
+#: The flag of each EtcdClient setting, for the one line that refuses it.
+_ETCD_FLAGS = {
+    "url": "--etcd",
+    "ca_file": "--etcd-ca",
+    "cert_file": "--etcd-cert",
+    "key_file": "--etcd-key",
+    "user": "--etcd-user",
+    "password": "--etcd-password",
+}
+
+
 def _split(flag: str, command: str | None) -> list[str] | None:
     """A worker command line split as a shell would, or InvalidRequestError naming the flag."""
     if not command:
@@ -261,14 +272,18 @@ def dynamo_actuate_command(
         endpoints = [e.strip() for e in etcd_url.split(",") if e.strip()]
         if not endpoints:
             raise InvalidRequestError(f"--etcd: {etcd_url!r} names no endpoint", key="etcd")
-        etcd = EtcdClient(
-            endpoints[0],
-            ca_file=etcd_ca,
-            cert_file=etcd_cert,
-            key_file=etcd_key,
-            user=etcd_user,
-            password=etcd_password,
-        )
+        try:
+            etcd = EtcdClient(
+                endpoints[0],
+                ca_file=etcd_ca,
+                cert_file=etcd_cert,
+                key_file=etcd_key,
+                user=etcd_user,
+                password=etcd_password,
+            )
+        except EtcdError as exc:
+            flag = _ETCD_FLAGS.get(exc.key or "", "--etcd")
+            raise InvalidRequestError(f"{flag}: {exc}", key=flag) from exc
         readiness: Readiness
         if ready_mode == "health":
             readiness = HealthReadiness(health_url or "")
