@@ -186,7 +186,9 @@ CLI: list[tuple[list[str], int, str, dict[str, str]]] = [
     (["dynamo-actuate", *DYNAMO, "--decode-cmd", "sleep \\"], 2, "--decode-cmd", {}),
     (["dynamo-actuate", *DYNAMO, "--prefill-cmd", "sleep 9", "--nic", "mlx5_0\n"], 2, "--nic", {}),
     (["dynamo-actuate", *DYNAMO, "--prefill-cmd", "sleep 9", "--nic", "any", "--nic-link", "X"], 2, "--nic-link", {}),
-    (["dynamo-actuate", *DYNAMO[:2], "--etcd", "https://127.0.0.1:2379", "--prefill-cmd", "sleep 9"], 2, "TLS", {}),
+    (["dynamo-actuate", *DYNAMO[:2], "--etcd", "ftp://127.0.0.1:2379", "--prefill-cmd", "sleep 9"], 2, "--etcd", {}),
+    (["dynamo-actuate", *DYNAMO[:2], "--etcd-ca", "/nonexistent", "--prefill-cmd", "sleep 9"], 2, "--etcd-ca", {}),
+    (["dynamo-actuate", *DYNAMO[:2], "--etcd-user", "root", "--prefill-cmd", "sleep 9"], 2, "--etcd-password", {}),
 ]
 
 

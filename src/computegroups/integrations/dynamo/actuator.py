@@ -87,6 +87,7 @@ from computegroups.integrations.dynamo.readiness import (
 )
 from computegroups.integrations.etcd import EtcdClient, EtcdError
 from computegroups.manager import Event
+from computegroups.retry import backoff_s
 from computegroups.runtime.local import LocalRuntime
 
 __all__ = [
@@ -467,7 +468,7 @@ class DynamoActuator:
 
     # -- converging ------------------------------------------------------------------------
     def _backoff(self, failures: int) -> float:
-        return float(min(self.retry_backoff_max_s, self.retry_backoff_s * (2 ** max(0, failures - 1))))
+        return backoff_s(failures, initial_s=self.retry_backoff_s, max_s=self.retry_backoff_max_s, jitter=0.1)
 
     async def converge(
         self,
@@ -538,7 +539,8 @@ class DynamoActuator:
                     del pending[gid]
                     failed_here[role] += 1
                     self._failures[role] += 1
-                    self._next_start[role] = time.monotonic() + self._backoff(self._failures[role])
+                    wait = self._backoff(self._failures[role])
+                    self._next_start[role] = time.monotonic() + wait
                     last = _last_line(
                         next((r["log_file"] for r in await self.runtime.ps() if r["group_id"] == gid), "")
                     )
@@ -551,7 +553,7 @@ class DynamoActuator:
                         self.component(role),
                         gid,
                         self._failures[role],
-                        self._backoff(self._failures[role]),
+                        wait,
                     )
             waiting = False
             for role in roles:
@@ -652,6 +654,8 @@ class DynamoActuator:
         if self.etcd_endpoints:
             env["ETCD_ENDPOINTS"] = self.etcd_endpoints
             env.setdefault("DYN_DISCOVERY_BACKEND", "etcd")
+        if self.etcd is not None:
+            env.update(self.etcd.dynamo_env())  # the same etcd's CA, client certificate and user
         port = 0
         if isinstance(self.readiness, HealthReadiness) and self.readiness.wants_port:
             port = free_port()
@@ -841,17 +845,20 @@ class _Watcher:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        revision = 0
+        failures = 0
         while not self._stop.is_set():
             try:
                 _, revision = self._etcd.get_prefix(self._prefix)
                 self._watch = self._etcd.watch_prefix(self._prefix, revision + 1)
                 self._notify()  # something may have changed while no watch was open
+                failures = 0
                 for _event in self._watch:
                     self._notify()
             except EtcdError as exc:
+                failures += 1
                 log.debug("watch %s: %s", self._prefix, exc)
-            self._stop.wait(1.0)
+            # Reopened at once after a stream that ended well, later and later while etcd is away.
+            self._stop.wait(backoff_s(failures, initial_s=0.5, max_s=30.0, jitter=0.5) if failures else 0.1)
 
 
 def parse_specs(

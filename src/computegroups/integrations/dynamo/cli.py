@@ -32,6 +32,17 @@ from computegroups.runtime.local import LocalRuntime
 __all__ = ["dynamo_actuate_command", "register"]
 
 
+#: The flag of each EtcdClient setting, for the one line that refuses it.
+_ETCD_FLAGS = {
+    "url": "--etcd",
+    "ca_file": "--etcd-ca",
+    "cert_file": "--etcd-cert",
+    "key_file": "--etcd-key",
+    "user": "--etcd-user",
+    "password": "--etcd-password",
+}
+
+
 def _split(flag: str, command: str | None) -> list[str] | None:
     """A worker command line split as a shell would, or InvalidRequestError naming the flag."""
     if not command:
@@ -50,8 +61,24 @@ def _split(flag: str, command: str | None) -> list[str] | None:
     default="http://127.0.0.1:2379",
     show_default=True,
     envvar="ETCD_ENDPOINTS",
-    help="etcd endpoints (http://host:port, comma-separated): the actuator uses the first; the workers get them "
-    "all as ETCD_ENDPOINTS.",
+    help="etcd endpoints (http://host:port or https://host:port, comma-separated): the actuator uses the first; "
+    "the workers get them all as ETCD_ENDPOINTS.",
+)
+@click.option(
+    "--etcd-ca",
+    metavar="FILE",
+    envvar="ETCD_AUTH_CA",
+    help="With https:// endpoints: the CA bundle that signed etcd's certificate (default: the system's).",
+)
+@click.option("--etcd-cert", metavar="FILE", envvar="ETCD_AUTH_CLIENT_CERT", help="Client certificate for etcd.")
+@click.option("--etcd-key", metavar="FILE", envvar="ETCD_AUTH_CLIENT_KEY", help="Key of --etcd-cert.")
+@click.option("--etcd-user", metavar="NAME", envvar="ETCD_AUTH_USERNAME", help="etcd user (etcd auth enabled).")
+@click.option(
+    "--etcd-password",
+    metavar="PASSWORD",
+    envvar="ETCD_AUTH_PASSWORD",
+    help="Password of --etcd-user (better given as ETCD_AUTH_PASSWORD). Workers get these settings as the "
+    "ETCD_AUTH_* variables Dynamo reads.",
 )
 @click.option(
     "--prefill-gpus",
@@ -165,6 +192,11 @@ def dynamo_actuate_command(
     ctx: CliContext,
     namespace: str,
     etcd_url: str,
+    etcd_ca: str | None,
+    etcd_cert: str | None,
+    etcd_key: str | None,
+    etcd_user: str | None,
+    etcd_password: str | None,
     prefill_gpus: int,
     decode_gpus: int,
     prefill_cmd: str | None,
@@ -240,7 +272,18 @@ def dynamo_actuate_command(
         endpoints = [e.strip() for e in etcd_url.split(",") if e.strip()]
         if not endpoints:
             raise InvalidRequestError(f"--etcd: {etcd_url!r} names no endpoint", key="etcd")
-        etcd = EtcdClient(endpoints[0])
+        try:
+            etcd = EtcdClient(
+                endpoints[0],
+                ca_file=etcd_ca,
+                cert_file=etcd_cert,
+                key_file=etcd_key,
+                user=etcd_user,
+                password=etcd_password,
+            )
+        except EtcdError as exc:
+            flag = _ETCD_FLAGS.get(exc.key or "", "--etcd")
+            raise InvalidRequestError(f"{flag}: {exc}", key=flag) from exc
         readiness: Readiness
         if ready_mode == "health":
             readiness = HealthReadiness(health_url or "")
@@ -258,6 +301,12 @@ def dynamo_actuate_command(
         fail(f"dynamo-actuate: {flag_message(exc, REQUEST_FLAGS)}", 2)
     except EtcdError as exc:
         fail(f"dynamo-actuate: {exc}", 2)
+    try:
+        etcd.check()  # a wrong CA, certificate or password is refused here, before anything starts
+    except EtcdError as exc:
+        if not exc.transient:
+            fail(f"dynamo-actuate: {exc}", 2)
+        logging.getLogger(__name__).warning("dynamo-actuate: %s; will keep trying", exc)
 
     async def body(rt: LocalRuntime) -> None:
         actuator = DynamoActuator(
