@@ -85,11 +85,17 @@ def run_section(name: str, light: bool, workers: int) -> Any:
             if light
             else openb.run(workers=workers, fragmentation=frag)
         )
-        return {
+        data = {
             "light": light,
             "summary": openb.summarise(results),
             "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in results],
         }
+        if frag and not light:  # the paper's BestFit and Random under the same protocol, seed 42, for the plot
+            data["baselines"] = [
+                {k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]}
+                for r in openb.baselines(workers=workers)
+            ]
+        return data
     if name == "features":
         from bench import features
 
