@@ -2,7 +2,8 @@
 
 Sections: speed, features (the advanced features in use), ray, topology, worst_case (the slowest
 decisions inside one node: the largest nodes, MIG slices), packing, openb,
-openb_binpack (the same replay with the fragmentation score disabled: the "before"), memory; ``all`` (the default)
+openb_binpack (the same replay with the fragmentation score disabled: the "before"), openb_baselines
+(the paper's BestFit and Random under the same protocol), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
 so; it checks that every benchmark runs and never judges a time.
 
@@ -24,7 +25,18 @@ from typing import Any
 
 from bench import common, report
 
-SECTIONS = ("speed", "features", "ray", "topology", "worst_case", "packing", "openb", "openb_binpack", "memory")
+SECTIONS = (
+    "speed",
+    "features",
+    "ray",
+    "topology",
+    "worst_case",
+    "packing",
+    "openb",
+    "openb_binpack",
+    "openb_baselines",
+    "memory",
+)
 
 
 def _save(out: Path, name: str, data: Any) -> None:
@@ -90,12 +102,15 @@ def run_section(name: str, light: bool, workers: int) -> Any:
             "summary": openb.summarise(results),
             "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in results],
         }
-        if frag and not light:  # the paper's BestFit and Random under the same protocol, seed 42, for the plot
-            data["baselines"] = [
-                {k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]}
-                for r in openb.baselines(workers=workers)
-            ]
         return data
+    if name == "openb_baselines":  # the paper's BestFit and Random under the same protocol, seed 42, for the plot
+        from bench import openb
+
+        runs = openb.baselines(("default",), limit_tasks=1500, workers=1) if light else openb.baselines(workers=workers)
+        return {
+            "light": light,
+            "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in runs],
+        }
     if name == "features":
         from bench import features
 

@@ -220,7 +220,7 @@ class RandomScore:
 BASELINES = ("BestFit", "Random")
 
 
-def run_baseline(trace: str, seed: int, policy: str) -> RunResult:
+def run_baseline(trace: str, seed: int, policy: str, limit_tasks: int | None = None) -> RunResult:
     """The same experiment with a baseline policy of the paper, through ``place()`` on every feasible node.
 
     Not the public API: it has no such strategies. The GPU within a node is
@@ -231,6 +231,8 @@ def run_baseline(trace: str, seed: int, policy: str) -> RunResult:
     cluster = Cluster(nodes_from_spec(spec))
     capacity = sum(n["gpus"] for n in spec["nodes"]) * MILLI
     tasks = inflate(load_tasks(trace), capacity, seed)
+    if limit_tasks is not None:
+        tasks = tasks[:limit_tasks]
     scores = (BestFitScore(),) if policy == "BestFit" else (RandomScore(seed),)
     cons = Constraints.parse(None)
     parsed: dict[Task, tuple[Requirements, dict[str, Any]]] = {}
@@ -283,7 +285,7 @@ def _star(args: tuple[str, int, int | None, str | None, bool]) -> RunResult:
     return run_one(*args)
 
 
-def _baseline_star(args: tuple[str, int, str]) -> RunResult:
+def _baseline_star(args: tuple[str, int, str, int | None]) -> RunResult:
     return run_baseline(*args)
 
 

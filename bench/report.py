@@ -226,7 +226,8 @@ def write(out: Path) -> Path:
             )
             + "\n"
         )
-        if ob.get("baselines"):
+        base_runs = (data.get("openb_baselines") or {}).get("runs", [])
+        if base_runs:
             parts.append(
                 "Baselines of the paper under the same protocol (seed 42, every feasible node compared, "
                 "through `place()`):\n"
@@ -244,7 +245,7 @@ def write(out: Path) -> Path:
                                 *ob_paper(ob, b["trace"].split(":")[0], b["trace"].split(":")[1].lower())
                             ),
                         ]
-                        for b in ob["baselines"]
+                        for b in base_runs
                     ],
                 )
                 + "\n"
@@ -339,7 +340,7 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
         for ax, trace in zip(axes[0], traces, strict=True):
             r = next(r for r in ob["runs"] if r["trace"] == trace)
             ax.plot([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], lw=1.2, label=f"ours (seed {r['seed']})")
-            for b in ob.get("baselines", []):
+            for b in (data.get("openb_baselines") or {}).get("runs", []):
                 if b["trace"].split(":")[0] == trace:
                     pts = b["curve"]
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=b["trace"].split(":")[1])
