@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -289,9 +290,11 @@ def _baseline_star(args: tuple[str, int, str, int | None]) -> RunResult:
     return run_baseline(*args)
 
 
-def baselines(traces: Iterable[str] = TRACES, seeds: Iterable[int] = (42,), *, workers: int = 2) -> list[RunResult]:
+def baselines(
+    traces: Iterable[str] = TRACES, seeds: Iterable[int] = (42,), *, limit_tasks: int | None = None, workers: int = 2
+) -> list[RunResult]:
     """BestFit and Random (see :func:`run_baseline`) on each trace, for the plot and as a sanity check."""
-    jobs = [(t, s, p) for t in traces for s in seeds for p in BASELINES]
+    jobs = [(t, s, p, limit_tasks) for t in traces for s in seeds for p in BASELINES]
     if workers <= 1 or len(jobs) == 1:
         return [_baseline_star(j) for j in jobs]
     with ProcessPoolExecutor(workers) as pool:
@@ -320,7 +323,7 @@ def _sd(xs: list[float]) -> float:
     if len(xs) < 2:
         return 0.0
     m = sum(xs) / len(xs)
-    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
