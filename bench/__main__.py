@@ -106,7 +106,7 @@ def run_section(name: str, light: bool, workers: int) -> Any:
     if name == "openb_baselines":  # the paper's BestFit and Random under the same protocol, seed 42, for the plot
         from bench import openb
 
-        runs = openb.baselines(("default",), limit_tasks=1500, workers=1) if light else openb.baselines(workers=workers)
+        runs = openb.baselines(("default",), limit_tasks=500, workers=1) if light else openb.baselines(workers=workers)
         return {
             "light": light,
             "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in runs],
