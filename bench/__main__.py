@@ -3,7 +3,8 @@
 Sections: speed, sqlite (the durable path: in memory against SQLite, 1/2/4 processes on one file, Ray in
 the same run), features (the advanced features in use), ray, topology, worst_case (the slowest
 decisions inside one node: the largest nodes, MIG slices), packing, openb,
-openb_binpack (the same replay with the fragmentation score disabled: the "before"), memory; ``all`` (the default)
+openb_binpack (the same replay with the fragmentation score disabled: the "before"), openb_baselines
+(the paper's BestFit and Random under the same protocol), memory; ``all`` (the default)
 runs every one. ``--light`` is the CI mode: small sizes, no Ray, a minute or
 so; it checks that every benchmark runs and never judges a time.
 
@@ -35,6 +36,7 @@ SECTIONS = (
     "packing",
     "openb",
     "openb_binpack",
+    "openb_baselines",
     "memory",
 )
 
@@ -103,10 +105,19 @@ def run_section(name: str, light: bool, workers: int) -> Any:
             if light
             else openb.run(workers=workers, fragmentation=frag)
         )
-        return {
+        data = {
             "light": light,
             "summary": openb.summarise(results),
             "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in results],
+        }
+        return data
+    if name == "openb_baselines":  # the paper's BestFit and Random under the same protocol, seed 42, for the plot
+        from bench import openb
+
+        runs = openb.baselines(("default",), limit_tasks=500, workers=1) if light else openb.baselines(workers=workers)
+        return {
+            "light": light,
+            "runs": [{k: v for k, v in r.__dict__.items() if k != "curve"} | {"curve": r.curve[::5]} for r in runs],
         }
     if name == "features":
         from bench import features

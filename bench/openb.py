@@ -4,13 +4,16 @@ See ``bench/data/openb/README.md``: 1,213 nodes and 6,212 GPUs; the trace's
 tasks plus seeded copies up to 130% of the GPU capacity, shuffled, placed one
 by one with ``allocate_compute_group`` (nothing ever leaves); a task that fits
 nowhere is dropped. We report the GPU allocation ratio when the arrived share
-reaches 100% and at the end, beside the paper's published figures.
+reaches 100% and at the end (mean and spread over seeds 42-51), beside the
+paper's published figures, and replay the paper's BestFit and Random baselines
+under the same protocol (:func:`run_baseline`, one seed) for the plot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -20,6 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from computegroups import ComputeGroupManager, InsufficientResourcesError, SimulatedComputeResourceProvider
+from computegroups.model import MILLI, AllocationState, Constraints, GroupRecord, Requirements
+from computegroups.placement.cluster import Cluster, NodeState
+from computegroups.placement.engine import place
+from computegroups.placement.plugins import Context, Pick
+from computegroups.providers.simulated import nodes_from_spec
 
 TRACES = ("default", "gpushare100", "multigpu50", "gpuspec33", "cpu050")
 SEEDS = tuple(range(42, 52))
@@ -178,6 +186,96 @@ async def _run(trace: str, seed: int, limit_tasks: int | None, strategy: str | N
     )
 
 
+class BestFitScore:
+    """The paper's BestFit baseline: the node left with the least free CPU and GPU share, equally weighted."""
+
+    name = "bestfit"
+    weight = 1
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
+        gpus = node.gpu_count * MILLI
+        gpu_left = (gpus - node.used_milli - pick.milli) / gpus if gpus else 0.0
+        cpu_left = (node.cpu_free - req.cpus_milli) / (node.spec.cpus_milli or 1)
+        return 100.0 * (1.0 - (gpu_left + cpu_left) / 2)
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        return 101.0  # never stops the scan early: every feasible node is compared
+
+
+class RandomScore:
+    """The Random baseline: a feasible node drawn uniformly (a seeded draw per candidate)."""
+
+    name = "random"
+    weight = 1
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def score(self, node: NodeState, req: Requirements, pick: Pick, ctx: Context) -> float:
+        return 100.0 * self.rng.random()
+
+    def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
+        return 101.0
+
+
+BASELINES = ("BestFit", "Random")
+
+
+def run_baseline(trace: str, seed: int, policy: str, limit_tasks: int | None = None) -> RunResult:
+    """The same experiment with a baseline policy of the paper, through ``place()`` on every feasible node.
+
+    Not the public API: it has no such strategies. The GPU within a node is
+    chosen as the engine does (best fit for a share, the best-linked set for
+    whole GPUs); only the node choice differs.
+    """
+    spec = node_spec()
+    cluster = Cluster(nodes_from_spec(spec))
+    capacity = sum(n["gpus"] for n in spec["nodes"]) * MILLI
+    tasks = inflate(load_tasks(trace), capacity, seed)
+    if limit_tasks is not None:
+        tasks = tasks[:limit_tasks]
+    scores = (BestFitScore(),) if policy == "BestFit" else (RandomScore(seed),)
+    cons = Constraints.parse(None)
+    parsed: dict[Task, tuple[Requirements, dict[str, Any]]] = {}
+    arrived = placed = dropped = 0
+    at_100: float | None = None
+    curve: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+    for n, task in enumerate(tasks):
+        arrived += task.gpu_request
+        known = parsed.get(task)
+        if known is None:
+            raw = task.requirements()
+            known = parsed[task] = (Requirements.parse(raw), raw)
+        req, raw = known
+        if raw:
+            try:
+                d = place(cluster, req, cons, scores=scores, limit=len(cluster.nodes))
+            except InsufficientResourcesError:
+                dropped += 1
+            else:
+                record = GroupRecord(
+                    str(n), d.node_id, AllocationState.ALLOCATED, "openb", d.devices, d.cpus_milli, d.memory_mib
+                )
+                cluster.apply(record)
+                placed += task.gpu_request
+        if at_100 is None and arrived >= capacity:
+            at_100 = 100.0 * placed / capacity
+        if n % 100 == 0:
+            curve.append((100.0 * arrived / capacity, 100.0 * placed / capacity))
+    curve.append((100.0 * arrived / capacity, 100.0 * placed / capacity))
+    return RunResult(
+        f"{trace}:{policy}",
+        seed,
+        len(tasks),
+        at_100 if at_100 is not None else float("nan"),
+        100.0 * placed / capacity,
+        dropped,
+        time.perf_counter() - t0,
+        curve,
+    )
+
+
 def run_one(
     trace: str, seed: int, limit_tasks: int | None = None, strategy: str | None = None, frag: bool = True
 ) -> RunResult:
@@ -186,6 +284,21 @@ def run_one(
 
 def _star(args: tuple[str, int, int | None, str | None, bool]) -> RunResult:
     return run_one(*args)
+
+
+def _baseline_star(args: tuple[str, int, str, int | None]) -> RunResult:
+    return run_baseline(*args)
+
+
+def baselines(
+    traces: Iterable[str] = TRACES, seeds: Iterable[int] = (42,), *, limit_tasks: int | None = None, workers: int = 2
+) -> list[RunResult]:
+    """BestFit and Random (see :func:`run_baseline`) on each trace, for the plot and as a sanity check."""
+    jobs = [(t, s, p, limit_tasks) for t in traces for s in seeds for p in BASELINES]
+    if workers <= 1 or len(jobs) == 1:
+        return [_baseline_star(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_baseline_star, jobs))
 
 
 def run(
@@ -205,8 +318,16 @@ def run(
         return list(pool.map(_star, jobs))
 
 
+def _sd(xs: list[float]) -> float:
+    """Sample standard deviation (0 for one value)."""
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Mean over seeds per trace, beside the paper's BestFit and FGD."""
+    """Mean and spread over seeds per trace, beside the paper's BestFit and FGD."""
     rows = []
     for trace in dict.fromkeys(r.trace for r in results):
         rs = [r for r in results if r.trace == trace]
@@ -220,8 +341,12 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
                 "seeds": len(rs),
                 "ours_100": a100,
                 "ours_130": aend,
+                "sd_100": _sd([r.at_100 for r in rs]),
+                "sd_130": _sd([r.at_end for r in rs]),
                 "min_130": min(r.at_end for r in rs),
+                "max_130": max(r.at_end for r in rs),
                 "bestfit": paper.get("BestFit", (float("nan"), float("nan"))),
+                "random": paper.get("Random", (float("nan"), float("nan"))),
                 "fgd": fgd,
                 "vs_fgd_130": aend - fgd[1],
                 "ms_per_task": 1000 * sum(r.seconds for r in rs) / sum(r.tasks for r in rs),

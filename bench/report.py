@@ -16,6 +16,12 @@ def _load(out: Path) -> dict[str, Any]:
     return data
 
 
+def ob_paper(ob: dict[str, Any], trace: str, policy: str) -> tuple[float, float]:
+    """The paper's figure for a trace and a baseline (``bestfit`` or ``random``), from the openb summary."""
+    summary = next((s for s in ob["summary"] if s["trace"] == trace), {})
+    return tuple(summary.get(policy, (float("nan"), float("nan"))))  # type: ignore[return-value]
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -190,9 +196,9 @@ def write(out: Path) -> Path:
                 f"{before[r['trace']]['ours_100']:.2f} / {before[r['trace']]['ours_130']:.2f}"
                 if r["trace"] in before
                 else "n/a",
-                f"{r['ours_100']:.2f}",
-                f"{r['ours_130']:.2f}",
-                f"{r['min_130']:.2f}",
+                f"{r['ours_100']:.2f} ± {r.get('sd_100', 0.0):.2f}",
+                f"**{r['ours_130']:.2f}** ± {r.get('sd_130', 0.0):.2f}",
+                f"{r['min_130']:.2f} to {r.get('max_130', r['min_130']):.2f}",
                 f"{r['bestfit'][0]:.2f} / {r['bestfit'][1]:.2f}",
                 f"{r['fgd'][0]:.2f} / {r['fgd'][1]:.2f}",
                 f"{r['vs_fgd_130']:+.2f}",
@@ -210,9 +216,9 @@ def write(out: Path) -> Path:
                     "trace",
                     "seeds",
                     "before: bin-pack + topology only, 100/130",
-                    "ours @100%",
-                    "ours @130%",
-                    "worst seed @130%",
+                    "ours @100% (mean ± sd)",
+                    "ours @130% (mean ± sd)",
+                    "ours @130%, worst to best seed",
                     "paper BestFit 100/130",
                     "paper FGD 100/130",
                     "ours - FGD @130%",
@@ -222,6 +228,30 @@ def write(out: Path) -> Path:
             )
             + "\n"
         )
+        base_runs = (data.get("openb_baselines") or {}).get("runs", [])
+        if base_runs:
+            parts.append(
+                "Baselines of the paper under the same protocol (seed 42, every feasible node compared, "
+                "through `place()`):\n"
+            )
+            parts.append(
+                _table(
+                    ["trace", "policy", "@100%", "@130%", "paper @100/130"],
+                    [
+                        [
+                            b["trace"].split(":")[0],
+                            b["trace"].split(":")[1],
+                            f"{b['at_100']:.2f}",
+                            f"{b['at_end']:.2f}",
+                            "{:.2f} / {:.2f}".format(
+                                *ob_paper(ob, b["trace"].split(":")[0], b["trace"].split(":")[1].lower())
+                            ),
+                        ]
+                        for b in base_runs
+                    ],
+                )
+                + "\n"
+            )
     if "memory" in data:
         r = data["memory"]
         parts.append(f"## Memory at {r['nodes']:,} nodes ({r['gpus']:,} GPUs, {r['groups']:,} groups held)\n")
@@ -306,18 +336,31 @@ def _plots(data: dict[str, Any], bdir: Path) -> None:
         fig.savefig(bdir / "packing_utilisation.png", dpi=110)
         plt.close(fig)
     if "runs" in (data.get("openb") or {}):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for trace in dict.fromkeys(r["trace"] for r in data["openb"]["runs"]):
-            r = next(r for r in data["openb"]["runs"] if r["trace"] == trace)
-            ax.plot([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], lw=1, label=f"{trace} (seed {r['seed']})")
-        ax.plot([0, 130], [0, 130], color="grey", lw=0.5, ls=":")
-        ax.set_xlim(60, 132)
-        ax.set_ylim(60, 100)
-        ax.set_xlabel("GPU requests arrived, % of capacity")
-        ax.set_ylabel("GPU allocated, % of capacity")
-        ax.set_title("openb workload inflation, default strategy")
-        ax.legend(fontsize=7)
-        ax.grid(True, alpha=0.3)
+        ob = data["openb"]
+        traces = list(dict.fromkeys(r["trace"] for r in ob["runs"]))
+        fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 3.6), squeeze=False)
+        for ax, trace in zip(axes[0], traces, strict=True):
+            r = next(r for r in ob["runs"] if r["trace"] == trace)
+            ax.plot([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], lw=1.2, label=f"ours (seed {r['seed']})")
+            for b in (data.get("openb_baselines") or {}).get("runs", []):
+                if b["trace"].split(":")[0] == trace:
+                    pts = b["curve"]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=b["trace"].split(":")[1])
+            summary = next((s for s in ob["summary"] if s["trace"] == trace), None)
+            if summary is not None:
+                ax.plot([100, 130], list(summary["fgd"]), "k*", ms=8, label="FGD (paper, 10-seed mean)")
+                ax.plot([100, 130], list(summary["bestfit"]), "kx", ms=6, label="BestFit (paper)")
+                if "random" in summary:
+                    ax.plot([100, 130], list(summary["random"]), "k+", ms=6, label="Random (paper)")
+            ax.plot([0, 130], [0, 130], color="grey", lw=0.5, ls=":")
+            ax.set_xlim(60, 132)
+            ax.set_ylim(60, 100)
+            ax.set_xlabel("GPU requests arrived, %")
+            ax.set_title(trace, fontsize=9)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("GPU allocated, % of capacity")
+        axes[0][0].legend(fontsize=6, loc="lower right")
+        fig.suptitle("openb workload inflation: ours (default strategy), baselines, the paper's points", fontsize=9)
         fig.tight_layout()
         fig.savefig(bdir / "openb_allocation.png", dpi=110)
         plt.close(fig)

@@ -8,6 +8,7 @@ from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
 from computegroups.model import AllocationState, Constraints, GroupRecord, Requirements
 from computegroups.placement import Cluster, place
 from computegroups.placement.fragmentation import (
+    CPU_STARVED_WEIGHT,
     FragmentationScore,
     Shape,
     WorkloadMix,
@@ -47,6 +48,55 @@ def test_node_fragmentation_table(
     free: tuple[int, ...], cpu_free: int, shapes: tuple[tuple[Shape, float], ...], expected: float
 ) -> None:
     assert node_fragmentation(free, cpu_free, 1 << 20, "nvidia a100", shapes) == pytest.approx(expected)
+
+
+def test_cpu_starved_capacity_counts_gpus_the_free_cpus_cannot_feed() -> None:
+    shapes = ((CPU8_GPU1, 1.0),)
+    per_cpu = 1000 / 8000  # one GPU per 8 CPUs
+    # 16 CPUs feed both free GPUs: nothing starved, and the shape fits.
+    assert node_fragmentation((1000, 1000), 16000, 1 << 20, "", shapes, per_cpu) == 0.0
+    # 12 CPUs feed one and a half: the shape still fits, half a GPU is starved.
+    assert node_fragmentation((1000, 1000), 12000, 1 << 20, "", shapes, per_cpu) == pytest.approx(
+        CPU_STARVED_WEIGHT * 500
+    )
+    # 4 CPUs: the shape cannot fit (all 2000 free is fragment) and 1500 are starved.
+    assert node_fragmentation((1000, 1000), 4000, 1 << 20, "", shapes, per_cpu) == pytest.approx(
+        2000 + CPU_STARVED_WEIGHT * 1500
+    )
+
+
+def test_mix_learns_the_cpus_per_gpu_of_its_gpu_shapes() -> None:
+    mix = WorkloadMix()
+    for _ in range(3):
+        mix.observe(Requirements(gpus=1, cpus=8).stored)
+    mix.observe(Requirements(gpus=0.5, cpus=2).stored)
+    mix.observe(Requirements(cpus=32).stored)  # CPU-only requests do not count
+    assert mix.gpu_per_cpu == pytest.approx((3 * 1000 + 500) / (3 * 8000 + 2000))
+    assert WorkloadMix.of({Shape(0, 500, 0, 0): 1.0}).gpu_per_cpu == 0.0  # no CPUs requested: no starved term
+
+
+def test_cpu_only_request_goes_where_cpus_are_plentiful_for_the_gpus_left() -> None:
+    # Both nodes keep 7 free GPUs and enough CPUs for the next 1-GPU + 8-CPU worker whichever takes
+    # the 8-CPU request, so the per-shape measure rates them alike and bin-pack takes the first.
+    # On "lean" the 24 CPUs left would feed 3 of its 7 free GPUs; "rich" feeds them all.
+    spec = {"nodes": [{"id": "lean", "gpus": 8, "cpus": 40}, {"id": "rich", "gpus": 8, "cpus": 128}]}
+    cluster = Cluster(nodes_from_spec(spec))
+    for n, node in enumerate(("lean", "rich")):
+        d = place(cluster, Requirements(gpus=1, cpus=8), Constraints(node_id=node))
+        cluster.apply(GroupRecord(f"g{n}", node, AllocationState.ALLOCATED, "c", d.devices, d.cpus_milli))
+    shapes = {Shape(1, 0, 8000, 0): 1.0}
+    demand = FragmentationScore(WorkloadMix.of(shapes))
+    assert place(cluster, Requirements(cpus=8), Constraints(), demand=demand).node_id == "rich"
+    lean, rich = cluster.nodes
+    pick = Pick((), None, 0)
+    assert demand.delta(lean, Requirements(cpus=8), pick) == pytest.approx(CPU_STARVED_WEIGHT * 1000)
+    assert demand.delta(rich, Requirements(cpus=8), pick) == 0.0
+    # Without the starved term (the per-shape measure only), the two are alike and bin-pack keeps the first.
+    plain = [
+        node_fragmentation((0,) + (1000,) * 7, st.cpu_free - 8000, 1 << 20, "", tuple(shapes.items()))
+        for st in cluster.nodes
+    ]
+    assert plain == [0.0, 0.0]
 
 
 def test_mix_keeps_the_most_common_shapes_normalised() -> None:

@@ -12,7 +12,13 @@ node's *fragment* is the free GPU capacity that shape cannot use:
   partly used GPUs).
 
 A node's fragmentation is that amount averaged over the workload's shapes,
-weighted by how often each is requested. :class:`FragmentationScore` rates a
+weighted by how often each is requested, plus (weighted by
+``CPU_STARVED_WEIGHT``) its *CPU-starved* capacity: the free GPU capacity
+beyond what its free CPUs can feed at the workload's CPUs per GPU. The per-shape
+measure only sees a node's CPUs once they are too few for the next request;
+the starved term sees them running out sooner, so CPU-only requests go where
+CPUs are plentiful for the GPUs left and CPU-heavy GPU requests go where CPUs
+are cheap. :class:`FragmentationScore` rates a
 placement by how much it *increases* the node's fragmentation: a share that
 fills a GPU exactly, or a CPU-only request on a node whose GPUs are all taken,
 scores high; one that strands half a GPU or the last CPUs of a node with free
@@ -53,6 +59,8 @@ __all__ = [
 SCALE_MILLI = 8 * MILLI
 #: Feasible candidates the engine scores when fragmentation scoring is engaged (it needs a wider look).
 FRAGMENTATION_LIMIT = 64
+#: Weight of a node's CPU-starved GPU capacity in its fragment (see :func:`node_fragmentation`).
+CPU_STARVED_WEIGHT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,7 @@ class WorkloadMix:
         "_cache",
         "_counts",
         "_engaged",
+        "_gpu_per_cpu",
         "_raw_of",
         "_shape_of",
         "_since",
@@ -122,6 +131,7 @@ class WorkloadMix:
         self._since = 0
         self._weighted: tuple[tuple[Shape, float], ...] = ()
         self._engaged = False
+        self._gpu_per_cpu = 0.0
         self._cache: Memo[tuple[object, ...], float] = Memo("free per GPU, CPUs, memory, GPU name", 100_000)
         self._raw_of: Memo[int, tuple[Mapping[str, Any], tuple[object, ...]]] = Memo("stored requirements object", 1024)
 
@@ -186,6 +196,9 @@ class WorkloadMix:
         weighted = tuple((s, c / weight) for s, c in gpu_shapes) if weight else ()
         if weighted != self._weighted:
             self._weighted = weighted
+            cpus = sum(w * s.cpus_milli for s, w in weighted)
+            gpus = sum(w * (s.whole_gpus * MILLI + s.share_milli) for s, w in weighted)
+            self._gpu_per_cpu = gpus / cpus if cpus else 0.0
             self._cache.clear()
         self._engaged = any(s.share_milli or s.cpus_milli or s.memory_mib or s.models for s, _ in weighted)
 
@@ -200,6 +213,11 @@ class WorkloadMix:
         return self._engaged
 
     @property
+    def gpu_per_cpu(self) -> float:
+        """GPU thousandths the scored shapes request per CPU thousandth (0 when they request no CPUs)."""
+        return self._gpu_per_cpu
+
+    @property
     def shapes(self) -> tuple[tuple[Shape, float], ...]:
         """The scored shapes and their weights (summing to 1; empty before any GPU request)."""
         return self._weighted
@@ -209,17 +227,27 @@ class WorkloadMix:
         key = (free, cpu_free, mem_free, name)
         value = self._cache.get(key)
         if value is None:
-            value = self._cache.put(key, node_fragmentation(free, cpu_free, mem_free, name, self._weighted))
+            value = self._cache.put(
+                key, node_fragmentation(free, cpu_free, mem_free, name, self._weighted, self._gpu_per_cpu)
+            )
         return value
 
 
 def node_fragmentation(
-    free: tuple[int, ...], cpu_free: int, mem_free: int, name: str, shapes: tuple[tuple[Shape, float], ...]
+    free: tuple[int, ...],
+    cpu_free: int,
+    mem_free: int,
+    name: str,
+    shapes: tuple[tuple[Shape, float], ...],
+    gpu_per_cpu: float = 0.0,
 ) -> float:
-    """Expected free GPU capacity (thousandths) that a request drawn from ``shapes`` could not use.
+    """Expected free GPU capacity (thousandths) that a request drawn from ``shapes`` could not use,
+    plus ``CPU_STARVED_WEIGHT`` times the free capacity the node's free CPUs cannot feed.
 
     ``free``: thousandths free on each usable GPU of the node; ``name``: the
-    lower-cased GPU product name that model alternatives are matched against.
+    lower-cased GPU product name that model alternatives are matched against;
+    ``gpu_per_cpu``: GPU thousandths the workload requests per CPU thousandth
+    (0: no starved term).
     """
     total = sum(free)
     if total == 0:
@@ -242,6 +270,8 @@ def node_fragmentation(
             acc += weight * total
         else:
             acc += weight * sum(f for f in free if f < s)
+    if gpu_per_cpu:
+        acc += CPU_STARVED_WEIGHT * max(0.0, total - cpu_free * gpu_per_cpu)
     return acc
 
 
@@ -294,9 +324,10 @@ class FragmentationScore:
         return 50.0 * (1.0 - max(-1.0, min(1.0, x)))
 
     def bound(self, free: int, gpu_count: int, req: Requirements) -> float:
-        # A placement can lower a node's fragment by at most the GPU capacity it takes.
+        # A placement can lower a node's fragment by at most the GPU capacity it takes, and its
+        # starved capacity by at most as much.
         consumed = req.whole_gpus * MILLI + req.share_milli
-        return 50.0 * (1.0 + min(1.0, consumed / SCALE_MILLI))
+        return 50.0 * (1.0 + min(1.0, (1.0 + CPU_STARVED_WEIGHT) * consumed / SCALE_MILLI))
 
 
 _state = {"enabled": True}
