@@ -69,7 +69,7 @@ import re
 import sqlite3
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
@@ -550,26 +550,37 @@ class SqliteStateStore:
             await self._begin("BEGIN IMMEDIATE")
             self._held = -1
         try:
-            if self._held != expected:  # compare and swap: move the revision on only from ``expected``
-                if conn.execute(_SWAP, (str(rev), str(expected))).rowcount != 1:
-                    current = self._meta_int("revision")  # StateError if it is gone or damaged
-                    self.stats["conflicts"] += 1
-                    raise RevisionConflict(f"revision is {current}, not {expected}")
-            elif conn.execute(_SET_REVISION, (str(rev),)).rowcount != 1:
-                raise self._error("meta revision is missing; the file is damaged")
-            if len(rows) == 1:
-                conn.execute(_UPSERT, rows[0])
-            elif rows:
-                conn.executemany(_UPSERT, rows)
-            if deletes:
-                conn.executemany("DELETE FROM groups WHERE id=?", [(d,) for d in deletes])
-                conn.executemany("INSERT INTO deletions(id, rev) VALUES (?, ?)", [(d, rev) for d in deletes])
-                self._deleted += len(deletes)
-                if self._deleted >= self._log_limit // 4:
-                    self._deleted = 0
-                    self._trim_log()
-            if logged:
-                self._log_events(logged)
+            with self._writing():
+                if self._held != expected:  # compare and swap: move the revision on only from ``expected``
+                    if conn.execute(_SWAP, (str(rev), str(expected))).rowcount != 1:
+                        current = self._meta_int("revision")  # StateError if it is gone or damaged
+                        self.stats["conflicts"] += 1
+                        raise RevisionConflict(f"revision is {current}, not {expected}")
+                elif conn.execute(_SET_REVISION, (str(rev),)).rowcount != 1:
+                    raise self._error("meta revision is missing; the file is damaged")
+                if len(rows) == 1:
+                    conn.execute(_UPSERT, rows[0])
+                elif rows:
+                    conn.executemany(_UPSERT, rows)
+                if deletes:
+                    conn.executemany("DELETE FROM groups WHERE id=?", [(d,) for d in deletes])
+                    conn.executemany("INSERT INTO deletions(id, rev) VALUES (?, ?)", [(d, rev) for d in deletes])
+                    self._deleted += len(deletes)
+                    if self._deleted >= self._log_limit // 4:
+                        self._deleted = 0
+                        self._trim_log()
+                if logged:
+                    self._log_events(logged)
+        finally:
+            self._held = None
+        return rev
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The body of a write transaction already begun: COMMIT after it; ROLLBACK if it raises."""
+        conn = self.conn
+        try:
+            yield
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
@@ -577,9 +588,6 @@ class SqliteStateStore:
             if isinstance(exc, sqlite3.DatabaseError):
                 raise self._error(f"write failed: {exc}") from exc
             raise
-        finally:
-            self._held = None
-        return rev
 
     # -- the event log ------------------------------------------------------------
     def _log_events(self, rows: Sequence[tuple[float, str]]) -> None:
@@ -595,19 +603,11 @@ class SqliteStateStore:
         if not events:
             return
         rows = [_event_row(e) for e in events]
-        conn = self.conn
         while self._held is not None:  # the manager holds the write lock until its commit: after it
             await asyncio.sleep(0.001)
         await self._begin("BEGIN IMMEDIATE")
-        try:
+        with self._writing():
             self._log_events(rows)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise self._error(f"write failed: {exc}") from exc
-            raise
 
     async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
         """The kept events numbered after ``seq``, oldest first (at most ``limit``)."""
