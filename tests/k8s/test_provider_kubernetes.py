@@ -271,14 +271,11 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def test_two_processes_never_share_a_gpu(
-    k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path, tmp_path: Path
-) -> None:
-    _, selector = make_nodes(k8s_cluster, 2, dra=False)
-    start = time.monotonic()
+def race(worker: str, args: list[str], tmp_path: Path, *extra: str) -> list[dict[str, Any]]:
+    """Two worker processes ("a" and "b") released together once both are set up; their last JSON lines."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(sa), k8s_namespace, selector, who, str(tmp_path)],
+            [sys.executable, "-c", worker, *args, who, str(tmp_path), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -296,6 +293,15 @@ def test_two_processes_never_share_a_gpu(
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_two_processes_never_share_a_gpu(
+    k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path, tmp_path: Path
+) -> None:
+    _, selector = make_nodes(k8s_cluster, 2, dra=False)
+    start = time.monotonic()
+    outs = race(WORKER, [str(sa), k8s_namespace, selector], tmp_path)
     elapsed = time.monotonic() - start
     claimed = [(node, i) for got in outs for node, idx in got for i in idx]
     assert len(claimed) == len(set(claimed)) == 16, (outs, elapsed)

@@ -10,10 +10,6 @@ a third of the commits, no ConflictError.
 from __future__ import annotations
 
 import itertools
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,7 @@ from computegroups.model import AllocationState, DeviceShare, GroupRecord
 from computegroups.state.kubernetes import LOG_ENTRIES, KubernetesStateStore
 
 from .harness import ControlPlane
-from .test_provider_kubernetes import REPO, deploy, make_nodes
+from .test_provider_kubernetes import deploy, make_nodes, race
 
 pytestmark = pytest.mark.k8s
 
@@ -195,26 +191,7 @@ def test_two_managers_contending_both_progress(
     """~20 s of allocate/release from two processes on one 8-GPU node: no GPU held twice (the spans each
     process saw holding a GPU never overlap), each process at least a third of the commits, no ConflictError."""
     _, selector = make_nodes(k8s_cluster, 1, dra=False)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(sa), k8s_namespace, selector, who, str(tmp_path), "20"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        for who in ("a", "b")
-    ]
-    deadline = time.monotonic() + 120
-    while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker did not start"
-        time.sleep(0.02)
-    (tmp_path / "go").touch()
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = race(WORKER, [str(sa), k8s_namespace, selector], tmp_path, "20")
     assert [o["conflicts"] for o in outs] == [[], []]
     commits = [o["commits"] for o in outs]
     assert min(commits) * 3 >= sum(commits), commits
