@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -206,18 +207,16 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def etcd_url() -> Iterator[str]:
+def _start_etcd(work: Path, scheme: str, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     binary = _etcd_binary()
-    if binary is None:
-        message = "etcd is not built: run scripts/k8s-testenv/build (or set COMPUTEGROUPS_ETCD_BIN)"
+    if binary is None or (scheme == "https" and shutil.which("openssl") is None):
+        message = "etcd is not built (scripts/k8s-testenv/build, or COMPUTEGROUPS_ETCD_BIN) or openssl is missing"
         if os.environ.get("COMPUTEGROUPS_REQUIRE_ETCD") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    work = Path(tempfile.mkdtemp(prefix="cg-etcd-"))
     client, peer = _free_ports(2)
-    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    log = open(work / "etcd.log", "wb")  # noqa: SIM115 - closed below
+    url, peer_url = f"{scheme}://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    log = open(work / "etcd.log", "wb")  # noqa: SIM115 - the process holds it
     proc = subprocess.Popen(
         [
             str(binary),
@@ -230,28 +229,46 @@ def etcd_url() -> Iterator[str]:
             f"--initial-cluster=default={peer_url}",
             "--unsafe-no-fsync",
             "--log-level=warn",
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    log.close()
+    return proc, url
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, work: Path, context: ssl.SSLContext | None) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1, context=context) as resp:
+                if json.load(resp).get("health") == "true":
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"etcd did not start: {(work / 'etcd.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes], work: Path) -> None:
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def etcd_url() -> Iterator[str]:
+    """A real etcd on loopback (built from Go modules), for the module's tests."""
+    work = Path(tempfile.mkdtemp(prefix="cg-etcd-"))
+    proc, url = _start_etcd(work, "http")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if json.load(urllib.request.urlopen(url + "/health", timeout=1)).get("health") == "true":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"etcd did not start: {(work / 'etcd.log').read_text()[-2000:]}")
-            time.sleep(0.1)
+        _wait_healthy(proc, url, work, None)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-        shutil.rmtree(work, ignore_errors=True)
+        _stop(proc, work)
 
 
 @pytest.fixture(scope="module")

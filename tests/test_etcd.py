@@ -38,7 +38,7 @@ from computegroups.integrations.dynamo.actuator import root_key
 from computegroups.integrations.etcd import EtcdClient, EtcdError
 from computegroups.retry import RETRY_AFTER_MAX_S, backoff_s, retry_after_s
 from computegroups.runtime.circus import CircusDaemon
-from tests.test_dynamo import _etcd_binary, _free_ports
+from tests.test_dynamo import _free_ports, _start_etcd, _stop, _wait_healthy
 
 PASSWORD = "s3cret-pw"
 
@@ -64,58 +64,6 @@ def _make_cert(d: Path, ca: str, name: str, ext: str) -> None:
         "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
         "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d,
     )  # fmt: skip
-
-
-def _start_etcd(work: Path, scheme: str, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    binary = _etcd_binary()
-    if binary is None or shutil.which("openssl") is None:
-        message = "etcd is not built (scripts/k8s-testenv/build, or COMPUTEGROUPS_ETCD_BIN) or openssl is missing"
-        if os.environ.get("COMPUTEGROUPS_REQUIRE_ETCD") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    client, peer = _free_ports(2)
-    url, peer_url = f"{scheme}://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    log = open(work / "etcd.log", "wb")  # noqa: SIM115 - the process holds it
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "--name=default",
-            f"--data-dir={work / 'data'}",
-            f"--listen-client-urls={url}",
-            f"--advertise-client-urls={url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=default={peer_url}",
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    return proc, url
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, work: Path, context: ssl.SSLContext | None) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1, context=context) as resp:
-                if json.load(resp).get("health") == "true":
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"etcd did not start: {(work / 'etcd.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[bytes], work: Path) -> None:
-    proc.terminate()
-    proc.wait(10)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
