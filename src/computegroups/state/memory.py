@@ -17,7 +17,7 @@ class MemoryStateStore:
     """Keeps records in a dict, with a change log so several managers can share one store."""
 
     def __init__(self, log_limit: int = 100_000, event_limit: int = EVENT_LIMIT) -> None:
-        self._events: deque[Event] = deque(maxlen=event_limit)
+        self._events: deque[tuple[int, Event]] = deque(maxlen=event_limit)  # numbered when read
         self._event_seq = 0
         self._records: dict[str, GroupRecord] = {}
         self._revision = 0
@@ -55,12 +55,12 @@ class MemoryStateStore:
 
     async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
         """The kept events after ``seq``, oldest first, at most ``limit``."""
-        return [e for e in self._events if e.seq > seq][:limit]
+        return [replace(e, seq=n) for n, e in self._events if n > seq][:limit]
 
     def _append(self, events: Sequence[Event]) -> None:
         for e in events:
             self._event_seq += 1
-            self._events.append(replace(e, seq=self._event_seq))
+            self._events.append((self._event_seq, e))
 
     async def commit(
         self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
