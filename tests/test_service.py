@@ -95,7 +95,7 @@ BAD = [
     ("GET", "/v1/groups/cg-nope", None, 404, "not_found", None),
     ("DELETE", "/v1/carved/cg-nope", None, 404, "not_found", None),
     ("GET", "/v1/groups?state=sleeping", None, 400, "invalid_request", None),
-    ("GET", "/v1/groups?colour=red", None, 400, "invalid_request", "colour"),
+    ("GET", "/v1/groups?colour=red", None, 400, "invalid_request", "filters.colour"),
     ("GET", "/v1/nowhere", None, 404, "http", None),
     ("PUT", "/v1/groups", None, 405, "http", None),
 ]

@@ -93,11 +93,8 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def list_groups(request: web.Request) -> web.Response:
-    q = request.query
-    unknown = sorted(set(q) - {"component", "state", "node_id", "include_released"})
-    if unknown:
-        raise InvalidRequestError(f"query: unknown parameter {unknown[0]!r}", key=unknown[0])
-    filters: dict[str, Any] = {k: q[k] for k in ("component", "state", "node_id") if k in q}
+    q = request.query  # the manager checks the filters (unknown ones included), as for the Python API
+    filters: dict[str, Any] = {k: v for k, v in q.items() if k != "include_released"}
     if "include_released" in q:
         filters["include_released"] = _flag(request, "include_released")
     return _json([group_json(g) for g in await request.app[MANAGER].list_compute_groups(filters)])
