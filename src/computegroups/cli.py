@@ -18,7 +18,7 @@ import click
 from computegroups import __version__
 from computegroups._cliutil import EXIT_CODES, complete_group_id, fail, parse_request, request_options, run
 from computegroups._cliutil import emit as _emit
-from computegroups.cli_views import physical_matrix
+from computegroups.cli_views import physical_gpus, physical_matrix
 from computegroups.errors import InvalidRequestError
 from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode
@@ -205,7 +205,7 @@ def _node_human(nodes: list[ComputeNode], notes: list[str]) -> None:
         if len(labels) < 2:
             continue
         click.echo(f"\n{n.id} topology")
-        first = {f"GPU{g.smi_index}": d for d, g in reversed(list(enumerate(n.spec.gpus)))}  # a GPU's first device
+        first = {f"GPU{smi}": devices[0] for smi, devices in physical_gpus(n.spec).items()}
         rows = [[a, *row, str(n.topology.numa_node(first[a]))] for a, row in zip(labels, m, strict=True)]
         for nic in n.topology.nics:  # each NIC's link to each GPU, as nvidia-smi's NIC rows show it
             label = f"{nic.name} ({nic.device})" if nic.device else nic.name

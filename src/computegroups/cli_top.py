@@ -21,17 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 from computegroups._cliutil import run
-from computegroups.cli_views import allocation_row
+from computegroups.cli_views import allocation_row, component_colour, physical_gpus
 from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeNode
 
 __all__ = ["register"]
-
-_STYLES = ("cyan", "green", "yellow", "magenta", "blue", "bright_red", "bright_cyan", "bright_green", "bright_magenta")
-
-
-def _style(component: str) -> str:
-    return _STYLES[sum(map(ord, component)) % len(_STYLES)]
 
 
 def frame(nodes: list[ComputeNode], summary: dict[str, Any], feed: deque[str]) -> Group:
@@ -43,7 +37,7 @@ def frame(nodes: list[ComputeNode], summary: dict[str, Any], feed: deque[str]) -
         (f"unhealthy {summary['unhealthy_gpus']}", "red" if summary["unhealthy_gpus"] else ""),
         f"  revision {summary['revision']}",
     )
-    most = max((len({g.smi_index for g in n.spec.gpus}) for n in nodes), default=0)
+    most = max((len(physical_gpus(n.spec)) for n in nodes), default=0)
     grid = Table(box=None, pad_edge=False, show_edge=False)
     grid.add_column("NODE", no_wrap=True)
     for i in range(most):
@@ -53,7 +47,7 @@ def frame(nodes: list[ComputeNode], summary: dict[str, Any], feed: deque[str]) -
         row = allocation_row(n)
         cells = []
         for c in row["gpus"]:
-            style = "red" if c["unhealthy"] else (_style(c["components"][0]) if c["components"] else "dim")
+            style = "red" if c["unhealthy"] else (component_colour(c["components"][0]) if c["components"] else "dim")
             cells.append(Text(c["text"], style=style))
         cells += [Text("")] * (most - len(cells))
         use = n.utilization

@@ -26,7 +26,7 @@ from computegroups.manager import ComputeGroupManager
 from computegroups.model import ComputeGroup, ComputeNode, GangComputeGroup, GroupRecord, NodeSpec
 from computegroups.state.base import EventLog
 
-__all__ = ["age", "human_mib", "register"]
+__all__ = ["age", "allocation_row", "component_colour", "human_mib", "physical_gpus", "physical_matrix", "register"]
 
 OUTPUTS = ("table", "wide", "json", "yaml", "name")
 
@@ -121,7 +121,7 @@ GROUP_COLUMNS: tuple[tuple[str, bool, Callable[[ComputeGroup, float], Any]], ...
 
 NODE_COLUMNS: tuple[tuple[str, bool, Callable[[ComputeNode, float], Any]], ...] = (
     ("NAME", False, lambda n, now: n.id),
-    ("GPUS", False, lambda n, now: len({g.smi_index for g in n.spec.gpus})),
+    ("GPUS", False, lambda n, now: len(physical_gpus(n.spec))),
     ("FREE", False, lambda n, now: n.resources["free"]["gpus"]),
     ("MODEL", False, lambda n, now: n.resources["gpu_model"] or "-"),
     ("CPU", False, lambda n, now: n.resources["cpus"]),
@@ -429,16 +429,21 @@ def _print_fields(data: Mapping[str, Any], indent: int = 0) -> None:
             click.echo(f"{pad}{(key + ':').ljust(width)} {value}")
 
 
+def physical_gpus(spec: NodeSpec) -> dict[int, list[int]]:
+    """A node's physical GPUs by nvidia-smi index, in order: the devices of each (its MIG slices, or itself)."""
+    out: dict[int, list[int]] = {}
+    for d, g in enumerate(spec.gpus):
+        out.setdefault(g.smi_index, []).append(d)
+    return dict(sorted(out.items()))
+
+
 def physical_matrix(spec: NodeSpec) -> tuple[list[str], list[list[str]]]:
     """The topology matrix of a node's physical GPUs, labelled by nvidia-smi index (a MIG node's devices
     are slices of these; two slices of one GPU are not shown as GPUs of their own)."""
-    first: dict[int, int] = {}
-    for d, g in enumerate(spec.gpus):
-        first.setdefault(g.smi_index, d)
-    order = sorted(first)
+    first = {smi: devices[0] for smi, devices in physical_gpus(spec).items()}
     topo = spec.effective_topology
-    labels = [f"GPU{i}" for i in order]
-    matrix = [["X" if a == b else topo.link(first[a], first[b]) for b in order] for a in order]
+    labels = [f"GPU{i}" for i in first]
+    matrix = [["X" if a == b else topo.link(first[a], first[b]) for b in first] for a in first]
     return labels, matrix
 
 
@@ -469,19 +474,22 @@ def map_command(ctx: Any, selector: str | None) -> None:
         for c in row["gpus"]:
             text = c["text"].ljust(width)
             if colour and c["components"]:
-                text = click.style(text, fg=_COLOURS[sum(map(ord, c["components"][0])) % len(_COLOURS)])
+                text = click.style(text, fg=component_colour(c["components"][0]))
             cells.append(text)
         click.echo(row["node"].ljust(name_w) + "  " + " ".join(cells))
 
 
-_COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "red", "bright_cyan", "bright_green", "bright_magenta")
+_COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "bright_red", "bright_cyan", "bright_green", "bright_magenta")
+
+
+def component_colour(component: str) -> str:
+    """The terminal colour of a component, the same in ``map`` and ``top`` (names both click and rich know)."""
+    return _COLOURS[sum(map(ord, component)) % len(_COLOURS)]
 
 
 def allocation_row(n: ComputeNode) -> dict[str, Any]:
     """One node of the map: per physical GPU, the components holding it and a short text."""
-    by_smi: dict[int, list[int]] = {}
-    for d, gpu in enumerate(n.spec.gpus):
-        by_smi.setdefault(gpu.smi_index, []).append(d)
+    by_smi = physical_gpus(n.spec)
     holders: dict[int, list[tuple[str, int]]] = {}
     for g in n.compute_groups:
         for part in _parts(g):
@@ -491,8 +499,7 @@ def allocation_row(n: ComputeNode) -> dict[str, Any]:
                 holders.setdefault(dev.index, []).append((part.component or "(free)", dev.share_milli))
     unhealthy = set(n.resources["unhealthy_gpus"])
     cells = []
-    for smi in sorted(by_smi):
-        devices = by_smi[smi]
+    for smi, devices in by_smi.items():
         held = [h for d in devices for h in holders.get(d, [])]
         components = sorted({c for c, _ in held})
         mig = len(devices) > 1 or any(n.spec.gpus[d].mig_profile for d in devices)
