@@ -31,7 +31,7 @@ from computegroups.decide import (
     priority_of,
     resolve_pool,
 )
-from computegroups.errors import REFUSALS, ConflictError, InvalidRequestError, ProviderError, one_of
+from computegroups.errors import REFUSALS, ConflictError, InvalidRequestError, ProviderError
 from computegroups.events import Event, Publisher
 from computegroups.model import (
     AllocationState,
@@ -56,14 +56,12 @@ from computegroups.providers.base import ComputeResourceProvider, Inventory
 from computegroups.state.base import Changes, EventLog, RevisionConflict, StateStore
 from computegroups.state.memory import MemoryStateStore
 from computegroups.state.sqlite import SqliteStateStore, default_state_path
-from computegroups.views import Views
+from computegroups.views import Views, parse_filters, select
 
 __all__ = ["ComputeGroupManager", "Event"]
 
 log = logging.getLogger("computegroups")
 
-_FILTER_KEYS = ("component", "state", "node_id", "include_released")
-_STATES = [s.value for s in AllocationState]
 _RELEASED = AllocationState.RELEASED
 MAX_TTL_S = 7 * 24 * 3600.0
 _PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
@@ -143,6 +141,7 @@ class ComputeGroupManager:
         self._events = Publisher(self.store.record if isinstance(self.store, EventLog) else None)
         self.recent_events: deque[Event] = self._events.recent
         self.expired = 0  # reservations this manager released at their deadline
+        self.conflicts = 0  # commits this manager lost to another writer (it caught up and decided again)
         # Monitoring and reconciliation (computegroups.monitor): hooks return the events they caused.
         self.reconcile_on_start = reconcile_on_start
         self.monitor_hooks: list[Hook] = []
@@ -241,6 +240,7 @@ class ComputeGroupManager:
                     try:
                         rev = await self.store.commit(ledger.revision, expiry.upserts, (), expiry.events)
                     except RevisionConflict:
+                        self.conflicts += 1
                         ledger.requeue(due)  # someone else moved on; look at them again after catching up
                         continue
                     ledger.apply(rev, expiry.upserts, ())
@@ -258,6 +258,7 @@ class ComputeGroupManager:
                 try:
                     rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events)
                 except RevisionConflict:
+                    self.conflicts += 1
                     continue
                 ledger.apply(rev, plan.upserts, deletes)
                 return plan
@@ -338,33 +339,10 @@ class ComputeGroupManager:
         Released groups are left out unless ``include_released`` is true.
         """
         self._require_open()
-        if filters is not None and not isinstance(filters, Mapping):
-            raise InvalidRequestError(f"filters: {type(filters).__name__} is not a mapping", key="filters")
-        f = dict(filters or {})
-        unknown = sorted(str(k) for k in f if k not in _FILTER_KEYS)
-        if unknown:
-            raise InvalidRequestError(
-                f"filters.{unknown[0]}: unknown key; allowed: {one_of(_FILTER_KEYS)}", key=f"filters.{unknown[0]}"
-            )
-        for key in ("component", "node_id"):
-            if key in f:
-                check_text(f"filters.{key}", f[key])
-        if not isinstance(f.get("include_released", False), bool):
-            raise InvalidRequestError("filters.include_released: not true or false", key="filters.include_released")
-        state = f.get("state")
-        if state is not None and state not in _STATES:
-            raise InvalidRequestError(f"filters.state: {state!r} is not one of {one_of(_STATES)}", key="filters.state")
+        f = parse_filters(filters)
         async with self._lock:
             await self._read()
-            records = list(self.ledger.records.values())
-        if "node_id" in f:
-            records = [r for r in records if r.node_id == f["node_id"]]
-        if "component" in f:
-            records = [r for r in records if r.component == f["component"]]
-        if state is not None:
-            records = [r for r in records if r.state.value == state]
-        elif not f.get("include_released"):
-            records = [r for r in records if r.state is not AllocationState.RELEASED]
+            records = select(self.ledger.records.values(), f)
         return self.views.groups(records)
 
     async def get_compute_group(self, group_id: object) -> ComputeGroup:

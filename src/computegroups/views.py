@@ -7,14 +7,60 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from computegroups.decide.ledger import Ledger
-from computegroups.errors import NotFoundError
-from computegroups.model import MILLI, AllocationState, ComputeGroup, ComputeNode, GangComputeGroup, GroupRecord
+from computegroups.errors import InvalidRequestError, NotFoundError, one_of
+from computegroups.model import (
+    MILLI,
+    AllocationState,
+    ComputeGroup,
+    ComputeNode,
+    GangComputeGroup,
+    GroupRecord,
+    check_text,
+)
 
-__all__ = ["Views"]
+__all__ = ["FILTER_KEYS", "Views", "parse_filters", "select"]
 
 Telemetry = Callable[[str, int], Mapping[str, float]]
 _OWNED = (AllocationState.ALLOCATED, AllocationState.DRAINING, AllocationState.RESERVED)
 _IN_USE = (AllocationState.ALLOCATED, AllocationState.DRAINING)  # with an owner: not a reservation, not free
+FILTER_KEYS = ("component", "state", "node_id", "include_released")
+_STATES = [s.value for s in AllocationState]
+
+
+def parse_filters(filters: object) -> dict[str, Any]:
+    """The filters of ``list_compute_groups``, checked: InvalidRequestError naming ``filters.<key>``."""
+    if filters is not None and not isinstance(filters, Mapping):
+        raise InvalidRequestError(f"filters: {type(filters).__name__} is not a mapping", key="filters")
+    f = dict(filters or {})
+    unknown = sorted(str(k) for k in f if k not in FILTER_KEYS)
+    if unknown:
+        raise InvalidRequestError(
+            f"filters.{unknown[0]}: unknown key; allowed: {one_of(FILTER_KEYS)}", key=f"filters.{unknown[0]}"
+        )
+    for key in ("component", "node_id"):
+        if key in f:
+            check_text(f"filters.{key}", f[key])
+    if not isinstance(f.get("include_released", False), bool):
+        raise InvalidRequestError("filters.include_released: not true or false", key="filters.include_released")
+    state = f.get("state")
+    if state is not None and state not in _STATES:
+        raise InvalidRequestError(f"filters.state: {state!r} is not one of {one_of(_STATES)}", key="filters.state")
+    return f
+
+
+def select(records: Iterable[GroupRecord], f: Mapping[str, Any]) -> list[GroupRecord]:
+    """The records that pass checked filters (released ones only with ``state`` or ``include_released``)."""
+    out = list(records)
+    if "node_id" in f:
+        out = [r for r in out if r.node_id == f["node_id"]]
+    if "component" in f:
+        out = [r for r in out if r.component == f["component"]]
+    state = f.get("state")
+    if state is not None:
+        out = [r for r in out if r.state.value == state]
+    elif not f.get("include_released"):
+        out = [r for r in out if r.state is not AllocationState.RELEASED]
+    return out
 
 
 class Views:
