@@ -143,6 +143,24 @@ async def check_two_managers(open_manager: OpenManager, nodes: Sequence[str]) ->
             await b.deallocate_compute_group(g.id)
 
 
+async def check_cordon(open_manager: OpenManager, nodes: Sequence[str]) -> None:
+    """A node cordoned or drained by one manager takes nothing new in another; its groups keep their owners."""
+    async with open_manager() as a, open_manager() as b:
+        held = await a.allocate_compute_group("decode", {"gpus": 2}, {"node_id": nodes[0]})
+        assert await a.cordon_node(nodes[0], "maintenance") is True
+        assert await b.cordon_node(nodes[0]) is False  # cordoned already, with its reason
+        with pytest.raises(InsufficientResourcesError):
+            await b.allocate_compute_group("x", {"gpus": 1}, {"node_id": nodes[0]})
+        other = await b.allocate_compute_group("x", {"gpus": 1})
+        assert other.node_id == nodes[1]  # binpack would have filled the first node
+        assert [g.id for g in await b.drain_node(nodes[0])] == [held.id]
+        assert (await a.get_compute_group(held.id)).allocation_state == "draining"
+        assert await a.uncordon_node(nodes[0]) is True
+        again = await b.allocate_compute_group("y", {"gpus": 1}, {"node_id": nodes[0]})
+        for g in (held, other, again):
+            await a.deallocate_compute_group(g.id)
+
+
 async def decision_transcript(
     open_manager: OpenManager, nodes: Sequence[str]
 ) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -170,7 +188,14 @@ async def decision_transcript(
     return out
 
 
-MANAGER_CHECKS = (check_lifecycle, check_capacity, check_drain_and_carve, check_persistence, check_two_managers)
+MANAGER_CHECKS = (
+    check_lifecycle,
+    check_capacity,
+    check_drain_and_carve,
+    check_persistence,
+    check_two_managers,
+    check_cordon,
+)
 
 
 # -- the state store contract, on the store alone ---------------------------------------

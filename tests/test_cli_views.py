@@ -81,7 +81,7 @@ def test_get_and_describe_nodes_keep_physical_gpu_numbers(tmp_path: Path, spec: 
     state = tmp_path / "s.db"
     ok(spec, state, "allocate", "small", "--mig-profile", "1g.10gb")
     nodes = {line.split()[0]: line.split() for line in ok(spec, state, "get", "nodes").splitlines()[1:]}
-    assert nodes["mig"][1] == "8"  # 8 GPUs, not 6 whole GPUs + 9 MIG devices
+    assert nodes["mig"][1:3] == ["Ready", "8"]  # 8 GPUs, not 6 whole GPUs + 9 MIG devices
     assert ok(spec, state, "get", "nodes", "-l", "zone=b", "-o", "name").split() == ["node/h1"]
     described = ok(spec, state, "describe", "node", "mig")
     topo = described[described.index("Topology:") :].splitlines()

@@ -118,24 +118,31 @@ def test_events_are_read_by_another_process_with_watch(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "--state" in missing.stderr and not (tmp_path / "none.db").exists()
 
 
-async def test_a_format_2_file_is_adopted_with_an_event_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("version", "dropped"), [(2, ("events", "cordons")), (3, ("cordons",))])
+async def test_an_older_file_is_adopted_with_the_tables_it_lacks(
+    tmp_path: Path, version: int, dropped: tuple[str, ...]
+) -> None:
     path = tmp_path / "s.db"
     async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), path) as mgr:
         g = await mgr.allocate_compute_group("keep", {"gpus": 1})
-    conn = sqlite3.connect(path)  # as the previous version wrote it: format 2, no event log
-    conn.execute("DROP TABLE events")
-    conn.execute("UPDATE computegroups_meta SET value='computegroups/2' WHERE key='schema'")
-    conn.execute("PRAGMA user_version=2")
+    conn = sqlite3.connect(path)  # as an earlier version wrote it: format 2 (no event log), 3 (no node marks)
+    for table in dropped:
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"UPDATE computegroups_meta SET value='computegroups/{version}' WHERE key='schema'")
+    conn.execute(f"PRAGMA user_version={version}")
     conn.commit()
     conn.close()
     async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), path) as mgr:
         assert (await mgr.get_compute_group(g.id)).component == "keep"
         await mgr.deallocate_compute_group(g.id)
+        assert await mgr.cordon_node("box", "maintenance")
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT == 4
         assert dict(conn.execute("SELECT key, value FROM computegroups_meta"))["schema"] == SCHEMA
-        assert [json.loads(b)["kind"] for (b,) in conn.execute("SELECT body FROM events")] == ["released"]
+        kinds = [json.loads(b)["kind"] for (b,) in conn.execute("SELECT body FROM events")]
+        assert kinds[-2:] == ["released", "cordoned"] and (version == 3 or len(kinds) == 2)
+        assert conn.execute("SELECT node_id, reason FROM cordons").fetchall() == [("box", "maintenance")]
     finally:
         conn.close()
 

@@ -31,6 +31,7 @@ __all__ = [
     "parse_request",
     "request_options",
     "run",
+    "use_flags",
 ]
 
 #: Exit code per error class; anything else that the library raises on purpose is 1.
@@ -94,9 +95,16 @@ _ALWAYS = {
     "provider": "--provider",
     "since": "--since",
     "state": "--state",
+    "node_id": "NODE",
+    "reason": "--reason",
 }
 _active: dict[str, str] = dict(_ALWAYS)
 _KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(\[\d+\])?(\.[a-z_]+)?:")
+
+
+def use_flags(flags: dict[str, str]) -> None:
+    """Name these flags for these API keys in this command's errors (``{"node_id": "--node"}``)."""
+    _active.update(flags)
 
 
 def flag_message(exc: InvalidRequestError, flags: dict[str, str] | None = None) -> str:

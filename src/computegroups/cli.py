@@ -16,7 +16,15 @@ from typing import Any, TypeVar, cast
 import click
 
 from computegroups import __version__
-from computegroups._cliutil import EXIT_CODES, complete_group_id, fail, parse_request, request_options, run
+from computegroups._cliutil import (
+    EXIT_CODES,
+    complete_group_id,
+    fail,
+    parse_request,
+    request_options,
+    run,
+    use_flags,
+)
 from computegroups._cliutil import emit as _emit
 from computegroups.cli_views import physical_gpus, physical_matrix
 from computegroups.errors import InvalidRequestError
@@ -277,15 +285,65 @@ def reserve(ctx: Context, /, component: str, ttl: float, **opts: Any) -> None:
 
 
 @cli.command()
-@click.argument("group_id", shell_complete=complete_group_id)
+@click.argument("group_id", required=False, shell_complete=complete_group_id)
+@click.option("--node", "node", help="Drain a whole node instead: cordon it and drain every group on it.")
+@click.option("--reason", help="With --node: why (shown by get nodes and describe).")
 @click.pass_obj
-def drain(ctx: Context, group_id: str) -> None:
-    """Mark a group draining: it gets no new owner."""
-    changed = with_manager(ctx, lambda m: m.drain_compute_group(group_id))
+def drain(ctx: Context, group_id: str | None, node: str | None, reason: str | None) -> None:
+    """Mark a group draining (it gets no new owner), or with --node every group on a node, cordoning it.
+
+    Owners keep their groups until they release them.
+    """
+    if (group_id is None) == (node is None):
+        fail("drain: give a GROUP_ID or --node NODE, not both", 2)
+    if reason is not None and node is None:
+        fail("--reason: only with --node", 2)
+    if node is not None:
+        use_flags({"node_id": "--node"})
+        drained = with_manager(ctx, lambda m: m.drain_node(node, reason))
+        emit(
+            ctx,
+            {"node_id": node, "cordoned": True, "drained": [g.id for g in drained]},
+            lambda: click.echo(f"node/{node} cordoned; {len(drained)} group(s) draining: {_ids(drained)}"),
+        )
+        return
+    gid = cast(str, group_id)
+    changed = with_manager(ctx, lambda m: m.drain_compute_group(gid))
     emit(
         ctx,
-        {"group_id": group_id, "drained": changed},
-        lambda: click.echo(f"{group_id}: {'draining' if changed else 'already draining'}"),
+        {"group_id": gid, "drained": changed},
+        lambda: click.echo(f"{gid}: {'draining' if changed else 'already draining'}"),
+    )
+
+
+def _ids(groups: list[ComputeGroup]) -> str:
+    return ", ".join(g.id for g in groups) or "none"
+
+
+@cli.command()
+@click.argument("node")
+@click.option("--reason", help="Why (shown by get nodes and describe node).")
+@click.pass_obj
+def cordon(ctx: Context, node: str, reason: str | None) -> None:
+    """Cordon a node: it takes no new groups; its groups keep their owners. Every process sharing the state sees it."""
+    changed = with_manager(ctx, lambda m: m.cordon_node(node, reason))
+    emit(
+        ctx,
+        {"node_id": node, "cordoned": True, "changed": changed},
+        lambda: click.echo(f"node/{node} {'cordoned' if changed else 'already cordoned'}"),
+    )
+
+
+@cli.command()
+@click.argument("node")
+@click.pass_obj
+def uncordon(ctx: Context, node: str) -> None:
+    """Let a cordoned node take new groups again."""
+    changed = with_manager(ctx, lambda m: m.uncordon_node(node))
+    emit(
+        ctx,
+        {"node_id": node, "cordoned": False, "changed": changed},
+        lambda: click.echo(f"node/{node} {'uncordoned' if changed else 'was not cordoned'}"),
     )
 
 

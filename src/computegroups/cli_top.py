@@ -54,7 +54,9 @@ def frame(nodes: list[ComputeNode], summary: dict[str, Any], feed: deque[str]) -
         text = f"{100 * use.get('gpus_allocated', 0):.0f}% alloc"
         if "gpu" in use:
             text += f" {use['gpu']:.0f}% busy"
-        grid.add_row(n.id, *cells, text)
+        if n.cordoned:
+            text += " cordoned"
+        grid.add_row(Text(n.id, style="dim" if n.cordoned else ""), *cells, text)
     changes = Text("\n".join(feed) if feed else "no change seen yet", style="" if feed else "dim")
     return Group(head, Panel(grid, title="allocation map"), Panel(changes, title="changes"))
 

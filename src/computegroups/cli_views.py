@@ -121,6 +121,7 @@ GROUP_COLUMNS: tuple[tuple[str, bool, Callable[[ComputeGroup, float], Any]], ...
 
 NODE_COLUMNS: tuple[tuple[str, bool, Callable[[ComputeNode, float], Any]], ...] = (
     ("NAME", False, lambda n, now: n.id),
+    ("STATUS", False, lambda n, now: "Ready,SchedulingDisabled" if n.cordoned else "Ready"),
     ("GPUS", False, lambda n, now: len(physical_gpus(n.spec))),
     ("FREE", False, lambda n, now: n.resources["free"]["gpus"]),
     ("MODEL", False, lambda n, now: n.resources["gpu_model"] or "-"),
@@ -405,6 +406,7 @@ def _describe_node(n: ComputeNode) -> dict[str, Any]:
             "Memory": human_mib(res["free"]["memory_mib"]),
         },
         "Unhealthy GPUs": res["unhealthy_gpus"] or "-",
+        "Unschedulable": f"true ({n.cordoned})" if n.cordoned else "false",
         "Groups": [
             f"{g.id} {g.component or '-'} {g.allocation_state} {g.resources['gpus']:g} GPU(s)" for g in n.compute_groups
         ]
@@ -466,7 +468,7 @@ def map_command(ctx: Any, selector: str | None) -> None:
     width = max((len(c["text"]) for row in grid for c in row["gpus"]), default=1)
     width = max(width, 4)
     colour = sys.stdout.isatty()
-    name_w = max((len(r["node"]) for r in grid), default=4)
+    name_w = max((len(r["node"]) for r in grid), default=4)  # a cordoned node is marked after its cells
     most = max((len(r["gpus"]) for r in grid), default=0)
     click.echo("NODE".ljust(name_w) + "  " + " ".join(f"GPU{i}".ljust(width) for i in range(most)))
     for row in grid:
@@ -476,7 +478,7 @@ def map_command(ctx: Any, selector: str | None) -> None:
             if colour and c["components"]:
                 text = click.style(text, fg=component_colour(c["components"][0]))
             cells.append(text)
-        click.echo(row["node"].ljust(name_w) + "  " + " ".join(cells))
+        click.echo(row["node"].ljust(name_w) + "  " + " ".join(cells) + ("  (cordoned)" if row["cordoned"] else ""))
 
 
 _COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "bright_red", "bright_cyan", "bright_green", "bright_magenta")
@@ -527,7 +529,7 @@ def allocation_row(n: ComputeNode) -> dict[str, Any]:
                 "unhealthy": any(d in unhealthy for d in devices),
             }
         )
-    return {"node": n.id, "gpus": cells}
+    return {"node": n.id, "cordoned": n.cordoned, "gpus": cells}
 
 
 def register(group: click.Group) -> None:

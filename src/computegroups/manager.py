@@ -23,9 +23,11 @@ from computegroups.decide import (
     Ledger,
     Plan,
     plan_acquire,
+    plan_cordon,
     plan_create,
     plan_delete,
     plan_drain,
+    plan_drain_node,
     plan_expire,
     plan_release,
     priority_of,
@@ -50,7 +52,7 @@ from computegroups.model import (
     group_env,
     shown,
 )
-from computegroups.monitor import Hook, Monitor, reconcile
+from computegroups.monitor import Hook, Monitor, observe_health, reconcile
 from computegroups.pools import Pool, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
 from computegroups.state.base import Changes, EventLog, RevisionConflict, StateStore
@@ -74,6 +76,10 @@ def _check_group_id(value: object, known: Mapping[str, GroupRecord]) -> str:
     if type(value) is str and value in known:  # an id the ledger holds (the common case, without a regex)
         return value
     return check_text("group_id", value, what="a group id")
+
+
+def _reason(value: object) -> str | None:
+    return None if value is None else check_text("reason", value)
 
 
 def _open_store(state: StateStore | str | os.PathLike[str] | None) -> StateStore:
@@ -214,9 +220,9 @@ class ComputeGroupManager:
             return  # an in-process store says nothing changed
         changes: Changes = await self.store.changes_since(self.ledger.revision)
         if changes.full:
-            self.ledger.reload(changes.revision, changes.upserts)
+            self.ledger.reload(changes.revision, changes.upserts, changes.cordons)
         elif changes.revision != self.ledger.revision:
-            self.ledger.apply(changes.revision, changes.upserts, changes.deletes)
+            self.ledger.apply(changes.revision, changes.upserts, changes.deletes, changes.cordons)
 
     async def _commit(self, decide: Callable[[float], Plan]) -> Plan:
         """Plan against the freshest state and commit the change set; retry on a lost race.
@@ -250,17 +256,21 @@ class ComputeGroupManager:
                         self._events.emit(event, durable=False)  # in the log already, with its commit
                     continue
                 plan = decide(now)
-                if not plan.upserts and not plan.deletes:
+                marks = plan.cordons
+                if not plan.upserts and not plan.deletes and not marks:
                     return plan
                 deletes = plan.deletes
                 if len(ledger.tombstones) > self._tombstone_limit:
                     deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
                 try:
-                    rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events)
+                    if marks:  # only then: a store of the old protocol still takes every other commit
+                        rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events, marks)
+                    else:
+                        rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events)
                 except RevisionConflict:
                     self.conflicts += 1
                     continue
-                ledger.apply(rev, plan.upserts, deletes)
+                ledger.apply(rev, plan.upserts, deletes, marks)
                 return plan
         finally:
             if self._store_unlock is not None:
@@ -473,6 +483,28 @@ class ComputeGroupManager:
         gid = _check_group_id(group_id, self.ledger.records)
         return (await self._run(lambda now: plan_drain(self.ledger, gid))).changed
 
+    # -- nodes ------------------------------------------------------------------------
+    async def cordon_node(self, node_id: object, reason: object = None) -> bool:
+        """Cordon a node: it takes no new groups, its groups keep their owners. Committed like any change,
+        so every manager sharing the state sees it. Returns False if it was cordoned already."""
+        self._require_open()
+        node, why = _check_name("node_id", node_id), _reason(reason)
+        return (await self._run(lambda now: plan_cordon(self.ledger, node, why))).changed
+
+    async def uncordon_node(self, node_id: object) -> bool:
+        """Let a cordoned node take new groups again. Returns False if an operator had not cordoned it."""
+        self._require_open()
+        node = _check_name("node_id", node_id)
+        return (await self._run(lambda now: plan_cordon(self.ledger, node, None, cordon=False))).changed
+
+    async def drain_node(self, node_id: object, reason: object = None) -> list[ComputeGroup]:
+        """Cordon a node and drain its groups in one change (each owner keeps its group until release);
+        returns the groups drained now."""
+        self._require_open()
+        node, why = _check_name("node_id", node_id), _reason(reason)
+        plan = await self._run(lambda now: plan_drain_node(self.ledger, node, why))
+        return self.views.groups(plan.upserts)
+
     async def expire_reservations(self) -> int:
         """Release every reservation past its deadline now; returns how many. Decisions and reads do this too."""
         self._require_open()
@@ -512,20 +544,8 @@ class ComputeGroupManager:
         """Sample the provider's device health and utilization once; returns the events it caused."""
         self._require_open()
         samples = await self.provider.sample_health()
-        events: list[Event] = []
         async with self._lock:
-            for h in samples:
-                key = (h.node_id, h.index)
-                if h.gpu_util is not None or h.memory_used_mib is not None:
-                    self._telemetry[key] = {
-                        "gpu": float(h.gpu_util or 0.0),
-                        "memory_used_mib": float(h.memory_used_mib or 0.0),
-                    }
-                if self.ledger.set_unhealthy(h.node_id, h.index, None if h.healthy else h.reason or "unhealthy"):
-                    if h.healthy:
-                        events.append(Event("device-healthy", None, h.node_id, None, f"GPU {h.index}"))
-                    else:
-                        events.append(Event("device-unhealthy", None, h.node_id, None, f"GPU {h.index}: {h.reason}"))
+            events = observe_health(self.ledger, self._telemetry, samples)
         for e in events:
             self.emit(e)
         return events

@@ -996,7 +996,7 @@ class GangComputeGroup(ComputeGroup):
 class ComputeNode:
     """A machine with compute resources (read-only view with live utilization)."""
 
-    __slots__ = ("_free", "_groups", "_spec", "_telemetry", "_unhealthy")
+    __slots__ = ("_cordoned", "_free", "_groups", "_spec", "_telemetry", "_unhealthy")
 
     def __init__(
         self,
@@ -1005,12 +1005,19 @@ class ComputeNode:
         free: Mapping[str, float],
         unhealthy: frozenset[int] = frozenset(),
         telemetry: Telemetry | None = None,
+        cordoned: str | None = None,
     ) -> None:
         self._spec = spec
         self._groups = groups
         self._free = dict(free)
         self._unhealthy = unhealthy
         self._telemetry = telemetry
+        self._cordoned = cordoned
+
+    @property
+    def cordoned(self) -> str | None:
+        """Why the node takes no new groups (an operator's cordon or the provider's), or None."""
+        return self._cordoned
 
     @property
     def id(self) -> str:
@@ -1024,7 +1031,8 @@ class ComputeNode:
 
     @property
     def resources(self) -> dict[str, Any]:
-        """Total and free resources: gpus, gpu_model, gpu_memory_mib, cpus, memory_mib, labels."""
+        """Total and free resources: gpus, gpu_model, gpu_memory_mib, cpus, memory_mib, labels, free,
+        unhealthy_gpus, cordoned (the reason, or None)."""
         s = self._spec
         return {
             "gpus": len(s.gpus),
@@ -1036,6 +1044,7 @@ class ComputeNode:
             "labels": dict(s.labels),
             "free": dict(self._free),
             "unhealthy_gpus": sorted(self._unhealthy),
+            "cordoned": self._cordoned,
         }
 
     @property

@@ -33,10 +33,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from computegroups.decide.ledger import Ledger
 from computegroups.events import Event
 from computegroups.model import AllocationState, ComputeGroup, NodeSpec
+from computegroups.providers.base import DeviceHealth
 
-__all__ = ["Hook", "Managed", "Monitor", "reconcile"]
+__all__ = ["Hook", "Managed", "Monitor", "observe_health", "reconcile"]
 
 log = logging.getLogger("computegroups.monitor")
 
@@ -65,6 +67,24 @@ class Managed(Protocol):
     def unhealthy_devices(self) -> dict[tuple[str, int], str]: ...
 
     def emit(self, event: Event) -> None: ...
+
+
+def observe_health(
+    ledger: Ledger, telemetry: dict[tuple[str, int], dict[str, float]], samples: Sequence[DeviceHealth]
+) -> list[Event]:
+    """Take one round of health samples: utilization into ``telemetry``, health marks onto the ledger
+    (placement avoids unhealthy devices); returns the events of devices whose health changed."""
+    events: list[Event] = []
+    for h in samples:
+        key = (h.node_id, h.index)
+        if h.gpu_util is not None or h.memory_used_mib is not None:
+            telemetry[key] = {"gpu": float(h.gpu_util or 0.0), "memory_used_mib": float(h.memory_used_mib or 0.0)}
+        if ledger.set_unhealthy(h.node_id, h.index, None if h.healthy else h.reason or "unhealthy"):
+            if h.healthy:
+                events.append(Event("device-healthy", None, h.node_id, None, f"GPU {h.index}"))
+            else:
+                events.append(Event("device-unhealthy", None, h.node_id, None, f"GPU {h.index}: {h.reason}"))
+    return events
 
 
 class Monitor:

@@ -122,7 +122,9 @@ class Views:
                 "memory_mib": st.mem_free,
             }
             unhealthy = frozenset(i for (n, i) in ledger.unhealthy if n == node_id)
-            out.append(ComputeNode(st.spec, [self.group(r) for r in held], free, unhealthy, self.telemetry))
+            groups = [self.group(r) for r in held]
+            cordoned = ledger.cordon_reason(node_id) if st.cordoned else None
+            out.append(ComputeNode(st.spec, groups, free, unhealthy, self.telemetry, cordoned))
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -151,6 +153,7 @@ class Views:
             "reserved_gpus": reserved / MILLI,
             "free_gpus": round(sum(st.gpus_free() for st in nodes), 3),
             "unhealthy_gpus": len(ledger.unhealthy),
+            "cordoned_nodes": len(ledger.cluster.cordoned),
             "total_cpus": sum(st.spec.cpus_milli for st in nodes) / MILLI,
             "free_cpus": sum(st.cpu_free for st in nodes) / MILLI,
             "groups": by_state,

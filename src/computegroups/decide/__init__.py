@@ -10,7 +10,14 @@ set, applies it to the ledger, then runs its effects.
 from computegroups.decide.acquire import plan_acquire, plan_create
 from computegroups.decide.ledger import Ledger
 from computegroups.decide.plan import Plan
-from computegroups.decide.release import plan_delete, plan_drain, plan_expire, plan_release
+from computegroups.decide.release import (
+    plan_cordon,
+    plan_delete,
+    plan_drain,
+    plan_drain_node,
+    plan_expire,
+    plan_release,
+)
 from computegroups.decide.request import Ask, context, priority_of, resolve_pool
 
 __all__ = [
@@ -19,9 +26,11 @@ __all__ = [
     "Plan",
     "context",
     "plan_acquire",
+    "plan_cordon",
     "plan_create",
     "plan_delete",
     "plan_drain",
+    "plan_drain_node",
     "plan_expire",
     "plan_release",
     "priority_of",

@@ -42,7 +42,8 @@ class Ledger:
     ) -> None:
         self.nodes = tuple(nodes)
         self.specs = {n.id: n for n in self.nodes}
-        self.cordoned = frozenset(cordoned)
+        self.cordoned = frozenset(cordoned)  # by the provider (a Kubernetes node cordoned or tainted)
+        self.cordons: dict[str, str] = {}  # by an operator, committed in the state: node -> reason
         self.pools = {p.name: p for p in pools}
         self.pool_members = {name: p.members(self.nodes) for name, p in self.pools.items()}
         self.pool_gpus = {
@@ -60,7 +61,7 @@ class Ledger:
 
     def _reset(self) -> None:
         self.cluster = Cluster(self.nodes)
-        for node_id in self.cordoned:
+        for node_id in self.cordoned | self.cordons.keys():
             self.cluster.set_cordoned(node_id, True)
         for node_id, index in self.unhealthy:
             self.cluster.set_unhealthy(node_id, index, True)
@@ -81,15 +82,33 @@ class Ledger:
         self.demand = FragmentationScore(WorkloadMix())  # the workload mix of committed groups
 
     # -- change ------------------------------------------------------------------------
-    def reload(self, revision: int, records: Iterable[GroupRecord]) -> None:
-        """Forget everything and count ``records`` (a full read of the store at ``revision``)."""
+    def reload(
+        self, revision: int, records: Iterable[GroupRecord], cordons: Mapping[str, str | None] | None = None
+    ) -> None:
+        """Forget everything and count ``records`` (a full read of the store at ``revision``, with
+        every node an operator cordoned)."""
+        self.cordons = {n: why for n, why in (cordons or {}).items() if why is not None}
         self._reset()
         for r in sorted(records, key=lambda r: (r.updated_at, r.id)):
             self._count(r, None)
         self.revision = revision
 
-    def apply(self, revision: int, upserts: Sequence[GroupRecord], deletes: Sequence[str]) -> None:
-        """Apply one committed change set (records written, ids deleted) that took the state to ``revision``."""
+    def apply(
+        self,
+        revision: int,
+        upserts: Sequence[GroupRecord],
+        deletes: Sequence[str],
+        cordons: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """Apply one committed change set (records written, ids deleted, nodes cordoned with a reason
+        or uncordoned with None) that took the state to ``revision``."""
+        if cordons:
+            for node_id, why in cordons.items():
+                if why is None:
+                    self.cordons.pop(node_id, None)
+                else:
+                    self.cordons[node_id] = why
+                self.cluster.set_cordoned(node_id, node_id in self.cordoned or why is not None)
         records = self.records
         for r in upserts:
             old = records.get(r.id)
@@ -218,7 +237,14 @@ class Ledger:
                 written.add(gid)
         return out
 
-    # -- device facts ------------------------------------------------------------------
+    # -- device and node facts -----------------------------------------------------------
+    def cordon_reason(self, node_id: str) -> str | None:
+        """Why a node takes no new groups (an operator's reason first), or None."""
+        why = self.cordons.get(node_id)
+        if why is None and node_id in self.cordoned:
+            return "cordoned where it runs (e.g. kubectl cordon, or a taint)"
+        return why
+
     def set_unhealthy(self, node_id: str, index: int, reason: str | None) -> bool:
         """Mark a GPU unhealthy (``reason``) or healthy again (None); True if that changed anything."""
         key = (node_id, index)

@@ -17,12 +17,23 @@ class Plan:
     ``events`` (publish). ``group``: the id of the group the call returns a view of. ``error``: raised
     after the effects (a preemption that must wait). An empty change set commits nothing.
     ``changed``: what the call reports (a release that found nothing to release: False).
+    ``cordons``: node marks committed with the change set (node -> reason; None: uncordoned).
 
     A plain class, not a named tuple: compiled, it is built several times faster, and every call
     that changes state builds one.
     """
 
-    __slots__ = ("changed", "deletes", "dematerialise", "error", "events", "group", "materialise", "upserts")
+    __slots__ = (
+        "changed",
+        "cordons",
+        "deletes",
+        "dematerialise",
+        "error",
+        "events",
+        "group",
+        "materialise",
+        "upserts",
+    )
 
     def __init__(
         self,
@@ -35,6 +46,7 @@ class Plan:
         group: str | None = None,
         error: ComputeGroupsError | None = None,
         changed: bool = True,
+        cordons: dict[str, str | None] | None = None,
     ) -> None:
         self.upserts = upserts
         self.deletes = deletes
@@ -44,3 +56,4 @@ class Plan:
         self.group = group
         self.error = error
         self.changed = changed
+        self.cordons = cordons

@@ -1,4 +1,5 @@
-"""Releasing, draining, deleting and expiring groups, and promoting the preemptors that were waiting.
+"""Releasing, draining, deleting and expiring groups, cordoning and draining nodes, and promoting
+the preemptors that were waiting.
 
 A release frees a group's capacity (a pre-carved group goes back to free); in the same change, a
 waiting preemptor whose last victim it was is allocated, if the placement rules still admit its
@@ -7,15 +8,17 @@ devices (:func:`~computegroups.placement.existing.admits`). Pure: reads the ledg
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from computegroups.decide.ledger import Ledger
 from computegroups.decide.plan import Plan
 from computegroups.decide.request import context
-from computegroups.errors import ConflictError
+from computegroups.errors import ConflictError, NotFoundError
 from computegroups.events import Event
 from computegroups.model import AllocationState, Constraints, GroupRecord, Requirements
 from computegroups.placement.existing import admits
 
-__all__ = ["plan_delete", "plan_drain", "plan_expire", "plan_release"]
+__all__ = ["plan_cordon", "plan_delete", "plan_drain", "plan_drain_node", "plan_expire", "plan_release"]
 
 _RELEASED = AllocationState.RELEASED
 _DRAINING = AllocationState.DRAINING
@@ -78,6 +81,51 @@ def plan_drain(ledger: Ledger, gid: str) -> Plan:
         return NOTHING
     first = live[0]
     return Plan(live, [], events=(Event("drained", first.gang_id or gid, first.node_id, first.component),), group=gid)
+
+
+def plan_cordon(ledger: Ledger, node_id: str, reason: str | None, *, cordon: bool = True) -> Plan:
+    """Cordon a node (it takes no new groups; its groups keep their owners), with ``reason`` (None:
+    the reason it has, or a default), or uncordon it (``cordon=False``); nothing to do if it already
+    is. NotFoundError for a node discovery did not find."""
+    if node_id not in ledger.specs:
+        raise NotFoundError(f"node {node_id!r} is not in this cluster; nodes: {_some(ledger.specs)}")
+    if cordon and reason is None:
+        reason = ledger.cordons.get(node_id, "cordoned by an operator")
+    if ledger.cordons.get(node_id) == reason:
+        return NOTHING
+    if reason is None:
+        event = Event("uncordoned", None, node_id, None, f"was: {ledger.cordons[node_id]}")
+    else:
+        event = Event("cordoned", None, node_id, None, reason)
+    return Plan([], [], events=(event,), cordons={node_id: reason})
+
+
+def plan_drain_node(ledger: Ledger, node_id: str, reason: str | None) -> Plan:
+    """Cordon a node and drain every group on it, in one change: none gets a new owner, each owner
+    keeps its group until release (a multi-node group drains whole). A preemptor waiting for
+    capacity there keeps waiting; the cordon stops it from being promoted onto the node."""
+    cordon = plan_cordon(ledger, node_id, reason)
+    ups: list[GroupRecord] = []
+    events = list(cordon.events)
+    seen: set[str] = set()
+    for gid in sorted(ledger.by_node.get(node_id, ())):
+        r = ledger.records[gid]
+        group = r.gang_id or r.id
+        if r.state in (_RELEASED, _DRAINING) or r.pending or group in seen:
+            continue
+        seen.add(group)
+        drained = plan_drain(ledger, group)
+        ups += drained.upserts
+        events += drained.events
+    if not ups and not cordon.cordons:
+        return NOTHING
+    return Plan(ups, [], events=tuple(events), cordons=cordon.cordons)
+
+
+def _some(names: Mapping[str, object], shown: int = 5) -> str:
+    listed = sorted(names)
+    more = f", ... ({len(listed)} in all)" if len(listed) > shown else ""
+    return ", ".join(listed[:shown]) + more
 
 
 def plan_delete(ledger: Ledger, gid: str) -> Plan:

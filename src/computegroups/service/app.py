@@ -149,6 +149,29 @@ async def drain(request: web.Request) -> web.Response:
     return _json({"group_id": request.match_info["group_id"], "drained": done})
 
 
+async def cordon(request: web.Request) -> web.Response:
+    body = await _body(request, ("reason",), ())
+    node = request.match_info["node_id"]
+    with request.app[METRICS].observe("cordon"):
+        done = await request.app[MANAGER].cordon_node(node, body.get("reason"))
+    return _json({"node_id": node, "cordoned": True, "changed": done})
+
+
+async def uncordon(request: web.Request) -> web.Response:
+    node = request.match_info["node_id"]
+    with request.app[METRICS].observe("uncordon"):
+        done = await request.app[MANAGER].uncordon_node(node)
+    return _json({"node_id": node, "cordoned": False, "changed": done})
+
+
+async def drain_node(request: web.Request) -> web.Response:
+    body = await _body(request, ("reason",), ())
+    node = request.match_info["node_id"]
+    with request.app[METRICS].observe("drain_node"):
+        drained = await request.app[MANAGER].drain_node(node, body.get("reason"))
+    return _json({"node_id": node, "cordoned": True, "drained": [group_json(g) for g in drained]})
+
+
 async def component_groups(request: web.Request) -> web.Response:
     groups = await request.app[MANAGER].get_component_allocations(request.match_info["component"])
     return _json([group_json(g) for g in groups])
@@ -218,6 +241,9 @@ async def schema(request: web.Request) -> web.Response:
 #: (method, path, handler, summary): the API, in the order of the seed's methods.
 ROUTES: tuple[tuple[str, str, Handler, str], ...] = (
     ("GET", "/v1/nodes", list_nodes, "list_compute_nodes"),
+    ("POST", "/v1/nodes/{node_id}/cordon", cordon, "cordon_node {reason}"),
+    ("POST", "/v1/nodes/{node_id}/uncordon", uncordon, "uncordon_node"),
+    ("POST", "/v1/nodes/{node_id}/drain", drain_node, "drain_node {reason}"),
     ("GET", "/v1/groups", list_groups, "list_compute_groups (query: component, state, node_id, include_released)"),
     ("POST", "/v1/groups", allocate, "allocate_compute_group {component, requirements, constraints}"),
     ("GET", "/v1/groups/{group_id}", get_group, "get_compute_group"),

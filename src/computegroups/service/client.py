@@ -127,6 +127,18 @@ class ComputeGroupsClient:
     async def drain_compute_group(self, group_id: object) -> bool:
         return bool((await self._call("POST", f"/v1/groups/{_path_part('group_id', group_id)}/drain"))["drained"])
 
+    async def cordon_node(self, node_id: object, reason: object = None) -> bool:
+        body = {} if reason is None else {"reason": reason}
+        return bool((await self._call("POST", f"/v1/nodes/{_path_part('node_id', node_id)}/cordon", body))["changed"])
+
+    async def uncordon_node(self, node_id: object) -> bool:
+        return bool((await self._call("POST", f"/v1/nodes/{_path_part('node_id', node_id)}/uncordon"))["changed"])
+
+    async def drain_node(self, node_id: object, reason: object = None) -> list[RemoteComputeGroup]:
+        body = {} if reason is None else {"reason": reason}
+        answer = await self._call("POST", f"/v1/nodes/{_path_part('node_id', node_id)}/drain", body)
+        return [group_from_json(g) for g in answer["drained"]]
+
     async def get_allocation_summary(self) -> dict[str, Any]:
         return dict(await self._call("GET", "/v1/summary"))
 

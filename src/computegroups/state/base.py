@@ -8,14 +8,15 @@ So nothing is visible before it is durable, and two writers never both win.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from computegroups.errors import ConflictError
 from computegroups.events import Event
 from computegroups.model import GroupRecord
 
-__all__ = ["EVENT_LIMIT", "Changes", "EventLog", "RevisionConflict", "StateStore"]
+__all__ = ["EVENT_LIMIT", "NO_CORDONS", "Changes", "Cordons", "EventLog", "RevisionConflict", "StateStore"]
 
 
 #: Events a store keeps (the oldest go first); enough for hours of a busy planner.
@@ -26,13 +27,23 @@ class RevisionConflict(ConflictError):
     """The store moved on since the caller's revision; re-read and decide again."""
 
 
+#: Node marks of a change: node id -> the reason it is cordoned, or None (uncordoned).
+Cordons = Mapping[str, str | None]
+NO_CORDONS: Cordons = MappingProxyType({})
+
+
 class Changes(NamedTuple):
-    """What changed after a revision. ``full`` means: forget everything, these are all records."""
+    """What changed after a revision. ``full`` means: forget everything, these are all records.
+
+    ``cordons``: nodes an operator cordoned (a reason) or uncordoned (None) after the revision; with
+    ``full``, every node cordoned now.
+    """
 
     revision: int
     upserts: Sequence[GroupRecord] = ()
     deletes: Sequence[str] = ()
     full: bool = False
+    cordons: Cordons = NO_CORDONS
 
 
 @runtime_checkable
@@ -45,6 +56,8 @@ class StateStore(Protocol):
       * ``commit(expected, upserts, deletes)`` applies the change set atomically and
         returns the new revision, or raises :class:`RevisionConflict` if the revision
         is no longer ``expected``; then nothing was written.
+      * node marks: a store given ``cordons=`` (only when a change cordons or uncordons a
+        node) writes them in the same commit, and ``changes_since`` returns them.
       * ``close()`` is idempotent.
     """
 
@@ -61,11 +74,17 @@ class StateStore(Protocol):
         ...
 
     async def commit(
-        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+        self,
+        expected: int,
+        upserts: Sequence[GroupRecord],
+        deletes: Sequence[str] = (),
+        events: Sequence[Event] = (),
+        cordons: Cordons = NO_CORDONS,
     ) -> int:
         """Write the change set if the revision is ``expected``; return the new revision.
 
-        A store with an event log (:class:`EventLog`) writes ``events`` in the same transaction.
+        A store with an event log (:class:`EventLog`) writes ``events`` in the same transaction;
+        ``cordons`` (node marks) are written in it too.
         """
         ...
 

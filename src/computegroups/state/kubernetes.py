@@ -12,6 +12,8 @@ behind (``kubectl get cg -l 'computegroups.dev/state notin (released,deleted)'``
                                                 first (at most LOG_ENTRIES and about LOG_BYTES)
                                 spec.mirrored = every change set up to this one is in the group objects
                                 (an entry's ``done``: its writer wrote it there in full)
+                                spec.cordons  = {node: {revision, reason}}: nodes an operator cordoned
+                                (reason null: uncordoned at that revision), written by the commit
     ComputeGroup <group id>     spec.revision = revision of its last write; label state=<record state>
                                 spec.record   = the GroupRecord (state=deleted: a deletion tombstone)
 
@@ -57,7 +59,7 @@ from computegroups.kube.names import (
     cr_name,
 )
 from computegroups.model import AllocationState, GroupRecord
-from computegroups.state.base import Changes, RevisionConflict
+from computegroups.state.base import NO_CORDONS, Changes, Cordons, RevisionConflict
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
@@ -175,7 +177,8 @@ class KubernetesStateStore:
             start = int(log[0]["revision"]) if log else current + 1
             if 0 <= revision < current and revision >= start - 1:
                 ups, dels = _fold(e for e in log if int(e["revision"]) > revision)
-                return Changes(current, [r for r in ups.values() if r is not None], [g for g in dels])
+                marks = _cordons_of(spec, revision)
+                return Changes(current, [r for r in ups.values() if r is not None], [g for g in dels], cordons=marks)
             full = await self._reload(current, log)
             if full is not None:
                 return full
@@ -212,11 +215,17 @@ class KubernetesStateStore:
         ups, _ = _fold(log + [e for e in alog if int(e["revision"]) > current])
         effective.update(ups)
         self._objects = objects
-        return Changes(arev, [r for r in effective.values() if r is not None], (), full=True)
+        marks = {n: why for n, why in _cordons_of(aspec, -1).items() if why is not None}
+        return Changes(arev, [r for r in effective.values() if r is not None], (), full=True, cordons=marks)
 
     # -- writes -----------------------------------------------------------------------
     async def commit(
-        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+        self,
+        expected: int,
+        upserts: Sequence[GroupRecord],
+        deletes: Sequence[str] = (),
+        events: Sequence[Event] = (),
+        cordons: Cordons = NO_CORDONS,
     ) -> int:
         """``events`` are not kept: this store has no event log (it is not an :class:`EventLog`)."""
         ledger = self._ledger
@@ -250,11 +259,16 @@ class KubernetesStateStore:
         sweep = rev % GC_EVERY == 0 and rev > GC_LAG
         if sweep:
             gc_before = rev - GC_LAG
+        new_spec: Obj = {"revision": rev, "gcBefore": gc_before, "mirrored": mirrored, "log": kept}
+        marks = dict(spec.get("cordons") or {})
+        marks.update({node: {"revision": rev, "reason": why} for node, why in cordons.items()})
+        if marks:
+            new_spec["cordons"] = marks
         body = {
             "apiVersion": API_VERSION,
             "kind": "ComputeGroupLedger",
             "metadata": {**ledger["metadata"], "resourceVersion": ledger["metadata"]["resourceVersion"]},
-            "spec": {"revision": rev, "gcBefore": gc_before, "mirrored": mirrored, "log": kept},
+            "spec": new_spec,
         }
         try:
             self._ledger = await self.client.put(self._ledger_path, body)
@@ -376,6 +390,17 @@ class KubernetesStateStore:
             except KubeError as exc:
                 if exc.status not in (404, 409):
                     raise
+
+
+def _cordons_of(spec: Obj, after: int) -> dict[str, str | None]:
+    """The ledger's node marks written after revision ``after`` (node -> reason, None: uncordoned)."""
+    out: dict[str, str | None] = {}
+    for node, mark in (spec.get("cordons") or {}).items():
+        if not isinstance(mark, dict) or not isinstance(mark.get("reason"), str | None):
+            raise StateError(f"ledger spec.cordons.{node}: {mark!r} is not a node mark")
+        if int(mark.get("revision", 0)) > after:
+            out[str(node)] = mark["reason"]
+    return out
 
 
 def _log_of(spec: Obj) -> list[Obj]:

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from computegroups.events import Event
 from computegroups.model import GroupRecord
-from computegroups.state.base import EVENT_LIMIT, Changes, RevisionConflict
+from computegroups.state.base import EVENT_LIMIT, NO_CORDONS, Changes, Cordons, RevisionConflict
 
 __all__ = ["MemoryStateStore"]
 
@@ -24,6 +24,7 @@ class MemoryStateStore:
         self._log: list[tuple[int, str]] = []  # (revision, id) of every write or delete
         self._log_start = 0  # revisions at or below this are no longer in the log
         self._log_limit = log_limit
+        self._cordons: dict[str, tuple[int, str | None]] = {}  # node -> (revision, reason or None)
 
     def bind(self, identity: str) -> None:
         """Any cluster may use an in-memory store (it lives and dies with its process)."""
@@ -43,11 +44,15 @@ class MemoryStateStore:
         if revision == self._revision:
             return Changes(revision)
         if revision < self._log_start or revision > self._revision:
-            return Changes(self._revision, tuple(self._records.values()), (), full=True)
+            cordons = {n: why for n, (_, why) in self._cordons.items() if why is not None}
+            return Changes(self._revision, tuple(self._records.values()), (), full=True, cordons=cordons)
         ids = {gid for rev, gid in self._log if rev > revision}
         ups = [self._records[g] for g in ids if g in self._records]
         dels = [g for g in ids if g not in self._records]
-        return Changes(self._revision, ups, dels)
+        if not self._cordons:
+            return Changes(self._revision, ups, dels)
+        marks = {n: why for n, (rev, why) in self._cordons.items() if rev > revision}
+        return Changes(self._revision, ups, dels, cordons=marks)
 
     async def record(self, events: Sequence[Event]) -> None:
         """Append events that change no record (refusals, health)."""
@@ -63,7 +68,12 @@ class MemoryStateStore:
             self._events.append((self._event_seq, e))
 
     async def commit(
-        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+        self,
+        expected: int,
+        upserts: Sequence[GroupRecord],
+        deletes: Sequence[str] = (),
+        events: Sequence[Event] = (),
+        cordons: Cordons = NO_CORDONS,
     ) -> int:
         if expected != self._revision:
             raise RevisionConflict(f"revision is {self._revision}, not {expected}")
@@ -77,6 +87,8 @@ class MemoryStateStore:
         for gid in deletes:
             self._records.pop(gid, None)
             self._log.append((rev, gid))
+        for node_id, why in cordons.items():
+            self._cordons[node_id] = (rev, why)
         if len(self._log) > self._log_limit:
             cut = len(self._log) // 2
             self._log_start = self._log[cut - 1][0]

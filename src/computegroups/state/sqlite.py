@@ -26,8 +26,11 @@ A record is stored as a JSON object of its fields, those at their default
 values left out; :meth:`GroupRecord.from_json` fills them in. Format 3 adds the
 event log (``events``: every change's events, written in the commit that makes
 the change, and refusals and health on their own; the newest
-:data:`~computegroups.state.base.EVENT_LIMIT` kept). A format 2 file is adopted
-in place by adding that table, under the write lock.
+:data:`~computegroups.state.base.EVENT_LIMIT` kept). Format 4 adds the node marks
+(``cordons``: a node an operator cordoned, with the reason and the revision of
+the change; an uncordoned node keeps its row, reason NULL, so a reader sees the
+change). Older files are adopted in place by adding the missing tables, under
+the write lock.
 
 A state file knows what it is. Its header carries :data:`APPLICATION_ID` and the
 format version :data:`FORMAT` (``user_version``); its meta table the schema, the
@@ -69,7 +72,7 @@ import re
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
@@ -77,16 +80,16 @@ from urllib.parse import quote
 from computegroups.errors import StateError
 from computegroups.events import Event
 from computegroups.model import AllocationState, GroupRecord
-from computegroups.state.base import EVENT_LIMIT, Changes, RevisionConflict
+from computegroups.state.base import EVENT_LIMIT, NO_CORDONS, Changes, Cordons, RevisionConflict
 
 __all__ = ["APPLICATION_ID", "FORMAT", "SCHEMA", "SqliteStateStore", "default_state_path"]
 
 #: ``PRAGMA application_id`` of a computegroups state file ("CGst").
 APPLICATION_ID = 0x43477374
 #: ``PRAGMA user_version``: the file format this version reads and writes.
-FORMAT = 3
-SCHEMA = "computegroups/3"
-_FORMAT_2 = "computegroups/2"  # without the event log: adopted in place (the table is added)
+FORMAT = 4
+SCHEMA = "computegroups/4"
+_OLDER_SCHEMAS = {2: "computegroups/2", 3: "computegroups/3"}  # adopted in place (missing tables added)
 _LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, user_version 0
 _DELETION_LOG_LIMIT = 100_000
 _BACKOFF_S = (0.0005, 0.002)  # first and longest pause, jittered, while another process holds the write lock
@@ -103,8 +106,13 @@ _DDL = (
     "CREATE TABLE deletions (id TEXT NOT NULL, rev INTEGER NOT NULL)",
     "CREATE INDEX deletions_rev ON deletions(rev)",
     "CREATE TABLE events (seq INTEGER PRIMARY KEY, at REAL NOT NULL, body TEXT NOT NULL)",
+    "CREATE TABLE cordons (node_id TEXT PRIMARY KEY, rev INTEGER NOT NULL, reason TEXT)",
 )
-_EVENTS_DDL = _DDL[-1]
+_ADDED_IN = {2: _DDL[-2:], 3: _DDL[-1:]}  # what a file of an older format lacks
+_MARK = (
+    "INSERT INTO cordons(node_id, rev, reason) VALUES (?, ?, ?) "
+    "ON CONFLICT(node_id) DO UPDATE SET rev=excluded.rev, reason=excluded.reason"
+)
 _ADD_EVENT = "INSERT INTO events(at, body) VALUES (?, ?)"
 _UPSERT = (  # an existing row is updated in place: its id index entry stays as it is
     "INSERT INTO groups(id, rev, body) VALUES (?, ?, ?) "
@@ -127,7 +135,8 @@ def _expected_objects(ddl: Sequence[str]) -> list[tuple[str, str, str, str | Non
 
 
 _OBJECTS = _expected_objects(_DDL)
-_OBJECTS_2 = _expected_objects(_DDL[:-1])  # format 2 and 0.1.0 files: no event log
+_OBJECTS_2 = _expected_objects(_DDL[:-2])  # format 2 and 0.1.0 files: no event log, no node marks
+_OBJECTS_OF = {2: _OBJECTS_2, 3: _expected_objects(_DDL[:-1])}
 
 
 def default_state_path() -> Path:
@@ -144,9 +153,10 @@ class _Found(NamedTuple):
 
     legacy: bool
     revision: int
-    older: bool  # format 2: adopted by adding the event log
+    older: int  # an older format (2 or 3) to adopt by adding tables; 0: none
     cluster: str
     records: list[GroupRecord]
+    cordons: dict[str, str]
 
 
 class SqliteStateStore:
@@ -168,7 +178,7 @@ class SqliteStateStore:
         self._log_limit = log_limit
         self._conn: sqlite3.Connection | None = None
         self._identity: str | None = None
-        self._opened: tuple[int, list[GroupRecord]] | None = None  # what open() read, served once
+        self._opened: _Found | None = None  # what open() read, served once
         self._held: int | None = None  # holding the write lock: the revision read under it (-1: not yet read)
         self._deleted = 0  # deletion log rows this store wrote since it last looked at the log's size
         #: What this store read and waited for (for tests and benchmarks): incremental reads of
@@ -232,7 +242,7 @@ class SqliteStateStore:
             conn.close()
             raise
         self._conn = conn
-        self._opened = (found.revision, found.records)
+        self._opened = found
 
     def _create(self) -> None:
         """Build a new state file beside ``path`` and link it into place (unless someone else was first)."""
@@ -316,8 +326,9 @@ class SqliteStateStore:
             ).fetchone()[0]
             if bad:
                 raise self._error(f"{bad} deletion log row(s) have the wrong types or revisions")
+            cordons = {} if found.legacy or found.older else self._read_cordons(conn, found.revision)
             conn.execute("COMMIT")
-            return found._replace(records=records)
+            return found._replace(records=records, cordons=cordons)
         except sqlite3.DatabaseError as exc:
             raise self._error(f"not a usable SQLite database: {exc}") from exc
         finally:
@@ -345,13 +356,11 @@ class SqliteStateStore:
                 f"a SQLite database of another program (application_id {app:#010x}, "
                 f"computegroups uses {APPLICATION_ID:#010x})"
             )
-        elif version == 2 and objects == _OBJECTS_2:
-            legacy = False
-        elif version != FORMAT:
+        elif version != FORMAT and version not in _OBJECTS_OF:
             newer = "a newer" if version > FORMAT else "an unknown"
             raise self._error(f"format {version} is {newer} computegroups format; this version reads {FORMAT}")
-        elif objects != _OBJECTS:
-            expected = {name for _, name, _, _ in _OBJECTS}
+        elif objects != _OBJECTS_OF.get(version, _OBJECTS):
+            expected = {name for _, name, _, _ in _OBJECTS_OF.get(version, _OBJECTS)}
             present = {name for _, name, _, _ in objects}
             missing, extra = sorted(expected - present), sorted(present - expected)
             what = _difference(missing, extra) or "definitions differ"
@@ -369,7 +378,7 @@ class SqliteStateStore:
         extra = sorted(k for k in meta if k not in keys)
         if missing or extra:
             raise self._error(f"meta rows are damaged ({_difference(missing, extra)})")
-        schema = _LEGACY_SCHEMA if legacy else (_FORMAT_2 if version == 2 else SCHEMA)
+        schema = _LEGACY_SCHEMA if legacy else _OLDER_SCHEMAS.get(version, SCHEMA)
         if meta["schema"] != schema:
             raise self._error(
                 f"schema {meta['schema']!r} is not {schema!r}; use the computegroups version that wrote it"
@@ -380,7 +389,19 @@ class SqliteStateStore:
         revision, log_start = int(meta["revision"]), int(meta["log_start"])
         if log_start > revision:
             raise self._error(f"meta log_start {log_start} is beyond revision {revision}")
-        return _Found(legacy, revision, version == 2, meta.get("cluster", ""), [])
+        older = 2 if legacy else (version if version in _OLDER_SCHEMAS else 0)
+        return _Found(legacy, revision, older, meta.get("cluster", ""), [], {})
+
+    def _read_cordons(self, conn: sqlite3.Connection, revision: int) -> dict[str, str]:
+        """The cordoned nodes, with their types and revisions checked (StateError if damaged)."""
+        bad = conn.execute(
+            "SELECT COUNT(*) FROM cordons WHERE typeof(node_id) != 'text' OR typeof(rev) != 'integer' "
+            "OR rev <= 0 OR rev > ? OR typeof(reason) NOT IN ('text', 'null')",
+            (revision,),
+        ).fetchone()[0]
+        if bad:
+            raise self._error(f"{bad} node mark row(s) have the wrong types or revisions")
+        return dict(conn.execute("SELECT node_id, reason FROM cordons WHERE reason IS NOT NULL").fetchall())
 
     def _check_identity(self, recorded: str) -> None:
         if self._identity is not None and recorded and recorded != self._identity:
@@ -409,7 +430,8 @@ class SqliteStateStore:
                 conn.execute("UPDATE computegroups_meta SET value=? WHERE key='schema'", (SCHEMA,))
                 if found.legacy:
                     conn.execute("INSERT INTO computegroups_meta(key, value) VALUES ('cluster', '')")
-                conn.execute(_EVENTS_DDL)
+                for ddl in _ADDED_IN[found.older]:
+                    conn.execute(ddl)
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={FORMAT}")
             if not found.cluster and self._identity:
@@ -505,8 +527,8 @@ class SqliteStateStore:
                 return Changes(current)
             if current < revision:
                 raise self._error(f"revision went back from {revision} to {current}; the file was changed underneath")
-            if opened is not None and opened[0] == current:
-                return Changes(current, opened[1], (), full=True)  # what open() read and checked
+            if opened is not None and opened.revision == current:  # what open() read and checked
+                return Changes(current, opened.records, (), full=True, cordons=opened.cordons)
             if not held:
                 await self._begin("BEGIN")
             try:
@@ -517,15 +539,19 @@ class SqliteStateStore:
                     rows = conn.execute("SELECT id, body FROM groups").fetchall()
                     stats["full_reads"] += 1
                     stats["rows_read"] += len(rows)
-                    return Changes(current, [self._decode(i, b) for i, b in rows], (), full=True)
+                    cordons = self._read_cordons(conn, current)
+                    return Changes(current, [self._decode(i, b) for i, b in rows], (), full=True, cordons=cordons)
                 rows = conn.execute("SELECT id, body FROM groups WHERE rev > ?", (revision,)).fetchall()
                 dels = [i for (i,) in conn.execute("SELECT id FROM deletions WHERE rev > ?", (revision,))]
+                marks = conn.execute("SELECT node_id, reason FROM cordons WHERE rev > ?", (revision,)).fetchall()
                 stats["reads"] += 1
                 stats["rows_read"] += len(rows) + len(dels)
                 ups = [self._decode(i, b) for i, b in rows]
                 if dels and ups:  # an id written again after its deletion exists
                     written = {r.id for r in ups}
                     dels = [d for d in dels if d not in written]
+                if marks:
+                    return Changes(current, ups, dels, cordons=_checked_marks(marks, self._error))
                 return Changes(current, ups, dels)
             finally:
                 if held:
@@ -537,10 +563,15 @@ class SqliteStateStore:
 
     # -- writes -----------------------------------------------------------------
     async def commit(
-        self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
+        self,
+        expected: int,
+        upserts: Sequence[GroupRecord],
+        deletes: Sequence[str] = (),
+        events: Sequence[Event] = (),
+        cordons: Cordons = NO_CORDONS,
     ) -> int:
         """One short ``BEGIN IMMEDIATE`` transaction writing only the changed rows (prepared statements),
-        and the change's ``events`` in the event log."""
+        the change's ``events`` in the event log and its node marks."""
         conn = self.conn
         self._opened = None
         rev = expected + 1
@@ -571,6 +602,8 @@ class SqliteStateStore:
                         self._trim_log()
                 if logged:
                     self._log_events(logged)
+                if cordons:
+                    conn.executemany(_MARK, [(node, rev, why) for node, why in cordons.items()])
         finally:
             self._held = None
         return rev
@@ -698,6 +731,16 @@ def _body(r: GroupRecord) -> str:
 def _event_row(e: Event) -> tuple[float, str]:
     body = {"kind": e.kind, "group_id": e.group_id, "node_id": e.node_id, "component": e.component, "detail": e.detail}
     return e.at, _encode_json(body)
+
+
+def _checked_marks(rows: Sequence[tuple[object, object]], error: Callable[[str], StateError]) -> dict[str, str | None]:
+    """Node marks read back: a text node id, a text reason or NULL (StateError naming the row if not)."""
+    out: dict[str, str | None] = {}
+    for node, why in rows:
+        if not isinstance(node, str) or not (why is None or isinstance(why, str)):
+            raise error(f"node mark {node!r} is unreadable: {why!r} is not a reason")
+        out[node] = why
+    return out
 
 
 def _difference(missing: Sequence[str], extra: Sequence[str]) -> str:
