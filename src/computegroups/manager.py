@@ -69,9 +69,6 @@ MAX_TTL_S = 7 * 24 * 3600.0
 _PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
 
 
-_check_name = check_name
-
-
 def _check_group_id(value: object, known: Mapping[str, GroupRecord]) -> str:
     if type(value) is str and value in known:  # an id the ledger holds (the common case, without a regex)
         return value
@@ -135,6 +132,7 @@ class ComputeGroupManager:
         self.provider = provider
         self.store = _open_store(state)
         self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)  # no I/O
+        self._seen: Callable[[int], Changes | None] | None = getattr(self.store, "changes_seen", None)  # a watch's
         self._store_lock: Callable[[], Awaitable[None]] | None = getattr(self.store, "lock", None)
         self._store_unlock: Callable[[], None] | None = getattr(self.store, "unlock", None)
         self._lock = asyncio.Lock()
@@ -169,8 +167,7 @@ class ComputeGroupManager:
     async def __aenter__(self) -> ComputeGroupManager:
         await self.provider.__aenter__()
         try:
-            self.inventory = await self.provider.discover_resources()
-            inv = self.inventory
+            inv = self.inventory = await self.provider.discover_resources()
             self.ledger = Ledger(inv.nodes, self.pools.values(), inv.cordoned, inv.unavailable)
             self.views = Views(self.ledger, self._telemetry_of)
             bind = getattr(self.store, "bind", None)  # a store bound to the cluster that made it
@@ -213,16 +210,19 @@ class ComputeGroupManager:
             raise ConflictError("ComputeGroupManager is not open; use 'async with ComputeGroupManager(...) as mgr'")
 
     # -- the commit loop -------------------------------------------------------------
-    async def _refresh(self) -> None:
-        """Catch up with the store (changes since the ledger's revision)."""
+    async def _refresh(self, exact: bool = True) -> bool:
+        """Catch up with the store (changes since the ledger's revision). With ``exact=False``, from
+        what a watch of the store delivered where it can tell (no I/O); returns False if it did."""
         peek = self._peek_revision
         if peek is not None and peek() == self.ledger.revision:
-            return  # an in-process store says nothing changed
-        changes: Changes = await self.store.changes_since(self.ledger.revision)
+            return True  # an in-process store says nothing changed
+        seen = None if exact or self._seen is None else self._seen(self.ledger.revision)
+        changes: Changes = seen or await self.store.changes_since(self.ledger.revision)
         if changes.full:
             self.ledger.reload(changes.revision, changes.upserts, changes.cordons)
         elif changes.revision != self.ledger.revision:
             self.ledger.apply(changes.revision, changes.upserts, changes.deletes, changes.cordons)
+        return seen is None
 
     async def _commit(self, decide: Callable[[float], Plan]) -> Plan:
         """Plan against the freshest state and commit the change set; retry on a lost race.
@@ -230,14 +230,17 @@ class ComputeGroupManager:
         Reservations past their deadline are released first, in a commit of their own. Old
         tombstones (released groups past ``tombstone_limit``) are pruned with a change, in batches.
         A retry after a lost race holds the store's write lock (if it has one) from catch-up to commit.
+        A decision may start from what a watch of the store delivered: one that commits nothing (a
+        read, a refusal) is then made again after a read, one that commits is checked by the CAS.
         """
         ledger = self.ledger
         lock = self._store_lock
+        exact = False
         try:
             for attempt in range(self._max_attempts):
                 if attempt and lock is not None:
                     await lock()
-                await self._refresh()
+                exact = await self._refresh(exact)
                 now = self._clock()
                 heap = ledger.expiry
                 due = ledger.due(now) if heap and heap[0][0] <= now else None
@@ -251,14 +254,22 @@ class ComputeGroupManager:
                         continue
                     ledger.apply(rev, expiry.upserts, ())
                     self.expired += len(due)
-                    for event in expiry.events:
+                    for event in expiry.events:  # in the log already, with its commit
                         log.info("reservation %s of %s expired", event.group_id, event.component)
-                        self._events.emit(event, durable=False)  # in the log already, with its commit
+                        self._events.emit(event, durable=False)
                     continue
-                plan = decide(now)
+                try:
+                    plan: Plan | None = decide(now)
+                except REFUSALS:
+                    if exact:
+                        raise
+                    plan = None
+                if plan is None or not (plan.upserts or plan.deletes or plan.cordons):
+                    if plan is not None and exact:
+                        return plan
+                    exact = True  # decided on what a watch delivered: read the store and decide again
+                    continue
                 marks = plan.cordons
-                if not plan.upserts and not plan.deletes and not marks:
-                    return plan
                 deletes = plan.deletes
                 if len(ledger.tombstones) > self._tombstone_limit:
                     deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
@@ -301,13 +312,11 @@ class ComputeGroupManager:
 
     async def _materialise(self, rec: GroupRecord, *, own: bool) -> None:
         # One record: a part of a multi-node group is materialised on its own node, with its own devices.
-        resources = ComputeGroup(rec, self.ledger.specs.get(rec.node_id)).resources
-        resources["group_id"] = rec.id
+        resources = {**ComputeGroup(rec, self.ledger.specs.get(rec.node_id)).resources, "group_id": rec.id}
         resources["env"] = group_env(rec)
         try:
             await self.provider.allocate_resources(rec.component or "", resources)
-        except Exception as exc:
-            # Undo the allocation so a failed materialisation leaves nothing behind.
+        except Exception as exc:  # undo the allocation, so a failed materialisation leaves nothing behind
             await self._run(lambda now: plan_release(self.ledger, rec.id, now))
             error = ProviderError(f"{self.provider.name}: could not materialise group {rec.id}: {exc}")
             if own:
@@ -317,7 +326,7 @@ class ComputeGroupManager:
 
     async def _dematerialise(self, records: Sequence[GroupRecord]) -> None:
         first = records[0]
-        try:
+        try:  # one call for every record of the group
             await self.provider.deallocate_resources(first.component or "", [r.id for r in records])
         except Exception as exc:  # the state is released already; report, do not undo
             log.warning("provider could not undo group %s: %s", first.gang_id or first.id, exc)
@@ -405,7 +414,7 @@ class ComputeGroupManager:
         (nothing kept).
         """
         self._require_open()
-        component = _check_name("component_name", component_name)
+        component = check_name("component_name", component_name)
         ask = self._ask(component, resource_requirements, constraints, AllocationState.ALLOCATED, None)
         plan = await self._run(lambda now: plan_acquire(self.ledger, ask, now, self._new_id), component)
         return self.views.by_id(plan.group or "")
@@ -425,7 +434,7 @@ class ComputeGroupManager:
         died: every decision and every read (in any process) and the monitor release expired reservations.
         """
         self._require_open()
-        component = _check_name("component_name", component_name)
+        component = check_name("component_name", component_name)
         if (
             isinstance(ttl_seconds, bool)
             or not isinstance(ttl_seconds, int | float)
@@ -488,20 +497,20 @@ class ComputeGroupManager:
         """Cordon a node: it takes no new groups, its groups keep their owners. Committed like any change,
         so every manager sharing the state sees it. Returns False if it was cordoned already."""
         self._require_open()
-        node, why = _check_name("node_id", node_id), _reason(reason)
+        node, why = check_name("node_id", node_id), _reason(reason)
         return (await self._run(lambda now: plan_cordon(self.ledger, node, why))).changed
 
     async def uncordon_node(self, node_id: object) -> bool:
         """Let a cordoned node take new groups again. Returns False if an operator had not cordoned it."""
         self._require_open()
-        node = _check_name("node_id", node_id)
+        node = check_name("node_id", node_id)
         return (await self._run(lambda now: plan_cordon(self.ledger, node, None, cordon=False))).changed
 
     async def drain_node(self, node_id: object, reason: object = None) -> list[ComputeGroup]:
         """Cordon a node and drain its groups in one change (each owner keeps its group until release);
         returns the groups drained now."""
         self._require_open()
-        node, why = _check_name("node_id", node_id), _reason(reason)
+        node, why = check_name("node_id", node_id), _reason(reason)
         plan = await self._run(lambda now: plan_drain_node(self.ledger, node, why))
         return self.views.groups(plan.upserts)
 
@@ -527,14 +536,14 @@ class ComputeGroupManager:
         ``get_component_allocations``, which reads the store first. A reservation past its
         deadline is left out even if no one has released it yet.
         """
-        component = _check_name("component_name", component_name)
+        component = check_name("component_name", component_name)
         now = self._clock()
         return [g for g in self.views.owned_by(component) if not self.ledger.expired(g.record, now)]
 
     async def get_component_allocations(self, component_name: object) -> list[ComputeGroup]:
         """Groups a component owns (allocated, reserved or draining)."""
         self._require_open()
-        component = _check_name("component_name", component_name)
+        component = check_name("component_name", component_name)
         async with self._lock:
             await self._read()
             return self.views.owned_by(component)
@@ -556,19 +565,17 @@ class ComputeGroupManager:
         Returns False if the device was not marked unhealthy. New errors mark it unhealthy again.
         """
         self._require_open()
-        node_id = _check_name("node_id", node_id)
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise InvalidRequestError(f"index: {index!r} is not a GPU index", key="index")
+        node_id = check_name("node_id", node_id)
+        index = check_int_in("index", index, 0, 1 << 16)
         clear = getattr(self.provider, "clear_device_health", None)
         if clear is not None:
             clear(node_id, index)
         async with self._lock:
             reason = self.ledger.unhealthy.get((node_id, index))
             self.ledger.set_unhealthy(node_id, index, None)
-        if reason is None:
-            return False
-        self.emit(Event("device-healthy", None, node_id, None, f"GPU {index}: cleared by operator (was: {reason})"))
-        return True
+        if reason is not None:
+            self.emit(Event("device-healthy", None, node_id, None, f"GPU {index}: cleared by operator (was: {reason})"))
+        return reason is not None
 
     async def reconcile(self) -> list[Event]:
         """Correct the state against reality (vanished or unhealthy devices, gone processes); see monitor.py."""
@@ -581,12 +588,7 @@ class ComputeGroupManager:
 
     def group_health(self, group: ComputeGroup) -> list[str]:
         """Reasons the devices of a group are unhealthy (empty when healthy)."""
-        bad = self.ledger.unhealthy
-        return [
-            f"GPU {d.index}: {bad[(group.node_id, d.index)]}"
-            for d in group.record.devices
-            if (group.node_id, d.index) in bad
-        ]
+        return self.views.health_of(group)
 
     @property
     def revision(self) -> int:

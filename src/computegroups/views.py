@@ -103,6 +103,12 @@ class Views:
                 out.append(self.group(r))
         return out
 
+    def health_of(self, group: ComputeGroup) -> list[str]:
+        """Reasons the devices of a group are unhealthy (empty when healthy)."""
+        bad = self.ledger.unhealthy
+        node = group.node_id
+        return [f"GPU {d.index}: {bad[(node, d.index)]}" for d in group.record.devices if (node, d.index) in bad]
+
     def owned_by(self, component: str) -> list[ComputeGroup]:
         """Groups a component owns (allocated, reserved or draining)."""
         return self.groups(r for r in self.ledger.records.values() if r.component == component and r.state in _OWNED)

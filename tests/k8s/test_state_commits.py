@@ -62,6 +62,7 @@ async def test_a_reader_sees_exactly_the_commits_without_listing(k8s_namespace: 
                 rev = await a.commit(rev, [r])
                 want[r.id] = unseen[r.id] = r
                 history.append((rev, [r], []))
+            await a.flush()  # the group object is written after the commit, by the store's background writer
             assert writes(a) - before == 2  # the ledger and the one group object
             if n % 4 == 3:  # the reader catches up now and then, several commits at once
                 got = await b.changes_since(seen)

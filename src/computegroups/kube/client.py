@@ -16,7 +16,7 @@ import asyncio
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -209,6 +209,53 @@ class KubeClient:
             if not cont:
                 page["items"] = items
                 return page
+
+    async def watch(self, path: str, timeout_s: int, **params: Any) -> AsyncIterator[Obj]:
+        """Watch a collection: its events (``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object"}``)
+        from ``resourceVersion`` on, until the server ends the stream (after ``timeout_s``).
+
+        The request itself is checked like any other (a :class:`KubeError` unless 2xx); a stream that
+        breaks raises KubeError with status 0. The caller reopens it from the last resourceVersion.
+        """
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        if self._api is None:
+            raise KubeError(0, "watch", _resource_of(path), "the client is closed")
+        self.requests["watch"] += 1
+        query = [(k, v) for k, v in params.items() if v is not None]
+        query += [("watch", "true"), ("timeoutSeconds", str(timeout_s))]
+        try:
+            resp = await self._api.call_api(
+                path,
+                "GET",
+                query_params=query,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=(30, timeout_s + 30),
+            )
+        except ApiException as exc:
+            raise KubeError(int(exc.status or 0), "watch", _resource_of(path), str(exc.reason or exc)) from exc
+        except Exception as exc:  # aiohttp.ClientError, OSError, timeouts
+            raise KubeError(0, "watch", _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if not 200 <= resp.status <= 299:
+                raise KubeError(resp.status, "watch", _resource_of(path), (await resp.read())[:200].decode("replace"))
+            while True:
+                try:
+                    line = await resp.content.readline()
+                except Exception as exc:
+                    raise KubeError(0, "watch", _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
+                if not line:
+                    return
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # not an event (a proxy's noise); the next line is
+                if isinstance(event, dict):
+                    yield event
+        finally:
+            resp.release()
 
     async def post(self, path: str, body: Obj) -> Obj:
         return await self.request("POST", path, body)

@@ -209,6 +209,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         self._retry: dict[str, set[str] | None] = {}  # group id -> paths left to delete (None: by label)
         self._retry_task: asyncio.Task[None] | None = None
         self._own_store = False  # state_store() was asked for: this provider's store is the manager's
+        self._manager_store: KubernetesStateStore | None = None
         self._reader: KubernetesStateStore | None = None  # reads the records, for held slots and clean-up
         self._records: dict[str, GroupRecord] = {}
         self._records_rev = -1
@@ -252,7 +253,8 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         reads them to keep other pods off our device-plugin GPU slots and to finish clean-ups.
         """
         self._own_store = True
-        return self._store()
+        self._manager_store = self._store()
+        return self._manager_store
 
     def _store(self) -> KubernetesStateStore:
         return KubernetesStateStore(
@@ -586,7 +588,9 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             f"/api/v1/namespaces/{self.namespace}/pods/{made['metadata']['name']}"
         )
         status = {"pod": made["metadata"]["name"], **({"resourceClaim": _object_name(record.id)} if dra else {})}
-        with contextlib.suppress(KubeError):  # for `kubectl get computegroups -o wide`; the pod exists anyway
+        with contextlib.suppress(KubeError, StateError):  # for `kubectl get cg -o wide`; the pod exists anyway
+            if self._manager_store is not None:
+                await self._manager_store.flush()  # the group object is written after the commit
             await client.request(
                 "PATCH",
                 f"/apis/computegroups.dev/v1alpha1/namespaces/{self.namespace}/computegroups/"

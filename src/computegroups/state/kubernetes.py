@@ -19,13 +19,22 @@ behind (``kubectl get cg -l 'computegroups.dev/state notin (released,deleted)'``
 
 ``commit(expected, upserts, deletes)``: one write of the ledger (``revision = expected + 1``, the
 change set appended to the log, the oldest entries dropped), guarded by its resourceVersion: a 409
-is :class:`RevisionConflict` and nothing was written. **This one write is the commit point.** Then
-one write per changed group object (a mirror; a crash here loses nothing, the change set is in the
-log). Before a change set leaves the log (or when it is ``MIRROR_LAG`` revisions old) and no writer
-has confirmed it in the group objects, the committer writes it there first; so everything older than
-the log is always in the group objects. Group objects only move forward (resourceVersion-guarded,
-skipped when their ``spec.revision`` is already as new), so a late writer of an old change set never
+is :class:`RevisionConflict` and nothing was written. **This one write is the commit point.** The
+group objects are written after it by a background writer (a mirror; a crash before it loses
+nothing, the change set is in the log), a few milliseconds later, several change sets at a time:
+each object once, at its newest state (a group allocated and released in between is written once).
+:meth:`KubernetesStateStore.flush` waits for it; ``close()`` flushes. Before a change set leaves
+the log (or when it is ``MIRROR_LAG`` revisions old) and no writer has confirmed it in the group
+objects, the committer writes it there first; so everything older than the log is always in the
+group objects. Group objects only move forward (resourceVersion-guarded, skipped when their
+``spec.revision`` is already as new), so a late writer of an old change set never
 overwrites newer data; deletions leave tombstone objects, swept ``GC_LAG`` revisions later.
+
+The ledger is followed by a watch (list-then-watch from its resourceVersion, reopened after a
+broken stream or a 410 Gone with a fresh GET), so a commit needs no GET before it: the ledger it
+replaces is the newest one the watch delivered. :meth:`KubernetesStateStore.changes_seen` folds what
+the watch delivered without a request, for the manager's decisions; a decision made on a ledger
+the watch had not yet brought up to date loses its compare-and-swap and is made again.
 
 ``changes_since(rev)``: one GET of the ledger. A reader whose ``rev`` is within the log folds the
 entries after it (no list). A reader further behind (or opening) lists the group objects but
@@ -39,6 +48,7 @@ verb and the resource (``forbidden: cannot update computegroupledgers.computegro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -63,6 +73,9 @@ from computegroups.state.base import NO_CORDONS, Changes, Cordons, RevisionConfl
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
+#: Record states whose group object most likely exists already (written when the group was made).
+_MOST_LIKELY_THERE = (AllocationState.RELEASED, AllocationState.DRAINING)
+
 log_ = logging.getLogger("computegroups.k8s")
 
 GC_EVERY = 256  # commits between sweeps of old deletion tombstones
@@ -72,6 +85,8 @@ LOG_BYTES = 16 * 1024  # about this much JSON of change sets in the ledger (the 
 MIRROR_LAG = 6  # a change set this old that no writer confirmed in the group objects is written again
 BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
 BACKOFF_CAP = 0.05
+WATCH_S = 300  # seconds a watch of the ledger stays open before it is reopened
+MIRROR_DELAY_S = 0.005  # the group-object writer waits this long after a commit, for more to gather
 
 
 class KubernetesStateStore:
@@ -103,6 +118,12 @@ class KubernetesStateStore:
         self._objects: dict[str, tuple[str, int]] = {}  # object name -> (resourceVersion, spec.revision)
         self._mirrored: set[int] = set()  # change sets after the ledger's `mirrored` this store wrote in full
         self._lost = 0  # commits lost to another writer in a row
+        self._following = False  # the watch of the ledger is open (self._ledger is as new as it delivered)
+        self._tasks: list[asyncio.Task[None]] = []  # the watch and the group-object writer
+        self._dirty: list[Obj] = []  # committed change sets not yet written into the group objects
+        self._wake = asyncio.Event()
+        self._mirroring = asyncio.Lock()
+        self._sweep_before = 0  # deletion tombstones older than this are due to be swept
         base = f"/apis/{API_GROUP}/v1alpha1/namespaces/{namespace}"
         self._ledger_path = f"{base}/computegroupledgers/{name}"
         self._groups_path = f"{base}/computegroups"
@@ -123,11 +144,83 @@ class KubernetesStateStore:
         except BaseException:
             await self.close()
             raise
+        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._mirror_loop())]
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+        """Write what is left into the group objects, stop following the ledger, disconnect."""
+        tasks, self._tasks = self._tasks, []
+        try:
+            if self._client is not None and tasks:
+                await self.flush()
+        except StateError as exc:
+            log_.warning("%s; the change sets are in the ledger, and the next writer finishes them", exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._following = False
+            if self._client is not None:
+                client, self._client = self._client, None
+                await client.close()
+
+    # -- following the ledger ---------------------------------------------------------
+    async def _follow(self) -> None:
+        """Keep ``self._ledger`` as new as the API server's: watch it, reopening the watch as needed."""
+        collection = self._ledger_path.rsplit("/", 1)[0]
+        pause = 0.05
+        while True:
+            ledger = self._ledger
+            if ledger is None:
+                try:
+                    ledger = self._ledger = await self._get_ledger()
+                except StateError as exc:
+                    log_.debug("state %s: ledger read for the watch failed: %s", self, exc)
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 2.0)
+                    continue
+            version = str(ledger["metadata"]["resourceVersion"])
+            try:
+                stream = self.client.watch(
+                    collection,
+                    WATCH_S,
+                    fieldSelector=f"metadata.name={self.name}",
+                    resourceVersion=version,
+                    allowWatchBookmarks="true",
+                )
+                self._following = True
+                async for event in stream:
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":  # 410 Gone: that version is compacted away; read again
+                        self._ledger = None
+                        break
+                    if kind in ("ADDED", "MODIFIED"):
+                        self._take(obj)
+                pause = 0.05
+            except (KubeError, StateError) as exc:
+                log_.debug("state %s: the ledger's watch broke: %s", self, exc)
+                self._following = False
+                self._ledger = None
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
+            finally:
+                self._following = False
+
+    def _take(self, obj: Obj) -> None:
+        """A ledger version the watch delivered: kept if it is newer than the one held."""
+        held = self._ledger
+        revision = int((obj.get("spec") or {}).get("revision", 0))
+        if held is None or revision > int((held.get("spec") or {}).get("revision", 0)):
+            self._ledger = obj
+
+    def changes_seen(self, revision: int) -> Changes | None:
+        """What changed after ``revision`` as far as the watch delivered, without a request; None when
+        only a read can tell (the watch is not open, or the ledger's log no longer reaches back)."""
+        ledger = self._ledger
+        if not self._following or ledger is None:
+            return None
+        return _from_ledger(ledger.get("spec") or {}, revision)
 
     @property
     def client(self) -> KubeClient:
@@ -168,18 +261,13 @@ class KubernetesStateStore:
     # -- reads ------------------------------------------------------------------------
     async def changes_since(self, revision: int) -> Changes:
         for _ in range(50):
-            ledger = self._ledger = await self._get_ledger()
+            ledger = await self._get_ledger()
+            self._take(ledger)  # unless the watch has delivered a newer one since
             spec = ledger.get("spec") or {}
-            current = int(spec.get("revision", 0))
-            if current == revision:
-                return Changes(current)
-            log = _log_of(spec)
-            start = int(log[0]["revision"]) if log else current + 1
-            if 0 <= revision < current and revision >= start - 1:
-                ups, dels = _fold(e for e in log if int(e["revision"]) > revision)
-                marks = _cordons_of(spec, revision)
-                return Changes(current, [r for r in ups.values() if r is not None], [g for g in dels], cordons=marks)
-            full = await self._reload(current, log)
+            seen = _from_ledger(spec, revision)
+            if seen is not None:
+                return seen
+            full = await self._reload(int(spec.get("revision", 0)), _log_of(spec))
             if full is not None:
                 return full
         raise StateError(f"state {self}: the store kept changing while it was read; gave up")
@@ -282,16 +370,60 @@ class KubernetesStateStore:
                 raise RevisionConflict(f"the ledger moved on from revision {expected}") from exc
             raise self._error(exc) from exc
         self._lost = 0
-        # Committed. Writing the group objects can fail now without losing anything.
-        try:
-            await self._apply(entry)
-            if sweep:
-                await self._sweep(gc_before)
-        except (KubeError, StateError) as exc:
-            log_.warning(
-                "state %s: revision %d is committed; its group objects will be finished later: %s", self, rev, exc
-            )
+        # Committed. The group objects are written by the background writer; that can fail without
+        # losing anything (the change set is in the log until it is in the objects).
+        self._dirty.append(entry)
+        if sweep:
+            self._sweep_before = gc_before
+        self._wake.set()
         return rev
+
+    # -- the group objects ----------------------------------------------------------------
+    async def _mirror_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(MIRROR_DELAY_S)
+            try:
+                await self.flush()
+            except StateError as exc:
+                log_.warning("%s; the change sets are in the ledger, and the next writer finishes them", exc)
+
+    async def flush(self) -> None:
+        """Write every change set this store committed into the group objects: each object once, at its
+        newest state. StateError if a write failed (the change sets stay in the ledger's log, and
+        whichever writer sees them leave it writes them first)."""
+        async with self._mirroring:
+            batch, self._dirty = self._dirty, []
+            if batch:
+                net: dict[str, tuple[GroupRecord | None, int, bool]] = {}
+                for entry in batch:  # oldest first: the newest state of each group wins
+                    rev = int(entry["revision"])
+                    for raw in entry.get("upserts") or []:
+                        rec = _decode(raw)
+                        first = net.get(rec.id)
+                        probe = rec.state in _MOST_LIKELY_THERE if first is None else first[2]
+                        net[rec.id] = (rec, rev, probe)
+                    for gid in entry.get("deletes") or []:
+                        net[str(gid)] = (None, rev, True)
+                sem = asyncio.Semaphore(16)
+
+                async def one(gid: str, rec: GroupRecord | None, rev: int, probe: bool) -> None:
+                    async with sem:
+                        await self._write(gid, rec, rev, probe)
+
+                try:
+                    await asyncio.gather(*(one(g, r, v, p) for g, (r, v, p) in net.items()))
+                except KubeError as exc:
+                    last = int(batch[-1]["revision"])
+                    raise StateError(f"state {self}: group objects up to revision {last} unwritten: {exc}") from exc
+                self._mirrored.update(int(e["revision"]) for e in batch)
+            if self._sweep_before:
+                before, self._sweep_before = self._sweep_before, 0
+                try:
+                    await self._sweep(before)
+                except KubeError as exc:
+                    raise self._error(exc) from exc
 
     async def _apply(self, change: Obj, probe: bool = False) -> None:
         """Write one change set into the group objects (idempotent; each object only moves forward).
@@ -303,7 +435,7 @@ class KubernetesStateStore:
 
         async def one(gid: str, rec: GroupRecord | None) -> None:
             async with sem:
-                await self._write(gid, rec, rev, probe)
+                await self._write(gid, rec, rev, probe or rec is None or rec.state in _MOST_LIKELY_THERE)
 
         try:
             await asyncio.gather(*(one(g, r) for g, r in writes))
@@ -311,8 +443,9 @@ class KubernetesStateStore:
             raise self._error(exc) from exc
         self._mirrored.add(rev)
 
-    async def _write(self, gid: str, rec: GroupRecord | None, rev: int, probe: bool = False) -> None:
-        """Move one group object forward to revision ``rev`` (never backward)."""
+    async def _write(self, gid: str, rec: GroupRecord | None, rev: int, probe: bool) -> None:
+        """Move one group object forward to revision ``rev`` (never backward). ``probe``: it most likely
+        exists already (written by another change set): read it first rather than try to create it."""
         name = cr_name(gid, self.name)
         state = "deleted" if rec is None else rec.state.value
         labels = {MANAGED_BY: "computegroups", STORE_LABEL: self.name, STATE_LABEL: state}
@@ -331,9 +464,6 @@ class KubernetesStateStore:
             "spec": spec,
         }
         known = self._objects.get(name)
-        # Not known here and most likely there (a change set of another writer, a deletion, a release):
-        # read it first rather than try to create it.
-        probe = probe or rec is None or rec.state in (AllocationState.RELEASED, AllocationState.DRAINING)
         for _ in range(20):
             if known is None and probe:
                 probe = False
@@ -390,6 +520,20 @@ class KubernetesStateStore:
             except KubeError as exc:
                 if exc.status not in (404, 409):
                     raise
+
+
+def _from_ledger(spec: Obj, revision: int) -> Changes | None:
+    """What changed after ``revision`` according to one ledger version; None if its log does not reach back."""
+    current = int(spec.get("revision", 0))
+    if current == revision:
+        return Changes(current)
+    log = _log_of(spec)
+    start = int(log[0]["revision"]) if log else current + 1
+    if not (0 <= revision < current and revision >= start - 1):
+        return None
+    ups, dels = _fold(e for e in log if int(e["revision"]) > revision)
+    marks = _cordons_of(spec, revision)
+    return Changes(current, [r for r in ups.values() if r is not None], list(dels), cordons=marks)
 
 
 def _cordons_of(spec: Obj, after: int) -> dict[str, str | None]:
