@@ -16,6 +16,7 @@ COMPUTEGROUPS_REQUIRE_DYNAMO=1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
 from computegroups.errors import InvalidRequestError
@@ -46,10 +48,12 @@ from computegroups.integrations.dynamo import (
     instances_prefix,
     root_key,
 )
+from computegroups.integrations.dynamo.metrics import ActuatorCollector
 from computegroups.integrations.dynamo.readiness import parse_instance
 from computegroups.integrations.etcd import EtcdClient, prefix_end
 from computegroups.providers.simulated import simulated_uuid
 from computegroups.runtime import CircusDaemon, LocalRuntime
+from computegroups.service.cli import serve_metrics
 from tests._dynamo_planner import LOOPBACK, RealPlanner, RecordPlanner
 from tests.conftest import a6000_spec
 
@@ -367,6 +371,33 @@ def registered(etcd: EtcdClient, namespace: str, record_dir: Path) -> dict[str, 
             assert owner.mode == role, (key, owner)
             out[role].append(owner)
     return out
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """GET ``url``/metrics, parsed by Prometheus's own parser: samples by name."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def per_role(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, namespace: str) -> dict[str, float]:
+    """A per-role series by role, each labelled with the role's compute-group component."""
+    out = {}
+    for labels, value in samples.get(name, []):
+        assert labels["component"] == component_name(namespace, labels["role"]), labels
+        out[labels["role"]] = value
+    return out
+
+
+def decisions_of(samples: dict[str, list[tuple[dict[str, str], float]]], namespace: str) -> dict[str, float]:
+    """``computegroups_dynamo_decisions_total`` of ``namespace`` by outcome."""
+    series = samples["computegroups_dynamo_decisions_total"]
+    return {lb["outcome"]: v for lb, v in series if lb["namespace"] == namespace}
 
 
 async def held_groups(state: Path, namespace: str) -> dict[str, set[int]]:
@@ -797,9 +828,12 @@ async def test_shortfall_acknowledged_reported_and_converged(
     etcd = EtcdClient(etcd_url)
     mgr = ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), tmp_path / "state.db")
     runtime = LocalRuntime(mgr, daemon, graceful_timeout_s=10)
-    async with mgr:
+    async with mgr, contextlib.AsyncExitStack() as served:
         foreign = await mgr.allocate_compute_group("someone-else", {"gpus": 2}, {"nvlink": True})
         actuator = DynamoActuator(runtime, etcd, ns, worker_specs(record_dir), poll_interval_s=0.3)
+        # /metrics as dynamo-actuate --metrics-port serves it: the manager's series and the actuator's
+        port = await serve_metrics(served, mgr, "127.0.0.1", 0, [ActuatorCollector(actuator)])
+        url = f"http://127.0.0.1:{port}"
         stop = asyncio.Event()
         task = asyncio.get_running_loop().create_task(actuator.run(stop))
         planner = await asyncio.to_thread(RealPlanner, etcd_url, ns, tmp_path / "planner.log")
@@ -813,7 +847,18 @@ async def test_shortfall_acknowledged_reported_and_converged(
             assert shortfalls[-1].component == component_name(ns, "decode")
             assert "1 short" in shortfalls[-1].detail and "wants 2 decode" in shortfalls[-1].detail
             assert "no node can take" in shortfalls[-1].detail
-            assert actuator.last_outcome is not None and actuator.last_outcome.shortfall == {"decode": 1}
+            outcome = actuator.last_outcome
+            assert outcome is not None and outcome.shortfall == {"decode": 1}
+            m = await asyncio.to_thread(scrape, url)
+            assert per_role(m, "computegroups_dynamo_shortfall", ns) == {
+                role: outcome.shortfall.get(role, 0) for role in ("prefill", "decode")
+            }
+            assert per_role(m, "computegroups_dynamo_target_replicas", ns) == {"prefill": 2, "decode": 2}
+            assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == outcome.ready
+            assert outcome.ready == {"prefill": 2, "decode": 1}
+            assert decisions_of(m, ns) == {"met": 0, "short": 1, "superseded": 0}
+            # ... beside the manager's series, on one registry: 3 workers of 2 GPUs and the foreign pair
+            assert sum(v for lb, v in m["computegroups_gpus"] if lb["state"] == "allocated") == 8
 
             # capacity frees: the actuator keeps converging, without a new decision
             await mgr.deallocate_compute_group(foreign.id)
@@ -824,12 +869,19 @@ async def test_shortfall_acknowledged_reported_and_converged(
             found = await asyncio.to_thread(registered, etcd, ns, record_dir)
             assert {r: len(v) for r, v in found.items()} == {"prefill": 2, "decode": 2}
             check_gpus(live(record_dir))
+            m = await asyncio.to_thread(scrape, url)
+            assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"prefill": 0, "decode": 0}
+            assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == {"prefill": 2, "decode": 2}
 
             # scale to zero before leaving
             await asyncio.to_thread(planner.decide, 0, 0)
             await asyncio.to_thread(planner.wait_ready, 90)
             assert await actuator.counts() == {"prefill": 0, "decode": 0}
             assert all(s.terminated for s in records(record_dir))
+            m = await asyncio.to_thread(scrape, url)
+            assert per_role(m, "computegroups_dynamo_target_replicas", ns) == {"prefill": 0, "decode": 0}
+            assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"prefill": 0, "decode": 0}
+            assert decisions_of(m, ns) == {"met": 1, "short": 1, "superseded": 0}
         finally:
             stop.set()
             await task

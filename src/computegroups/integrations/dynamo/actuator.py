@@ -72,6 +72,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -327,6 +328,10 @@ class DynamoActuator:
         self.ready_poll_s = ready_poll_s
         self.etcd_endpoints = etcd_endpoints or (etcd.url if etcd is not None else None)
         self.last_outcome: Outcome | None = None
+        #: the last outcome not superseded by a newer decision: what the metrics show
+        self.last_settled: Outcome | None = None
+        #: decisions by outcome: ``met`` or ``short`` when acknowledged, ``superseded`` when a newer one came
+        self.decisions: Counter[str] = Counter()
         self._lease = 0
         self._reported: tuple[Any, ...] | None = None
         self._lock_fd: int | None = None
@@ -634,6 +639,7 @@ class DynamoActuator:
                 outcome.reasons.pop(role, None)
         if not outcome.superseded:
             self._report(outcome)
+            self.last_settled = outcome
         self.last_outcome = outcome
         return outcome
 
@@ -760,10 +766,12 @@ class DynamoActuator:
         outcome = await self.converge(targets, decision_id, superseded=superseded)
         if outcome.superseded:
             log.info("dynamo %s: decision %s superseded while converging", self.namespace, decision_id)
+            self.decisions["superseded"] += 1
             return outcome
         if decision.scaled_decision_id != decision_id:
             await self._acknowledge(decision_id)
             self._save_state(acknowledged=decision_id)
+            self.decisions["met" if outcome.met else "short"] += 1
         return outcome
 
     async def _acknowledge(self, decision_id: int) -> None:

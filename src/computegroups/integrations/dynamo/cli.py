@@ -6,6 +6,7 @@ Wire it into the main command group with :func:`register` (the main CLI does).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import signal
@@ -22,12 +23,14 @@ from computegroups.integrations.dynamo.actuator import (
     check_name,
     parse_specs,
 )
+from computegroups.integrations.dynamo.metrics import ActuatorCollector
 from computegroups.integrations.dynamo.readiness import DiscoveryReadiness, HealthReadiness, Readiness, SettleReadiness
 from computegroups.integrations.etcd import EtcdClient, EtcdError
 from computegroups.model import Constraints
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.cli import CliContext
 from computegroups.runtime.local import LocalRuntime
+from computegroups.service.cli import metrics_options, serve_metrics
 
 __all__ = ["dynamo_actuate_command", "register"]
 
@@ -180,6 +183,7 @@ def _split(flag: str, command: str | None) -> list[str] | None:
 )
 @click.option("--lease-ttl", type=int, default=10, show_default=True, help="TTL of the acknowledgement's lease.")
 @click.option("--once", is_flag=True, help="Converge once on the current decision, acknowledge it, and exit.")
+@metrics_options
 @click.option(
     "--runtime-dir",
     metavar="DIR",
@@ -222,6 +226,8 @@ def dynamo_actuate_command(
     graceful_timeout: float,
     lease_ttl: int,
     once: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     runtime_dir: str | None,
     verbose: bool,
 ) -> None:
@@ -308,7 +314,7 @@ def dynamo_actuate_command(
             fail(f"dynamo-actuate: {exc}", 2)
         logging.getLogger(__name__).warning("dynamo-actuate: %s; will keep trying", exc)
 
-    async def body(rt: LocalRuntime) -> None:
+    async def body(rt: LocalRuntime, stack: contextlib.AsyncExitStack) -> None:
         actuator = DynamoActuator(
             rt,
             etcd,
@@ -322,6 +328,8 @@ def dynamo_actuate_command(
             retry_backoff_s=retry_backoff,
             etcd_endpoints=",".join(endpoints),
         )
+        if metrics_port is not None:
+            await serve_metrics(stack, rt.manager, metrics_host, metrics_port, [ActuatorCollector(actuator)])
         if once:
             actuator.acquire()
             try:
@@ -340,8 +348,8 @@ def dynamo_actuate_command(
         mgr = ctx.manager()
         mgr.monitor_interval = None
         runtime = LocalRuntime(mgr, CircusDaemon(runtime_dir), graceful_timeout_s=graceful_timeout)
-        async with mgr:
-            await body(runtime)
+        async with mgr, contextlib.AsyncExitStack() as stack:
+            await body(runtime, stack)
 
     run(go())
 
