@@ -890,6 +890,75 @@ async def test_shortfall_acknowledged_reported_and_converged(
                 os.kill(s.pid, signal.SIGTERM)
 
 
+# -- dynamo-actuate --metrics-port: the same series from the command, scraped over HTTP ------------------------
+@pytest.mark.etcd
+@pytest.mark.circus
+def test_actuate_serves_metrics_of_the_last_decision(
+    etcd_url: str, daemon: CircusDaemon, loopback_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``--metrics-port 0``: the address is printed; /metrics has the shortfall of an unmeetable decision, then 0
+    once a decision is met, beside the manager's series; /healthz answers; a busy port is exit 2 naming the flag."""
+    ns = "metrics"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    etcd = EtcdClient(etcd_url)
+
+    def argv(state: Path, runtime_dir: Path, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "computegroups.cli", "--spec", str(spec_file), "--state", str(state),
+            "dynamo-actuate", "--namespace", ns, "--etcd", etcd_url, "--runtime-dir", str(runtime_dir),
+            "--decode-gpus", "2", "--nvlink", "--ready", "settle", "--settle", "0.2", "--poll-interval", "0.3",
+            "--graceful-timeout", "10", "--decode-cmd", worker_cmd(record_dir, "decode"),
+            "--metrics-port", str(port),
+        ]  # fmt: skip
+
+    with open(tmp_path / "actuator.log", "wb") as log:
+        proc = subprocess.Popen(
+            argv(tmp_path / "state.db", daemon.dir, 0), stdout=subprocess.PIPE, stderr=log, cwd=REPO, env=loopback_env
+        )
+    planner = RecordPlanner(etcd, ns)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("metrics on http://127.0.0.1:"), (line, (tmp_path / "actuator.log").read_text())
+        url = line.split()[2].removesuffix("/metrics")
+        # 5 decode workers of 2 GPUs need 10 GPUs; the node has 8: 4 run, 1 is short (prefill has no command).
+        planner.decide(None, 5)
+        planner.wait_ready(60)
+        m = scrape(url)
+        assert per_role(m, "computegroups_dynamo_target_replicas", ns) == {"decode": 5}
+        assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == {"decode": 4}
+        assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"decode": 1}
+        assert decisions_of(m, ns) == {"met": 0, "short": 1, "superseded": 0}
+        decode = component_name(ns, "decode")
+        held = {lb["group"] for lb, _ in m["computegroups_group_info"] if lb["component"] == decode}
+        assert held == {s.group_id for s in live(record_dir)} and len(held) == 4
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+            assert json.load(resp)["ok"] is True
+
+        port = int(url.rsplit(":", 1)[1])
+        busy = subprocess.run(
+            argv(tmp_path / "other.db", tmp_path / "rt", port), capture_output=True, text=True, timeout=60, cwd=REPO
+        )
+        assert busy.returncode == 2, busy
+        assert len(busy.stderr.strip().splitlines()) == 1 and "--metrics-port: cannot listen" in busy.stderr
+
+        planner.decide(None, 3)
+        planner.wait_ready(60)
+        m = scrape(url)
+        assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"decode": 0}
+        assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == {"decode": 3}
+        assert decisions_of(m, ns) == {"met": 1, "short": 1, "superseded": 0}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        planner.stop()
+        for s in live(record_dir):
+            os.kill(s.pid, signal.SIGTERM)
+
+
 # -- workers asking for their NIC: on the real topology that lists NICs (actuator in process) -------------
 @pytest.mark.etcd
 @pytest.mark.circus
