@@ -896,8 +896,9 @@ async def test_shortfall_acknowledged_reported_and_converged(
 def test_actuate_serves_metrics_of_the_last_decision(
     etcd_url: str, daemon: CircusDaemon, loopback_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """``--metrics-port 0``: the address is printed; /metrics has the shortfall of an unmeetable decision, then 0
-    once a decision is met, beside the manager's series; /healthz answers; a busy port is exit 2 naming the flag."""
+    """``--config FILE --metrics-port 0``: the address is printed; /metrics has the shortfall of an unmeetable
+    decision, then 0 once a decision is met, beside the manager's series; /healthz answers; a busy port is exit 2
+    naming the flag."""
     ns = "metrics"
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
@@ -905,12 +906,26 @@ def test_actuate_serves_metrics_of_the_last_decision(
     record_dir.mkdir()
     etcd = EtcdClient(etcd_url)
 
+    # The configuration from a file (docs/schema/actuator.schema.json), etcd and the port from flags.
+    config = tmp_path / "actuator.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "namespace": ns,
+                "decode": {"command": worker_cmd(record_dir, "decode").split(), "gpus": 2},
+                "constraints": {"nvlink": True},
+                "readiness": {"mode": "settle", "settle_s": 0.2},
+                "poll_interval_s": 0.3,
+                "graceful_timeout_s": 10,
+                "metrics": {"port": 1, "host": "127.0.0.1"},  # the flag's port wins
+            }
+        )
+    )
+
     def argv(state: Path, runtime_dir: Path, port: int) -> list[str]:
         return [
             sys.executable, "-m", "computegroups.cli", "--spec", str(spec_file), "--state", str(state),
-            "dynamo-actuate", "--namespace", ns, "--etcd", etcd_url, "--runtime-dir", str(runtime_dir),
-            "--decode-gpus", "2", "--nvlink", "--ready", "settle", "--settle", "0.2", "--poll-interval", "0.3",
-            "--graceful-timeout", "10", "--decode-cmd", worker_cmd(record_dir, "decode"),
+            "dynamo-actuate", "--config", str(config), "--etcd", etcd_url, "--runtime-dir", str(runtime_dir),
             "--metrics-port", str(port),
         ]  # fmt: skip
 

@@ -95,6 +95,7 @@ __all__ = [
     "DECODE",
     "DEFAULT_DYNAMO_COMPONENTS",
     "DEFAULT_DYNAMO_ENDPOINT",
+    "DYNAMO_NAME",
     "PREFILL",
     "ROLES",
     "SCALING_DECISION_KEY",
@@ -119,7 +120,8 @@ SCALING_DECISION_KEY = "scaling_decision"
 DEFAULT_DYNAMO_COMPONENTS = {PREFILL: "prefill", DECODE: "backend"}
 #: The endpoint Dynamo's LLM workers serve.
 DEFAULT_DYNAMO_ENDPOINT = "generate"
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: One part of a Dynamo path ``namespace.component.endpoint``.
+DYNAMO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def root_key(namespace: str) -> str:
@@ -134,7 +136,7 @@ def component_name(namespace: str, role: str) -> str:
 
 def check_name(what: str, value: str) -> str:
     """``value`` if it can be one part of a Dynamo path ``namespace.component.endpoint``; else InvalidRequestError."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not DYNAMO_NAME.match(value):
         raise InvalidRequestError(
             f"{what}: {value!r} is not a Dynamo name (letters, digits, '-' and '_' only)", key=what.replace(" ", "_")
         )
