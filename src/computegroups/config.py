@@ -172,7 +172,8 @@ def parse(model: type[_M], data: object, what: str, key: str | None = None) -> _
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         value = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict | list) else repr(value)
+        hidden = err["type"] in ("missing", "extra_forbidden") or value is None or isinstance(value, dict | list)
+        shown = "" if hidden else repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         fields = [str(p) for p in err["loc"] if isinstance(p, str) and p not in _UNION_TAGS]
         key = key or (fields[-1] if fields else what or None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
 
 from computegroups.config import PRINTABLE, Text, _Config, parse
 from computegroups.errors import InvalidRequestError
@@ -93,7 +92,7 @@ class ReadinessConfig(_Config):
         health = info.data.get("mode") == "health"
         if value is None:
             if health:
-                raise PydanticCustomError("missing", "needed by mode health")
+                raise ValueError("needed by mode health")
             return value
         if not health:
             raise ValueError("used only by mode health")
@@ -141,7 +140,7 @@ class ActuatorConfig(_Config):
     @classmethod
     def _a_role(cls, value: RoleConfig | None, info: ValidationInfo) -> RoleConfig | None:
         if value is None and info.data.get("prefill") is None:
-            raise PydanticCustomError("missing", "no role to scale: give prefill and/or decode")
+            raise ValueError("no role to scale: give prefill and/or decode")
         return value
 
     def roles(self) -> dict[str, RoleConfig]:
