@@ -16,6 +16,7 @@ COMPUTEGROUPS_REQUIRE_DYNAMO=1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
 from computegroups.errors import InvalidRequestError
@@ -46,10 +48,12 @@ from computegroups.integrations.dynamo import (
     instances_prefix,
     root_key,
 )
+from computegroups.integrations.dynamo.metrics import ActuatorCollector
 from computegroups.integrations.dynamo.readiness import parse_instance
 from computegroups.integrations.etcd import EtcdClient, prefix_end
 from computegroups.providers.simulated import simulated_uuid
 from computegroups.runtime import CircusDaemon, LocalRuntime
+from computegroups.service.cli import serve_metrics
 from tests._dynamo_planner import LOOPBACK, RealPlanner, RecordPlanner
 from tests.conftest import a6000_spec
 
@@ -367,6 +371,33 @@ def registered(etcd: EtcdClient, namespace: str, record_dir: Path) -> dict[str, 
             assert owner.mode == role, (key, owner)
             out[role].append(owner)
     return out
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """GET ``url``/metrics, parsed by Prometheus's own parser: samples by name."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def per_role(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, namespace: str) -> dict[str, float]:
+    """A per-role series by role, each labelled with the role's compute-group component."""
+    out = {}
+    for labels, value in samples.get(name, []):
+        assert labels["component"] == component_name(namespace, labels["role"]), labels
+        out[labels["role"]] = value
+    return out
+
+
+def decisions_of(samples: dict[str, list[tuple[dict[str, str], float]]], namespace: str) -> dict[str, float]:
+    """``computegroups_dynamo_decisions_total`` of ``namespace`` by outcome."""
+    series = samples["computegroups_dynamo_decisions_total"]
+    return {lb["outcome"]: v for lb, v in series if lb["namespace"] == namespace}
 
 
 async def held_groups(state: Path, namespace: str) -> dict[str, set[int]]:
@@ -797,9 +828,12 @@ async def test_shortfall_acknowledged_reported_and_converged(
     etcd = EtcdClient(etcd_url)
     mgr = ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(SPEC), tmp_path / "state.db")
     runtime = LocalRuntime(mgr, daemon, graceful_timeout_s=10)
-    async with mgr:
+    async with mgr, contextlib.AsyncExitStack() as served:
         foreign = await mgr.allocate_compute_group("someone-else", {"gpus": 2}, {"nvlink": True})
         actuator = DynamoActuator(runtime, etcd, ns, worker_specs(record_dir), poll_interval_s=0.3)
+        # /metrics as dynamo-actuate --metrics-port serves it: the manager's series and the actuator's
+        port = await serve_metrics(served, mgr, "127.0.0.1", 0, [ActuatorCollector(actuator)])
+        url = f"http://127.0.0.1:{port}"
         stop = asyncio.Event()
         task = asyncio.get_running_loop().create_task(actuator.run(stop))
         planner = await asyncio.to_thread(RealPlanner, etcd_url, ns, tmp_path / "planner.log")
@@ -813,7 +847,18 @@ async def test_shortfall_acknowledged_reported_and_converged(
             assert shortfalls[-1].component == component_name(ns, "decode")
             assert "1 short" in shortfalls[-1].detail and "wants 2 decode" in shortfalls[-1].detail
             assert "no node can take" in shortfalls[-1].detail
-            assert actuator.last_outcome is not None and actuator.last_outcome.shortfall == {"decode": 1}
+            outcome = actuator.last_outcome
+            assert outcome is not None and outcome.shortfall == {"decode": 1}
+            m = await asyncio.to_thread(scrape, url)
+            assert per_role(m, "computegroups_dynamo_shortfall", ns) == {
+                role: outcome.shortfall.get(role, 0) for role in ("prefill", "decode")
+            }
+            assert per_role(m, "computegroups_dynamo_target_replicas", ns) == {"prefill": 2, "decode": 2}
+            assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == outcome.ready
+            assert outcome.ready == {"prefill": 2, "decode": 1}
+            assert decisions_of(m, ns) == {"met": 0, "short": 1, "superseded": 0}
+            # ... beside the manager's series, on one registry: 3 workers of 2 GPUs and the foreign pair
+            assert sum(v for lb, v in m["computegroups_gpus"] if lb["state"] == "allocated") == 8
 
             # capacity frees: the actuator keeps converging, without a new decision
             await mgr.deallocate_compute_group(foreign.id)
@@ -824,18 +869,109 @@ async def test_shortfall_acknowledged_reported_and_converged(
             found = await asyncio.to_thread(registered, etcd, ns, record_dir)
             assert {r: len(v) for r, v in found.items()} == {"prefill": 2, "decode": 2}
             check_gpus(live(record_dir))
+            m = await asyncio.to_thread(scrape, url)
+            assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"prefill": 0, "decode": 0}
+            assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == {"prefill": 2, "decode": 2}
 
             # scale to zero before leaving
             await asyncio.to_thread(planner.decide, 0, 0)
             await asyncio.to_thread(planner.wait_ready, 90)
             assert await actuator.counts() == {"prefill": 0, "decode": 0}
             assert all(s.terminated for s in records(record_dir))
+            m = await asyncio.to_thread(scrape, url)
+            assert per_role(m, "computegroups_dynamo_target_replicas", ns) == {"prefill": 0, "decode": 0}
+            assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"prefill": 0, "decode": 0}
+            assert decisions_of(m, ns) == {"met": 1, "short": 1, "superseded": 0}
         finally:
             stop.set()
             await task
             await asyncio.to_thread(planner.stop)
             for s in live(record_dir):
                 os.kill(s.pid, signal.SIGTERM)
+
+
+# -- dynamo-actuate --metrics-port: the same series from the command, scraped over HTTP ------------------------
+@pytest.mark.etcd
+@pytest.mark.circus
+def test_actuate_serves_metrics_of_the_last_decision(
+    etcd_url: str, daemon: CircusDaemon, loopback_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``--config FILE --metrics-port 0``: the address is printed; /metrics has the shortfall of an unmeetable
+    decision, then 0 once a decision is met, beside the manager's series; /healthz answers; a busy port is exit 2
+    naming the flag."""
+    ns = "metrics"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    etcd = EtcdClient(etcd_url)
+
+    # The configuration from a file (docs/schema/actuator.schema.json), etcd and the port from flags.
+    config = tmp_path / "actuator.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "namespace": ns,
+                "decode": {"command": worker_cmd(record_dir, "decode").split(), "gpus": 2},
+                "constraints": {"nvlink": True},
+                "readiness": {"mode": "settle", "settle_s": 0.2},
+                "poll_interval_s": 0.3,
+                "graceful_timeout_s": 10,
+                "metrics": {"port": 1, "host": "127.0.0.1"},  # the flag's port wins
+            }
+        )
+    )
+
+    def argv(state: Path, runtime_dir: Path, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "computegroups.cli", "--spec", str(spec_file), "--state", str(state),
+            "dynamo-actuate", "--config", str(config), "--etcd", etcd_url, "--runtime-dir", str(runtime_dir),
+            "--metrics-port", str(port),
+        ]  # fmt: skip
+
+    with open(tmp_path / "actuator.log", "wb") as log:
+        proc = subprocess.Popen(
+            argv(tmp_path / "state.db", daemon.dir, 0), stdout=subprocess.PIPE, stderr=log, cwd=REPO, env=loopback_env
+        )
+    planner = RecordPlanner(etcd, ns)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("metrics on http://127.0.0.1:"), (line, (tmp_path / "actuator.log").read_text())
+        url = line.split()[2].removesuffix("/metrics")
+        # 5 decode workers of 2 GPUs need 10 GPUs; the node has 8: 4 run, 1 is short (prefill has no command).
+        planner.decide(None, 5)
+        planner.wait_ready(60)
+        m = scrape(url)
+        assert per_role(m, "computegroups_dynamo_target_replicas", ns) == {"decode": 5}
+        assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == {"decode": 4}
+        assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"decode": 1}
+        assert decisions_of(m, ns) == {"met": 0, "short": 1, "superseded": 0}
+        decode = component_name(ns, "decode")
+        held = {lb["group"] for lb, _ in m["computegroups_group_info"] if lb["component"] == decode}
+        assert held == {s.group_id for s in live(record_dir)} and len(held) == 4
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+            assert json.load(resp)["ok"] is True
+
+        port = int(url.rsplit(":", 1)[1])
+        busy = subprocess.run(
+            argv(tmp_path / "other.db", tmp_path / "rt", port), capture_output=True, text=True, timeout=60, cwd=REPO
+        )
+        assert busy.returncode == 2, busy
+        assert len(busy.stderr.strip().splitlines()) == 1 and "--metrics-port: cannot listen" in busy.stderr
+
+        planner.decide(None, 3)
+        planner.wait_ready(60)
+        m = scrape(url)
+        assert per_role(m, "computegroups_dynamo_shortfall", ns) == {"decode": 0}
+        assert per_role(m, "computegroups_dynamo_ready_replicas", ns) == {"decode": 3}
+        assert decisions_of(m, ns) == {"met": 1, "short": 1, "superseded": 0}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        planner.stop()
+        for s in live(record_dir):
+            os.kill(s.pid, signal.SIGTERM)
 
 
 # -- workers asking for their NIC: on the real topology that lists NICs (actuator in process) -------------

@@ -24,10 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
 from computegroups.errors import ConflictError, InsufficientResourcesError, InvalidRequestError, NotFoundError
 from computegroups.service import ComputeGroupsClient, build_app, openapi
-from computegroups.service.app import ROUTES
+from computegroups.service.app import ROUTES, build_metrics_app
 from computegroups.service.cli import listen
 from tests import conformance
+from tests._sqlite_worker import SPEC as WORKER_SPEC
 from tests.test_conformance_simulated import EXPECTED, NODES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.asynccontextmanager
@@ -188,6 +191,33 @@ async def test_metrics_match_the_state(tmp_path: Path) -> None:
         count = {lb["operation"]: v for lb, v in m["computegroups_decision_seconds_count"]}
         assert count == {"allocate": 3.0}
         assert [v for _, v in m["computegroups_state_revision"]] == [float(mgr.revision)]
+        # The other manager committed between this one's commits, never during one: nothing was lost.
+        assert [v for _, v in m["computegroups_commit_conflicts_total"]] == [float(mgr.conflicts)] == [0.0]
+
+
+async def test_commit_conflicts_are_the_managers_own_count(tmp_path: Path) -> None:
+    """Two processes write one SQLite file: the commits this manager lost are counted, as it counts them."""
+    state = tmp_path / "s.db"
+    async with ComputeGroupManager(SimulatedComputeResourceProvider.from_spec(WORKER_SPEC), state) as mgr:
+        runner, port = await listen(build_metrics_app(mgr), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        other = subprocess.Popen(
+            [sys.executable, "-m", "tests._sqlite_worker", str(state), "1", "3000", str(tmp_path / "log")], cwd=REPO
+        )
+        try:
+            # Allocate and release until a commit is lost to the other process (or it is done).
+            while mgr.conflicts == 0 and other.poll() is None:
+                with contextlib.suppress(InsufficientResourcesError):
+                    g = await mgr.allocate_compute_group("here", {"gpus": 1})
+                    await mgr.deallocate_compute_group(g.id)
+            assert mgr.conflicts > 0, "the other process never won a race"
+            status, text = await _raw(url, "GET", "/metrics")
+            assert status == 200
+            assert [v for _, v in _samples(text)["computegroups_commit_conflicts_total"]] == [float(mgr.conflicts)]
+        finally:
+            other.kill()
+            other.wait()
+            await runner.cleanup()
 
 
 async def test_health_schema_and_events(tmp_path: Path) -> None:

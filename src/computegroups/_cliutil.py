@@ -90,6 +90,7 @@ _ALWAYS = {
     "component_name": "COMPONENT",
     "group_id": "GROUP_ID",
     "port": "--port",
+    "metrics_port": "--metrics-port",
     "sort_by": "--sort-by",
     "selector": "--selector",
     "provider": "--provider",

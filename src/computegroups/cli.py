@@ -394,15 +394,18 @@ def demo(ctx: Context, state_dir: str | None) -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(["spec", "pools"]))
+@click.argument("kind", type=click.Choice(["spec", "pools", "actuator"]))
 def schema(kind: str) -> None:
-    """Print the JSON Schema of a configuration file: a cluster spec, or a list of pools."""
+    """Print the JSON Schema of a configuration file: a cluster spec, a list of pools, or dynamo-actuate's."""
     from pydantic import TypeAdapter
 
     from computegroups.config import ClusterSpec, PoolConfig, json_schema
+    from computegroups.integrations.dynamo.config import ActuatorConfig
 
     if kind == "spec":
         data = json_schema(ClusterSpec)
+    elif kind == "actuator":
+        data = json_schema(ActuatorConfig)
     else:
         data = TypeAdapter(list[PoolConfig]).json_schema()
         data["$schema"] = "https://json-schema.org/draft/2020-12/schema"

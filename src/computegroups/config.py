@@ -37,7 +37,8 @@ MIG_PROFILE = re.compile(r"([1-7])g\.(\d{1,4})gb(\+me)?")
 _M = TypeVar("_M", bound=BaseModel)
 
 Name = Annotated[str, Field(pattern="^" + NAME.pattern + "$", max_length=253)]
-Text = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"  # no control characters
+Text = Annotated[str, Field(min_length=1, max_length=253, pattern=PRINTABLE)]
 Whole = Annotated[int, Field(ge=0, le=MAX_MEMORY_MIB, strict=True)]
 LabelValue = Annotated[str, Field(max_length=253, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
 
@@ -158,7 +159,8 @@ def _where(loc: tuple[int | str, ...]) -> str:
 def parse(model: type[_M], data: object, what: str, key: str | None = None) -> _M:
     """``data`` as ``model``, or an InvalidRequestError naming the first bad field in one line.
 
-    The error's ``key`` is ``key`` where given, else the bad field's name.
+    The message starts with ``what`` and the field's path (``spec nodes[1].cpus: ...``; only the path
+    when ``what`` is empty). The error's ``key`` is ``key`` where given, else the bad field's name.
     """
     try:
         return model.model_validate(data)
@@ -166,14 +168,18 @@ def parse(model: type[_M], data: object, what: str, key: str | None = None) -> _
         err = exc.errors(include_url=False)[0]
         where = _where(tuple(err["loc"]))
         message = " ".join(str(err["msg"]).removeprefix("Value error, ").removeprefix("Input ").split())
+        message = message.split(" or instance of ", 1)[0]  # not the model's class name
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         value = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict | list) else repr(value)
+        hidden = err["type"] in ("missing", "extra_forbidden") or value is None or isinstance(value, dict | list)
+        shown = "" if hidden else repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        key = key or next((str(p) for p in reversed(err["loc"]) if isinstance(p, str) and p not in _UNION_TAGS), what)
-        place = (f"{what}.{where}" if what.endswith("]") else f"{what} {where}") if where else what
-        raise InvalidRequestError(f"{place}: {shown + ': ' if shown else ''}{message}", key=key) from None
+        fields = [str(p) for p in err["loc"] if isinstance(p, str) and p not in _UNION_TAGS]
+        key = key or (fields[-1] if fields else what or None)
+        place = (f"{what}.{where}" if what.endswith("]") else f"{what} {where}" if what else where) if where else what
+        text = f"{shown}: {message}" if shown else message
+        raise InvalidRequestError(f"{place}: {text}" if place else text, key=key) from None
 
 
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -207,20 +207,20 @@ def nodes_from_spec(spec: Mapping[str, Any] | ClusterSpec, base: Path | None = N
     return out
 
 
-def load_spec(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """Read a YAML or JSON spec file."""
+def load_spec(path: str | Path, what: str = "spec") -> tuple[dict[str, Any], Path]:
+    """Read a YAML or JSON spec file (or another configuration file: ``what`` names it in errors, and is their key)."""
     p = Path(path)
-    text = read_text(p, MAX_SPEC_BYTES, "spec", "spec")
+    text = read_text(p, MAX_SPEC_BYTES, what, what)
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise InvalidRequestError(
-            f"spec {p}: not valid YAML: {exc.problem or exc.context}{where}", key="spec"
+            f"{what} {p}: not valid YAML: {exc.problem or exc.context}{where}", key=what
         ) from None
     except (ValueError, yaml.YAMLError) as exc:
-        raise InvalidRequestError(f"spec {p}: not valid YAML/JSON: {' '.join(str(exc).split())}", key="spec") from None
+        raise InvalidRequestError(f"{what} {p}: not valid YAML/JSON: {' '.join(str(exc).split())}", key=what) from None
     return data, p.parent
 
 

@@ -24,6 +24,7 @@ from computegroups._cliutil import complete_group_id, emit, fail, parse_request,
 from computegroups.manager import ComputeGroupManager
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.local import LocalRuntime, RestartPolicy
+from computegroups.service.cli import metrics_options, serve_metrics
 
 __all__ = ["ps_command", "register", "release_command", "run_command", "stop_command", "supervise_command"]
 
@@ -184,10 +185,7 @@ def ps_command(ctx: CliContext, show_all: bool, runtime_dir: str | None) -> None
 @click.command("supervise")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between monitoring rounds.")
 @click.option("--duration", type=float, help="Stop after this many seconds (default: until interrupted).")
-@click.option(
-    "--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz on this port."
-)
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
+@metrics_options
 @_runtime_dir
 @click.pass_obj
 def supervise_command(
@@ -213,12 +211,7 @@ def supervise_command(
 
         async with contextlib.AsyncExitStack() as stack:
             if metrics_port is not None:
-                from computegroups.service.app import build_metrics_app
-                from computegroups.service.cli import listen
-
-                runner, bound = await listen(build_metrics_app(mgr), metrics_host, metrics_port)
-                stack.push_async_callback(runner.cleanup)
-                click.echo(f"metrics on http://{metrics_host}:{bound}/metrics", err=ctx.json)
+                await serve_metrics(stack, mgr, metrics_host, metrics_port, err=ctx.json)
             task = asyncio.get_running_loop().create_task(printer())
             stack.callback(task.cancel)
             await asyncio.sleep(duration if duration is not None else float("inf"))

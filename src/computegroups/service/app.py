@@ -324,11 +324,11 @@ def build_app(manager: ComputeGroupManager, metrics_: Metrics | None = None) -> 
     return app
 
 
-def build_metrics_app(manager: ComputeGroupManager) -> web.Application:
-    """Only ``/metrics`` and ``/healthz`` of ``manager``: what ``supervise --metrics-port`` serves."""
+def build_metrics_app(manager: ComputeGroupManager, metrics_: Metrics | None = None) -> web.Application:
+    """Only ``/metrics`` and ``/healthz`` of ``manager``: what ``--metrics-port`` serves (supervise, dynamo-actuate)."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[MANAGER] = manager
-    app[METRICS] = Metrics(manager)
+    app[METRICS] = metrics_ or Metrics(manager)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     return app

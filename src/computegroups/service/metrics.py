@@ -1,7 +1,10 @@
 """Prometheus metrics of a manager: the state at scrape time, and the decisions this process served.
 
 State series are computed from a fresh read of the state when scraped (so they are right whichever
-process made the change); counters and the latency histogram count what this process decided.
+process made the change); counters and the latency histogram count what this process decided. The
+commit-conflict counter is the manager's own count, read at scrape time, so it counts every commit
+the manager lost whichever path made it. A process with more to tell (the Dynamo actuator) adds its
+collectors to the same registry.
 The GPU assignment series carries the DCGM exporter's labels (``Hostname``, ``gpu``, ``UUID``), so a
 dashboard joins ``DCGM_FI_DEV_GPU_UTIL`` with the component that holds each GPU.
 """
@@ -9,12 +12,12 @@ dashboard joins ``DCGM_FI_DEV_GPU_UTIL`` with the component that holds each GPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from computegroups.model import MILLI, AllocationState, ComputeNode
@@ -36,6 +39,7 @@ class _State(Collector):
     def __init__(self) -> None:
         self.nodes: list[ComputeNode] = []
         self.revision = 0
+        self.conflicts = 0
 
     def collect(self) -> Iterator[Any]:
         gpus = GaugeMetricFamily(
@@ -73,17 +77,24 @@ class _State(Collector):
                 gpus.add_metric([spec.id, state_name], round(value, 3))
         revision = GaugeMetricFamily("computegroups_state_revision", "Revision of the state store last read.")
         revision.add_metric([], self.revision)
-        yield from (gpus, info, assigned, revision)
+        conflicts = CounterMetricFamily(
+            "computegroups_commit_conflicts",
+            "Commits this process's manager lost to another writer (it caught up and decided again).",
+        )
+        conflicts.add_metric([], self.conflicts)
+        yield from (gpus, info, assigned, revision, conflicts)
 
 
 class Metrics:
-    """The metrics of one long-running process around one manager."""
+    """The metrics of one long-running process around one manager, and of ``collectors`` beside it."""
 
-    def __init__(self, manager: ComputeGroupManager) -> None:
+    def __init__(self, manager: ComputeGroupManager, collectors: Iterable[Collector] = ()) -> None:
         self.manager = manager
         self.registry = CollectorRegistry(auto_describe=True)
         self.state = _State()
         self.registry.register(self.state)
+        for collector in collectors:
+            self.registry.register(collector)
         self.decisions = Histogram(
             "computegroups_decision_seconds",
             "Time to decide and commit one request, by operation.",
@@ -115,4 +126,5 @@ class Metrics:
         """The exposition text, after a fresh read of the state."""
         self.state.nodes = await self.manager.list_compute_nodes()
         self.state.revision = self.manager.revision
+        self.state.conflicts = self.manager.conflicts
         return generate_latest(self.registry)

@@ -7,6 +7,8 @@
   ``scaled_decision_id``.
 * :class:`ComputeGroupsConnector`: the planner's ``PlannerConnector`` shape, to run
   the planner in process with compute groups as its environment.
+* :mod:`.config`: the actuator's configuration (``ActuatorConfig``, its JSON Schema);
+  :mod:`.metrics`: its Prometheus series (``ActuatorCollector``).
 
 Importable without Dynamo installed. See ``docs/dynamo.md``.
 """

@@ -72,6 +72,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,7 @@ __all__ = [
     "DECODE",
     "DEFAULT_DYNAMO_COMPONENTS",
     "DEFAULT_DYNAMO_ENDPOINT",
+    "DYNAMO_NAME",
     "PREFILL",
     "ROLES",
     "SCALING_DECISION_KEY",
@@ -118,7 +120,8 @@ SCALING_DECISION_KEY = "scaling_decision"
 DEFAULT_DYNAMO_COMPONENTS = {PREFILL: "prefill", DECODE: "backend"}
 #: The endpoint Dynamo's LLM workers serve.
 DEFAULT_DYNAMO_ENDPOINT = "generate"
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: One part of a Dynamo path ``namespace.component.endpoint``.
+DYNAMO_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def root_key(namespace: str) -> str:
@@ -133,7 +136,7 @@ def component_name(namespace: str, role: str) -> str:
 
 def check_name(what: str, value: str) -> str:
     """``value`` if it can be one part of a Dynamo path ``namespace.component.endpoint``; else InvalidRequestError."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not DYNAMO_NAME.match(value):
         raise InvalidRequestError(
             f"{what}: {value!r} is not a Dynamo name (letters, digits, '-' and '_' only)", key=what.replace(" ", "_")
         )
@@ -327,6 +330,10 @@ class DynamoActuator:
         self.ready_poll_s = ready_poll_s
         self.etcd_endpoints = etcd_endpoints or (etcd.url if etcd is not None else None)
         self.last_outcome: Outcome | None = None
+        #: the last outcome not superseded by a newer decision: what the metrics show
+        self.last_settled: Outcome | None = None
+        #: decisions by outcome: ``met`` or ``short`` when acknowledged, ``superseded`` when a newer one came
+        self.decisions: Counter[str] = Counter()
         self._lease = 0
         self._reported: tuple[Any, ...] | None = None
         self._lock_fd: int | None = None
@@ -634,6 +641,7 @@ class DynamoActuator:
                 outcome.reasons.pop(role, None)
         if not outcome.superseded:
             self._report(outcome)
+            self.last_settled = outcome
         self.last_outcome = outcome
         return outcome
 
@@ -760,10 +768,12 @@ class DynamoActuator:
         outcome = await self.converge(targets, decision_id, superseded=superseded)
         if outcome.superseded:
             log.info("dynamo %s: decision %s superseded while converging", self.namespace, decision_id)
+            self.decisions["superseded"] += 1
             return outcome
         if decision.scaled_decision_id != decision_id:
             await self._acknowledge(decision_id)
             self._save_state(acknowledged=decision_id)
+            self.decisions["met" if outcome.met else "short"] += 1
         return outcome
 
     async def _acknowledge(self, decision_id: int) -> None:

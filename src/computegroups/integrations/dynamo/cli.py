@@ -1,60 +1,132 @@
 """``computegroups dynamo-actuate``: scale Dynamo workers from the planner's decisions in etcd.
 
-Wire it into the main command group with :func:`register` (the main CLI does).
+The flags and ``--config FILE`` make one :class:`~.config.ActuatorConfig` (a flag given on the command
+line or by its environment variable overrides the file), checked before anything starts; a bad value
+is one line naming the flag that gave it, or the file and its field. Wire the command into the main
+command group with :func:`register` (the main CLI does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import signal
 from typing import Any
 
 import click
+from click.core import ParameterSource
+from pydantic import BaseModel
 
 from computegroups._cliutil import REQUEST_FLAGS, fail, flag_message, run
 from computegroups.errors import InvalidRequestError
-from computegroups.integrations.dynamo.actuator import (
-    DEFAULT_DYNAMO_COMPONENTS,
-    DEFAULT_DYNAMO_ENDPOINT,
-    DynamoActuator,
-    check_name,
-    parse_specs,
-)
-from computegroups.integrations.dynamo.readiness import DiscoveryReadiness, HealthReadiness, Readiness, SettleReadiness
-from computegroups.integrations.etcd import EtcdClient, EtcdError
-from computegroups.model import Constraints
+from computegroups.integrations.dynamo.actuator import DEFAULT_DYNAMO_COMPONENTS
+from computegroups.integrations.dynamo.config import ActuatorConfig, ReadinessConfig, RoleConfig, parse_config
+from computegroups.integrations.dynamo.metrics import ActuatorCollector
+from computegroups.integrations.etcd import EtcdError
+from computegroups.providers.simulated import load_spec
 from computegroups.runtime.circus import CircusDaemon
 from computegroups.runtime.cli import CliContext
 from computegroups.runtime.local import LocalRuntime
+from computegroups.service.cli import metrics_options, serve_metrics
 
 __all__ = ["dynamo_actuate_command", "register"]
 
 
-#: The flag of each EtcdClient setting, for the one line that refuses it.
-_ETCD_FLAGS = {
-    "url": "--etcd",
-    "ca_file": "--etcd-ca",
-    "cert_file": "--etcd-cert",
-    "key_file": "--etcd-key",
-    "user": "--etcd-user",
-    "password": "--etcd-password",
+#: The configuration field each parameter sets (``prefill.command``: the ``prefill`` role's command).
+_FIELDS = {
+    "namespace": "namespace",
+    "etcd_url": "etcd.endpoints",
+    "etcd_ca": "etcd.ca_file",
+    "etcd_cert": "etcd.cert_file",
+    "etcd_key": "etcd.key_file",
+    "etcd_user": "etcd.user",
+    "etcd_password": "etcd.password",
+    "prefill_cmd": "prefill.command",
+    "decode_cmd": "decode.command",
+    "prefill_gpus": "prefill.gpus",
+    "decode_gpus": "decode.gpus",
+    "prefill_component": "prefill.component",
+    "decode_component": "decode.component",
+    "prefill_endpoint": "prefill.endpoint",
+    "decode_endpoint": "decode.endpoint",
+    "ready_mode": "readiness.mode",
+    "health_url": "readiness.health_url",
+    "settle": "readiness.settle_s",
+    "ready_timeout": "readiness.timeout_s",
+    "max_start_failures": "max_start_failures",
+    "retry_backoff": "retry_backoff_s",
+    "gpu_model": "requirements.gpu_model",
+    "node_id": "constraints.node_id",
+    "nvlink": "constraints.nvlink",
+    "same_numa": "constraints.same_numa",
+    "nic": "constraints.nic",
+    "nic_link": "constraints.nic_link",
+    "strategy": "constraints.strategy",
+    "poll_interval": "poll_interval_s",
+    "graceful_timeout": "graceful_timeout_s",
+    "lease_ttl": "lease_ttl_s",
+    "metrics_port": "metrics.port",
+    "metrics_host": "metrics.host",
 }
+#: Fields set only within their part once that part is there: a role by its command, metrics by a port.
+_PRIMARY = ("prefill.command", "decode.command", "metrics.port")
 
 
-def _split(flag: str, command: str | None) -> list[str] | None:
-    """A worker command line split as a shell would, or InvalidRequestError naming the flag."""
-    if not command:
-        return None
+def _default(model: type[BaseModel], name: str) -> Any:
+    """A field's default, shown as the flag's."""
+    return model.model_fields[name].default
+
+
+def _split(field: str, command: str) -> list[str] | None:
+    """A worker command line split as a shell would (None: empty), or InvalidRequestError naming the field."""
     try:
-        return shlex.split(command)
+        return shlex.split(command) or None
     except ValueError as exc:  # an unclosed quote, a trailing backslash
-        raise InvalidRequestError(f"{flag}: {command!r} cannot be split into arguments: {exc}", key=flag) from exc
+        raise InvalidRequestError(f"{field}: {command!r} cannot be split into arguments: {exc}", key=field) from exc
+
+
+def _configuration(click_ctx: click.Context, config: str | None, values: dict[str, Any]) -> Any:
+    """The file's configuration with the flags given on the command line (or by their variable) over it."""
+    data: Any = load_spec(config, "config")[0] if config else {}
+    if not isinstance(data, dict):
+        return data  # refused by the model, naming the file
+    data = dict(data)
+    given = {
+        _FIELDS[name]: value
+        for name, value in values.items()
+        if name in _FIELDS
+        and click_ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    for field in sorted(given, key=lambda f: f not in _PRIMARY):  # a part first, then what is set inside it
+        value = given[field]
+        if field.endswith(".command"):
+            value = _split(field, value)
+        elif field == "etcd.endpoints":
+            value = [e.strip() for e in value.split(",") if e.strip()]
+        part, _, key = field.rpartition(".")
+        if not part:
+            data[field] = value
+            continue
+        if value is None:
+            continue
+        inner = data.get(part)
+        if not isinstance(inner, dict):
+            if part in ("prefill", "decode", "metrics") and field not in _PRIMARY:
+                continue  # a role's settings without its command, a host without a port: not used
+            inner = {}
+        data[part] = {**inner, key: value}
+    return data
 
 
 @click.command("dynamo-actuate")
-@click.option("--namespace", required=True, help="Dynamo namespace: the planner writes under v1/NAMESPACE/planner/.")
+@click.option(
+    "--config",
+    metavar="FILE",
+    help="The configuration as YAML or JSON (computegroups schema actuator); flags given override it.",
+)
+@click.option("--namespace", help="Dynamo namespace: the planner writes under v1/NAMESPACE/planner/.")
 @click.option(
     "--etcd",
     "etcd_url",
@@ -83,14 +155,14 @@ def _split(flag: str, command: str | None) -> list[str] | None:
 @click.option(
     "--prefill-gpus",
     type=int,
-    default=1,
+    default=_default(RoleConfig, "gpus"),
     show_default=True,
     help="GPUs per prefill worker (the planner's prefill_engine_num_gpu).",
 )
 @click.option(
     "--decode-gpus",
     type=int,
-    default=1,
+    default=_default(RoleConfig, "gpus"),
     show_default=True,
     help="GPUs per decode worker (the planner's decode_engine_num_gpu).",
 )
@@ -108,13 +180,17 @@ def _split(flag: str, command: str | None) -> list[str] | None:
     show_default=True,
     help="Dynamo component the decode workers register under.",
 )
-@click.option("--prefill-endpoint", default=DEFAULT_DYNAMO_ENDPOINT, show_default=True, help="Their Dynamo endpoint.")
-@click.option("--decode-endpoint", default=DEFAULT_DYNAMO_ENDPOINT, show_default=True, help="Their Dynamo endpoint.")
+@click.option(
+    "--prefill-endpoint", default=_default(RoleConfig, "endpoint"), show_default=True, help="Their Dynamo endpoint."
+)
+@click.option(
+    "--decode-endpoint", default=_default(RoleConfig, "endpoint"), show_default=True, help="Their Dynamo endpoint."
+)
 @click.option(
     "--ready",
     "ready_mode",
     type=click.Choice(["discovery", "health", "settle"]),
-    default="discovery",
+    default=_default(ReadinessConfig, "mode"),
     show_default=True,
     help="When a worker is ready: registered in Dynamo's discovery in etcd, healthy at --health-url, "
     "or running for --settle seconds.",
@@ -125,18 +201,24 @@ def _split(flag: str, command: str | None) -> list[str] | None:
     help="With --ready health: a worker's health URL; {port} is the DYN_SYSTEM_PORT it is given, "
     "e.g. http://127.0.0.1:{port}/health.",
 )
-@click.option("--settle", type=float, default=5.0, show_default=True, help="With --ready settle: seconds.")
+@click.option(
+    "--settle",
+    type=float,
+    default=_default(ReadinessConfig, "settle_s"),
+    show_default=True,
+    help="With --ready settle: seconds.",
+)
 @click.option(
     "--ready-timeout",
     type=float,
-    default=900.0,
+    default=_default(ReadinessConfig, "timeout_s"),
     show_default=True,
     help="Seconds to wait for workers to be ready before acknowledging the shortfall.",
 )
 @click.option(
     "--max-start-failures",
     type=int,
-    default=3,
+    default=_default(ActuatorConfig, "max_start_failures"),
     show_default=True,
     help="Workers of a role that may exit before they are ready (retried with backoff) before the role counts as "
     "short and the decision is acknowledged.",
@@ -144,7 +226,7 @@ def _split(flag: str, command: str | None) -> list[str] | None:
 @click.option(
     "--retry-backoff",
     type=float,
-    default=1.0,
+    default=_default(ActuatorConfig, "retry_backoff_s"),
     show_default=True,
     help="Seconds before the first retry of a failed worker (doubled each time, at most 60).",
 )
@@ -167,19 +249,26 @@ def _split(flag: str, command: str | None) -> list[str] | None:
 @click.option(
     "--poll-interval",
     type=float,
-    default=5.0,
+    default=_default(ActuatorConfig, "poll_interval_s"),
     show_default=True,
     help="Seconds between reads of the keys (besides the watch).",
 )
 @click.option(
     "--graceful-timeout",
     type=float,
-    default=30.0,
+    default=_default(ActuatorConfig, "graceful_timeout_s"),
     show_default=True,
     help="Seconds a stopped worker gets after SIGTERM before SIGKILL.",
 )
-@click.option("--lease-ttl", type=int, default=10, show_default=True, help="TTL of the acknowledgement's lease.")
+@click.option(
+    "--lease-ttl",
+    type=int,
+    default=_default(ActuatorConfig, "lease_ttl_s"),
+    show_default=True,
+    help="TTL of the acknowledgement's lease.",
+)
 @click.option("--once", is_flag=True, help="Converge once on the current decision, acknowledge it, and exit.")
+@metrics_options
 @click.option(
     "--runtime-dir",
     metavar="DIR",
@@ -190,40 +279,12 @@ def _split(flag: str, command: str | None) -> list[str] | None:
 @click.pass_obj
 def dynamo_actuate_command(
     ctx: CliContext,
-    namespace: str,
-    etcd_url: str,
-    etcd_ca: str | None,
-    etcd_cert: str | None,
-    etcd_key: str | None,
-    etcd_user: str | None,
-    etcd_password: str | None,
-    prefill_gpus: int,
-    decode_gpus: int,
-    prefill_cmd: str | None,
-    decode_cmd: str | None,
-    prefill_component: str,
-    decode_component: str,
-    prefill_endpoint: str,
-    decode_endpoint: str,
-    ready_mode: str,
-    health_url: str | None,
-    settle: float,
-    ready_timeout: float,
-    max_start_failures: int,
-    retry_backoff: float,
-    gpu_model: str | None,
-    node_id: str | None,
-    nvlink: bool,
-    same_numa: bool,
-    nic: str | None,
-    nic_link: str | None,
-    strategy: str | None,
-    poll_interval: float,
-    graceful_timeout: float,
-    lease_ttl: int,
+    /,
+    config: str | None,
     once: bool,
     runtime_dir: str | None,
     verbose: bool,
+    **values: Any,
 ) -> None:
     """Run Dynamo prefill/decode workers on compute groups, as many as the planner decides.
 
@@ -236,71 +297,41 @@ def dynamo_actuate_command(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not prefill_cmd and not decode_cmd:
-        fail("dynamo-actuate: give --prefill-cmd and/or --decode-cmd", 2)
-    req: dict[str, Any] = {"gpu_model": gpu_model} if gpu_model else {}
-    cons: dict[str, Any] = {}
-    if node_id:
-        cons["node_id"] = node_id
-    if nvlink:
-        cons["nvlink"] = True
-    if same_numa:
-        cons["same_numa"] = True
-    if nic is not None:
-        cons["nic"] = nic
-    if nic_link is not None:
-        cons["nic_link"] = nic_link
-    if strategy:
-        cons["strategy"] = strategy
-    if ready_mode == "health" and not health_url:
-        fail("dynamo-actuate: --ready health needs --health-url", 2)
-    if health_url and ready_mode != "health":
-        fail("dynamo-actuate: --health-url is only used with --ready health", 2)
+    click_ctx = click.get_current_context()
+    given = {
+        opt
+        for param in click_ctx.command.params
+        if param.name and click_ctx.get_parameter_source(param.name) != ParameterSource.DEFAULT
+        for opt in param.opts
+    }
+    flags = {
+        field: next(p.opts[0] for p in click_ctx.command.params if p.name == name) for name, field in _FIELDS.items()
+    }
+    flags |= {"prefill": "--prefill-cmd", "decode": "--prefill-cmd/--decode-cmd", "metrics": "--metrics-port"}
+
+    def refusal(exc: InvalidRequestError) -> str:
+        """The flag that gave the bad value, or the file and its field."""
+        message = str(exc)
+        if exc.key == "config":  # the file itself: it names it
+            return message
+        if exc.key is None and config is not None:  # the whole file
+            return f"{config}: {message}"
+        field = message.split(":", 1)[0].split("[", 1)[0]
+        flag = flags.get(field) or REQUEST_FLAGS.get(field)
+        if config is not None and (flag is None or flag not in given):
+            return f"{config} {message}"
+        return flag_message(exc, {**REQUEST_FLAGS, **flags})
+
     try:
-        check_name("namespace", namespace)
-        Constraints.parse(cons)  # a bad value is refused here, naming its flag, before anything starts
-        specs = parse_specs(
-            prefill_gpus,
-            _split("--prefill-cmd", prefill_cmd),
-            decode_gpus,
-            _split("--decode-cmd", decode_cmd),
-            req,
-            cons,
-            components={"prefill": prefill_component, "decode": decode_component},
-            endpoints={"prefill": prefill_endpoint, "decode": decode_endpoint},
-        )
-        endpoints = [e.strip() for e in etcd_url.split(",") if e.strip()]
-        if not endpoints:
-            raise InvalidRequestError(f"--etcd: {etcd_url!r} names no endpoint", key="etcd")
+        cfg = parse_config(_configuration(click_ctx, config, values))
         try:
-            etcd = EtcdClient(
-                endpoints[0],
-                ca_file=etcd_ca,
-                cert_file=etcd_cert,
-                key_file=etcd_key,
-                user=etcd_user,
-                password=etcd_password,
-            )
+            etcd = cfg.etcd.client()
         except EtcdError as exc:
-            flag = _ETCD_FLAGS.get(exc.key or "", "--etcd")
-            raise InvalidRequestError(f"{flag}: {exc}", key=flag) from exc
-        readiness: Readiness
-        if ready_mode == "health":
-            readiness = HealthReadiness(health_url or "")
-        elif ready_mode == "settle":
-            readiness = SettleReadiness(settle)
-        else:
-            readiness = DiscoveryReadiness(etcd)
-        # Validate the rest before anything starts (the runtime and the manager are opened later).
-        if max_start_failures < 1:
-            raise InvalidRequestError(f"--max-start-failures: {max_start_failures} is less than 1")
-        for flag, value in (("--ready-timeout", ready_timeout), ("--retry-backoff", retry_backoff)):
-            if value < 0:
-                raise InvalidRequestError(f"{flag}: {value} is negative")
+            field = f"etcd.{exc.key}" if exc.key and exc.key != "url" else "etcd.endpoints"  # EtcdClient's setting
+            raise InvalidRequestError(f"{field}: {exc}", key=field) from exc
+        readiness = cfg.readiness.build(etcd)
     except InvalidRequestError as exc:
-        fail(f"dynamo-actuate: {flag_message(exc, REQUEST_FLAGS)}", 2)
-    except EtcdError as exc:
-        fail(f"dynamo-actuate: {exc}", 2)
+        fail(f"dynamo-actuate: {refusal(exc)}", 2)
     try:
         etcd.check()  # a wrong CA, certificate or password is refused here, before anything starts
     except EtcdError as exc:
@@ -308,20 +339,10 @@ def dynamo_actuate_command(
             fail(f"dynamo-actuate: {exc}", 2)
         logging.getLogger(__name__).warning("dynamo-actuate: %s; will keep trying", exc)
 
-    async def body(rt: LocalRuntime) -> None:
-        actuator = DynamoActuator(
-            rt,
-            etcd,
-            namespace,
-            specs,
-            poll_interval_s=poll_interval,
-            lease_ttl_s=lease_ttl,
-            readiness=readiness,
-            ready_timeout_s=ready_timeout,
-            max_start_failures=max_start_failures,
-            retry_backoff_s=retry_backoff,
-            etcd_endpoints=",".join(endpoints),
-        )
+    async def body(rt: LocalRuntime, stack: contextlib.AsyncExitStack) -> None:
+        actuator = cfg.actuator(rt, etcd, readiness)
+        if cfg.metrics is not None:
+            await serve_metrics(stack, rt.manager, cfg.metrics.host, cfg.metrics.port, [ActuatorCollector(actuator)])
         if once:
             actuator.acquire()
             try:
@@ -339,9 +360,9 @@ def dynamo_actuate_command(
     async def go() -> None:
         mgr = ctx.manager()
         mgr.monitor_interval = None
-        runtime = LocalRuntime(mgr, CircusDaemon(runtime_dir), graceful_timeout_s=graceful_timeout)
-        async with mgr:
-            await body(runtime)
+        runtime = LocalRuntime(mgr, CircusDaemon(runtime_dir), graceful_timeout_s=cfg.graceful_timeout_s)
+        async with mgr, contextlib.AsyncExitStack() as stack:
+            await body(runtime, stack)
 
     run(go())
 

@@ -250,6 +250,17 @@ def free_port(low: int = 20000, high: int = 32767) -> int:
     raise OSError(f"no free TCP port in {low}-{high}")
 
 
+def health_url_problem(url: str) -> str | None:
+    """What is wrong with a health URL template, or None (see :class:`HealthReadiness`)."""
+    if not url.startswith(("http://", "https://")):
+        return "not an http:// or https:// URL"
+    try:
+        url.format(port=0, group_id="")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"only {{port}} and {{group_id}} may be filled in ({exc})"
+    return None
+
+
 class HealthReadiness:
     """Ready = an HTTP GET of the worker's health URL answers 2xx.
 
@@ -261,14 +272,9 @@ class HealthReadiness:
     description = "healthy"
 
     def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"health URL: {url!r} is not an http:// or https:// URL", key="health_url")
-        try:
-            url.format(port=0, group_id="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise InvalidRequestError(
-                f"health URL: {url!r}: only {{port}} and {{group_id}} may be filled in ({exc})", key="health_url"
-            ) from None
+        problem = health_url_problem(url)
+        if problem is not None:
+            raise InvalidRequestError(f"health URL: {url!r}: {problem}", key="health_url")
         self.url = url
         self.timeout_s = timeout_s
 
