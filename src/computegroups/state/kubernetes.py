@@ -30,6 +30,12 @@ entries after it (no list). A reader further behind (or opening) lists the group
 deletion tombstones (label selector), reads the ledger again, and overlays the log entries of both
 reads; see docs/kubernetes.md for why that is exactly the state after one commit.
 
+Events (the store is an :class:`~computegroups.state.base.EventLog`): core ``v1 Event`` objects
+about the ComputeGroup of their group (or the ledger), written by a background task **after** the
+commit that made them, since no write can be atomic with the ledger's; a write that fails is logged
+and counted, never raised, and never undoes the commit. Identical events are aggregated (``count``)
+and writes are rate-limited; reads list them once, then watch. See :mod:`computegroups.state.k8s_events`.
+
 Errors from the API server become :class:`StateError` with a one-line message naming the
 verb and the resource (``forbidden: cannot update computegroupledgers.computegroups.dev ...``).
 """
@@ -58,6 +64,7 @@ from computegroups.kube.names import (
 )
 from computegroups.model import AllocationState, GroupRecord
 from computegroups.state.base import Changes, RevisionConflict
+from computegroups.state.k8s_events import EVENT_BURST, EVENT_RATE, KubeEventLog
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
@@ -78,6 +85,8 @@ class KubernetesStateStore:
     ``namespace``: where the ledger and group objects live (created by ``deploy/``).
     ``name``: the store (ledger) name; several stores can share a namespace.
     ``kubeconfig``/``context``/``in_cluster``: as for the Kubernetes provider.
+    ``event_burst``/``event_rate``: the limiter of Event writes (writes at once, then a second).
+    ``event_log``: the events' writer and reader; its ``dropped``, ``failed`` and ``written`` count.
     """
 
     def __init__(
@@ -88,6 +97,8 @@ class KubernetesStateStore:
         name: str = "default",
         context: str | None = None,
         in_cluster: bool | None = None,
+        event_burst: int = EVENT_BURST,
+        event_rate: float = EVENT_RATE,
     ) -> None:
         if not DNS_NAME.match(name) or len(name) > 63:
             raise StateError(f"state: store name {name!r} is not a lowercase DNS name")
@@ -101,6 +112,9 @@ class KubernetesStateStore:
         self._objects: dict[str, tuple[str, int]] = {}  # object name -> (resourceVersion, spec.revision)
         self._mirrored: set[int] = set()  # change sets after the ledger's `mirrored` this store wrote in full
         self._lost = 0  # commits lost to another writer in a row
+        self._uids: dict[str, str] = {}  # group object name -> uid (for the events' involvedObject)
+        self._ledger_uid = ""
+        self.event_log = KubeEventLog(lambda: self.client, namespace, name, burst=event_burst, rate=event_rate)
         base = f"/apis/{API_GROUP}/v1alpha1/namespaces/{namespace}"
         self._ledger_path = f"{base}/computegroupledgers/{name}"
         self._groups_path = f"{base}/computegroups"
@@ -123,9 +137,13 @@ class KubernetesStateStore:
             raise
 
     async def close(self) -> None:
+        """Write the queued events (for a few seconds at most), then close the connection."""
         if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+            try:
+                await self.event_log.close()
+            finally:
+                client, self._client = self._client, None
+                await client.close()
 
     @property
     def client(self) -> KubeClient:
@@ -162,6 +180,34 @@ class KubernetesStateStore:
                 except KubeError as again:
                     raise self._error(again) from again
             raise self._error(exc) from exc
+
+    # -- events -----------------------------------------------------------------------
+    async def record(self, events: Sequence[Event]) -> None:
+        """Queue events that change no record (refusals, health); written in the background."""
+        if self._client is None:
+            raise StateError(f"state {self}: store is not open")
+        self.event_log.add(events, self._involved)
+
+    async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
+        """The store's events numbered after ``seq`` (a number is its write's resourceVersion), oldest first."""
+        try:
+            return await self.event_log.since(seq, limit)
+        except KubeError as exc:
+            raise self._error(exc) from exc
+
+    def _involved(self, e: Event) -> Obj:
+        """The object an event is about: its group's ComputeGroup, or this store's ledger."""
+        if e.group_id is None:
+            kind, name = "ComputeGroupLedger", self.name
+            self._ledger_uid = str(((self._ledger or {}).get("metadata") or {}).get("uid") or self._ledger_uid)
+            uid = self._ledger_uid
+        else:
+            kind, name = "ComputeGroup", cr_name(e.group_id, self.name)
+            uid = self._uids.get(name, "")
+        ref: Obj = {"apiVersion": API_VERSION, "kind": kind, "name": name, "namespace": self.namespace}
+        if uid:
+            ref["uid"] = uid
+        return ref
 
     # -- reads ------------------------------------------------------------------------
     async def changes_since(self, revision: int) -> Changes:
@@ -206,6 +252,7 @@ class KubernetesStateStore:
             if int(ispec.get("revision", 0)) > arev:
                 return None  # not expected (the list came before the second read); read again
             objects[item["metadata"]["name"]] = (str(item["metadata"]["resourceVersion"]), int(ispec["revision"]))
+            self._uids[item["metadata"]["name"]] = str(item["metadata"].get("uid") or "")
             if not ispec.get("deleted"):  # objects written before the state label existed
                 rec = _decode(ispec.get("record"))
                 effective[rec.id] = rec
@@ -218,7 +265,8 @@ class KubernetesStateStore:
     async def commit(
         self, expected: int, upserts: Sequence[GroupRecord], deletes: Sequence[str] = (), events: Sequence[Event] = ()
     ) -> int:
-        """``events`` are not kept: this store has no event log (it is not an :class:`EventLog`)."""
+        """The ledger's write is the commit; ``events`` are queued for writing after it (never atomically
+        with it: a failed or dropped Event write leaves the commit as it is)."""
         ledger = self._ledger
         if ledger is None or int((ledger.get("spec") or {}).get("revision", 0)) != expected:
             ledger = self._ledger = await self._get_ledger()
@@ -277,6 +325,8 @@ class KubernetesStateStore:
             log_.warning(
                 "state %s: revision %d is committed; its group objects will be finished later: %s", self, rev, exc
             )
+        if events:
+            self.event_log.add(events, self._involved)
         return rev
 
     async def _apply(self, change: Obj, probe: bool = False) -> None:
@@ -333,6 +383,7 @@ class KubernetesStateStore:
                 try:
                     made = await self.client.post(self._groups_path, body)
                     self._objects[name] = (made["metadata"]["resourceVersion"], rev)
+                    self._uids[name] = str(made["metadata"].get("uid") or "")
                     return
                 except KubeError as exc:
                     if exc.status != 409:
@@ -350,6 +401,7 @@ class KubernetesStateStore:
             try:
                 made = await self.client.put(f"{self._groups_path}/{name}", body)
                 self._objects[name] = (made["metadata"]["resourceVersion"], rev)
+                self._uids[name] = str(made["metadata"].get("uid") or "")
                 return
             except KubeError as exc:
                 if exc.status not in (404, 409):
@@ -373,6 +425,7 @@ class KubernetesStateStore:
                     {"preconditions": {"resourceVersion": meta["resourceVersion"]}},
                 )
                 self._objects.pop(meta["name"], None)
+                self._uids.pop(meta["name"], None)
             except KubeError as exc:
                 if exc.status not in (404, 409):
                     raise
