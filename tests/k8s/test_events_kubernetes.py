@@ -46,6 +46,20 @@ def _lines(proc: subprocess.Popen[str], out: queue.Queue[tuple[float, str]]) -> 
         out.put((time.time(), line))
 
 
+async def _next(
+    printed: queue.Queue[tuple[float, str]], proc: subprocess.Popen[str], deadline: float
+) -> tuple[float, Any]:
+    """The next line the CLI printed (its time, decoded), waiting until ``deadline`` (monotonic)."""
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the watching CLI printed nothing more"
+        try:
+            at, line = await asyncio.to_thread(printed.get, True, 1.0)
+        except queue.Empty:
+            continue
+        return at, json.loads(line)
+
+
 async def test_a_watching_cli_prints_each_commits_event_as_it_is_written(
     k8s_cluster: ControlPlane,
     k8s_namespace: str,
@@ -57,24 +71,22 @@ async def test_a_watching_cli_prints_each_commits_event_as_it_is_written(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     printed: queue.Queue[tuple[float, str]] = queue.Queue()
     threading.Thread(target=_lines, args=(proc, printed), daemon=True).start()
+    seen: list[tuple[float, dict[str, Any]]] = []
     try:
-        committed: dict[str, float] = {}
+        deadline = time.monotonic() + 30
         async with manager(sa, k8s_namespace, selector) as mgr:
+            # Once the CLI printed this one it is watching: what follows arrives by its watch.
+            mgr.emit(Event("note", detail="watching?"))
+            while not any(e["kind"] == "note" for _, e in seen):
+                seen.append(await _next(printed, proc, deadline))
             g = await mgr.allocate_compute_group("decode", {"gpus": 2})
-            committed["allocated"] = time.time()
-            await asyncio.sleep(0.5)
+            committed = {"allocated": time.time()}
+            while not any(e["group_id"] == g.id for _, e in seen):
+                seen.append(await _next(printed, proc, deadline))
             assert await mgr.deallocate_compute_group(g.id)
             committed["released"] = time.time()
-        seen: list[tuple[float, dict[str, Any]]] = []
-        deadline = time.monotonic() + 30
-        while len([e for _, e in seen if e["group_id"] == g.id]) < 2:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, f"the watching CLI printed only {seen}"
-            try:
-                at, line = await asyncio.to_thread(printed.get, True, 1.0)
-            except queue.Empty:
-                continue
-            seen.append((at, json.loads(line)))
+            while not any(e["kind"] == "released" for _, e in seen):
+                seen.append(await _next(printed, proc, deadline))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
