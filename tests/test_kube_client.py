@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import stamina.instrumentation
 
+from computegroups.errors import StateError
 from computegroups.events import Event
 from computegroups.kube.client import RETRY_MAX_S, KubeClient, KubeError
 from computegroups.state.k8s_events import (
@@ -27,6 +28,7 @@ from computegroups.state.k8s_events import (
     event_reason,
     event_type,
 )
+from computegroups.state.kubernetes import KubernetesStateStore
 
 
 class _Api(BaseHTTPRequestHandler):
@@ -184,3 +186,9 @@ def test_the_bucket_lets_a_burst_through_then_its_rate() -> None:
     assert bucket.take() and not bucket.take()
     now[0] = 100.0  # refilled, but never above the burst
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("burst, rate", [(0, 1.0), (5, 0.0), (5, -1.0), (2.5, 1.0)])
+def test_a_limiter_that_lets_nothing_through_is_refused(burst: int, rate: float) -> None:
+    with pytest.raises(StateError, match="event limiter"):
+        KubernetesStateStore(event_burst=burst, event_rate=rate)

@@ -404,6 +404,10 @@ class KubeEventLog:
     async def since(self, seq: int, limit: int) -> list[Event]:
         """The kept events numbered after ``seq``, oldest first (the first call lists them, then watches)."""
         if self._watcher is None or self._watcher.done():
+            if self._watcher is not None and not self._watcher.cancelled() and self._watcher.exception():
+                log.warning(
+                    "events %s/%s: the watch stopped: %s", self.namespace, self.store, self._watcher.exception()
+                )
             await self._list()
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="computegroups-k8s-events-watch")
         seen = self._seen
