@@ -31,6 +31,7 @@ from .test_provider_kubernetes import REPO, live_groups, make_nodes, manager, sa
 
 pytestmark = pytest.mark.k8s
 
+_RUN: dict[str, Any] = {"capture_output": True, "text": True, "cwd": REPO, "timeout": 120}
 SELECTOR = "app.kubernetes.io/managed-by=computegroups,computegroups.dev/store=default"
 
 
@@ -97,6 +98,11 @@ async def test_a_watching_cli_prints_each_commits_event_as_it_is_written(
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # in order, each once
     delays = {e["kind"]: round(at - committed[e["kind"]], 3) for at, e in mine}
     print(f"printed this long after each commit (s): {delays}")
+    # Another process, later, from the number of the first: the same events after it, in the same order.
+    note = next(e["seq"] for _, e in seen if e["kind"] == "note")
+    later = subprocess.run([*cmd[:-4], "events", "--since", str(note), "-o", "json"], **_RUN)
+    assert later.returncode == 0, later.stderr
+    assert [json.loads(line) for line in later.stdout.splitlines()] == [e for _, e in seen if e["seq"] > note]
 
 
 async def test_events_are_core_events_about_the_compute_group(
@@ -147,6 +153,14 @@ async def test_events_are_core_events_about_the_compute_group(
     assert [e.kind for e in got] == ["allocated", "released", "refused"]
     assert [_fields(e) for e in got] == [_fields(e) for e in emitted]
     assert [e.seq for e in got] == sorted(e.seq for e in got) and got[0].seq > 0
+    reader = KubernetesStateStore(sa, namespace=k8s_namespace)
+    await reader.open()
+    try:
+        assert await reader.events_since(got[0].seq) == got[1:]
+        assert await reader.events_since(got[0].seq, limit=1) == got[1:2]
+        assert await reader.events_since(got[-1].seq) == []
+    finally:
+        await reader.close()
 
 
 def _fields(e: Event) -> tuple[object, ...]:
