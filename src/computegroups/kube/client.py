@@ -7,12 +7,12 @@ with ``_preload_content=False`` and plain dicts, so no generated model classes
 are built or needed (the ComputeGroup custom resource has none anyway).
 
 Errors are translated here, once: :class:`KubeError` carries the HTTP status,
-the verb and resource, and the API server's one-line message.
+the verb and resource, and the API server's one-line message. Requests that may
+pass if sent again are retried here too, with :mod:`computegroups.retry`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections import Counter
@@ -20,23 +20,49 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from computegroups.retry import retry_after_s, retrying
+
 __all__ = ["KubeClient", "KubeError", "Obj"]
 
 Obj = dict[str, Any]
 
 _VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
+#: How requests are retried (429s, and 5xx answers to reads): attempts, the backoff's first and longest
+#: wait, and a bound on the whole (a ``Retry-After`` replaces the backoff for that attempt).
+RETRY_ATTEMPTS = 12
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+RETRY_TIMEOUT_S = 30.0
+
 
 class KubeError(Exception):
-    """An API request failed. ``status`` is the HTTP status (0: no answer), ``reason`` the API reason."""
+    """An API request failed. ``status`` is the HTTP status (0: no answer), ``reason`` the API reason.
 
-    def __init__(self, status: int, verb: str, resource: str, message: str, reason: str = "") -> None:
+    ``transient``: sending the same request again may succeed (a 429, or a 5xx answer to a read);
+    ``retry_after_s``: the wait the server asked for (its ``Retry-After``), if it did. The client
+    retries those itself (:meth:`KubeClient.request`); they are raised once its retries are spent.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        verb: str,
+        resource: str,
+        message: str,
+        reason: str = "",
+        *,
+        transient: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(f"{verb} {resource}: {message}" if message else f"{verb} {resource}: HTTP {status}")
         self.status = status
         self.verb = verb
         self.resource = resource
         self.message = message
         self.reason = reason
+        self.transient = transient
+        self.retry_after_s = retry_after_s
 
     @property
     def forbidden(self) -> bool:
@@ -136,22 +162,23 @@ class KubeClient:
     ) -> Obj:
         """Send one request; return the decoded JSON object; raise :class:`KubeError` unless 2xx.
 
-        429 (too many requests, storage initializing) is retried for a few seconds, as
-        client-go does; so are 5xx answers to reads.
+        429 (too many requests, storage initializing) is retried for a few seconds, as client-go
+        does; so are 5xx answers to reads (``KubeError.transient``). The server's ``Retry-After``
+        is honoured; otherwise the waits back off from :data:`RETRY_FIRST_S` to :data:`RETRY_MAX_S`.
         """
-        delay = 0.05
-        for attempt in range(12):
-            try:
-                return await self._request_once(method, path, body, params, content_type, verb)
-            except KubeError as exc:
-                retry = exc.status == 429 or (exc.status >= 500 and method == "GET")
-                if not retry or attempt == 11:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        raise AssertionError("unreachable")
+        async for attempt in retrying(
+            attempts=RETRY_ATTEMPTS,
+            timeout_s=RETRY_TIMEOUT_S,
+            wait_initial_s=RETRY_FIRST_S,
+            wait_max_s=RETRY_MAX_S,
+            wait_jitter_s=RETRY_FIRST_S,
+        ):
+            with attempt:
+                resp = await self._send(method, path, body, params, content_type, verb, timeout=60)
+                return await self._decode(resp, method, path, verb)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
-    async def _request_once(
+    async def _send(
         self,
         method: str,
         path: str,
@@ -159,7 +186,10 @@ class KubeClient:
         params: Mapping[str, Any] | None,
         content_type: str,
         verb: str | None,
-    ) -> Obj:
+        *,
+        timeout: float | tuple[float, float],
+    ) -> Any:
+        """Send one request; the aiohttp response, its body unread (the caller releases it)."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
         if self._api is None:
@@ -168,7 +198,7 @@ class KubeClient:
         self.requests[verb] += 1
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
-            resp = await self._api.call_api(
+            return await self._api.call_api(
                 path,
                 method,
                 query_params=[(k, v) for k, v in (params or {}).items() if v is not None],
@@ -176,15 +206,23 @@ class KubeClient:
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
-                _request_timeout=60,
+                _request_timeout=timeout,
             )
-            status = resp.status
-            raw = await resp.read()
-            resp.release()
         except ApiException as exc:
             raise KubeError(int(exc.status or 0), verb, _resource_of(path), str(exc.reason or exc)) from exc
         except Exception as exc:  # aiohttp.ClientError, OSError, timeouts
             raise KubeError(0, verb, _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
+
+    async def _decode(self, resp: Any, method: str, path: str, verb: str | None) -> Obj:
+        """Read and release a response; its JSON object, or :class:`KubeError` unless 2xx."""
+        verb = verb or _VERBS.get(method, method.lower())
+        try:
+            status = int(resp.status)
+            raw = await resp.read()
+        except Exception as exc:  # the connection dropped while the answer was read
+            raise KubeError(0, verb, _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            resp.release()
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
@@ -192,7 +230,15 @@ class KubeClient:
         if not 200 <= status <= 299:
             message = data.get("message", "") if isinstance(data, dict) else ""
             reason = data.get("reason", "") if isinstance(data, dict) else ""
-            raise KubeError(status, verb, _resource_of(path), str(message), str(reason))
+            raise KubeError(
+                status,
+                verb,
+                _resource_of(path),
+                str(message),
+                str(reason),
+                transient=status == 429 or (status >= 500 and method == "GET"),
+                retry_after_s=retry_after_s(resp.headers.get("Retry-After")),
+            )
         return data if isinstance(data, dict) else {"items": data}
 
     async def get(self, path: str, **params: Any) -> Obj:
@@ -201,67 +247,53 @@ class KubeClient:
     async def list(self, path: str, **params: Any) -> Obj:
         """GET a collection (paged with ``limit``/``continue`` so big clusters come back whole)."""
         items: list[Obj] = []
+        async for page in self.pages(path, **params):
+            items.extend(page["items"])
+        page["items"] = items
+        return page
+
+    async def pages(self, path: str, *, page_size: int = 500, **params: Any) -> AsyncIterator[Obj]:
+        """GET a collection one page (``limit``) at a time, following ``continue``; all pages are of one
+        snapshot, whose ``resourceVersion`` is in each page's ``metadata``."""
         cont: str | None = None
         while True:
-            page = await self.request("GET", path, params={**params, "limit": 500, "continue": cont}, verb="list")
-            items.extend(page.get("items") or [])
+            page = await self.request("GET", path, params={**params, "limit": page_size, "continue": cont}, verb="list")
+            page["items"] = page.get("items") or []
+            yield page
             cont = (page.get("metadata") or {}).get("continue")
             if not cont:
-                page["items"] = items
-                return page
+                return
 
-    async def watch(self, path: str, timeout_s: int, **params: Any) -> AsyncIterator[Obj]:
-        """Watch a collection: its events (``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object"}``)
-        from ``resourceVersion`` on, until the server ends the stream (after ``timeout_s``).
-
-        The request itself is checked like any other (a :class:`KubeError` unless 2xx); a stream that
-        breaks raises KubeError with status 0. The caller reopens it from the last resourceVersion.
-        """
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        if self._api is None:
-            raise KubeError(0, "watch", _resource_of(path), "the client is closed")
-        self.requests["watch"] += 1
-        query = [(k, v) for k, v in params.items() if v is not None]
-        query += [("watch", "true"), ("timeoutSeconds", str(timeout_s))]
+    async def watch(self, path: str, *, timeout_s: int = 300, **params: Any) -> AsyncIterator[Obj]:
+        """The changes to a collection as the server sends them (``{"type": ..., "object": ...}``), until it
+        ends the watch (after ``timeout_s``) or the connection drops. Not retried: the caller watches
+        again from the last ``resourceVersion`` it saw (a 410 ``Gone``: list again first)."""
+        query = {**params, "watch": "true", "timeoutSeconds": timeout_s}
+        resp = await self._send("GET", path, None, query, "application/json", "watch", timeout=(10, timeout_s + 30))
+        if not 200 <= int(resp.status) <= 299:
+            await self._decode(resp, "GET", path, "watch")  # raises
         try:
-            resp = await self._api.call_api(
-                path,
-                "GET",
-                query_params=query,
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=(30, timeout_s + 30),
-            )
-        except ApiException as exc:
-            raise KubeError(int(exc.status or 0), "watch", _resource_of(path), str(exc.reason or exc)) from exc
-        except Exception as exc:  # aiohttp.ClientError, OSError, timeouts
-            raise KubeError(0, "watch", _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
-        try:
-            if not 200 <= resp.status <= 299:
-                raise KubeError(resp.status, "watch", _resource_of(path), (await resp.read())[:200].decode("replace"))
             while True:
                 try:
                     line = await resp.content.readline()
-                except Exception as exc:
+                except Exception as exc:  # aiohttp.ClientError, timeouts
                     raise KubeError(0, "watch", _resource_of(path), f"{type(exc).__name__}: {exc}") from exc
                 if not line:
                     return
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue  # not an event (a proxy's noise); the next line is
-                if isinstance(event, dict):
-                    yield event
+                if line.strip():
+                    yield json.loads(line)
         finally:
-            resp.release()
+            resp.close()  # the stream may be unread: drop the connection rather than reuse it
 
     async def post(self, path: str, body: Obj) -> Obj:
         return await self.request("POST", path, body)
 
     async def put(self, path: str, body: Obj) -> Obj:
         return await self.request("PUT", path, body)
+
+    async def patch(self, path: str, body: Obj) -> Obj:
+        """A JSON merge patch (RFC 7386)."""
+        return await self.request("PATCH", path, body, content_type="application/merge-patch+json")
 
     async def delete(self, path: str, body: Obj | None = None, **params: Any) -> Obj:
         return await self.request("DELETE", path, body, params=params)

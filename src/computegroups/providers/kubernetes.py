@@ -50,6 +50,7 @@ from computegroups.providers.k8s.discovery import (
     node_health,
     pod_requests,
 )
+from computegroups.retry import backoff_s
 from computegroups.state.kubernetes import KubernetesStateStore
 
 __all__ = ["GROUP_LABEL", "KubernetesComputeResourceProvider", "pod_fragment", "resource_claim"]
@@ -59,7 +60,7 @@ log = logging.getLogger("computegroups.k8s")
 GROUP_LABEL = "computegroups.dev/group"
 GROUP_ANNOTATION = "computegroups.dev/group-id"
 COMPONENT_ANNOTATION = "computegroups.dev/component"
-RETRY_FIRST_S = 0.5  # first wait before a failed clean-up is tried again (doubling, capped)
+RETRY_FIRST_S = 0.5  # first wait before a failed clean-up is tried again (doubling, jittered, capped)
 RETRY_MAX_S = 30.0
 
 
@@ -462,9 +463,11 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
             )
 
     async def _retry_loop(self) -> None:
-        wait = RETRY_FIRST_S
+        """Try the failed clean-ups again, round after round, backing off from RETRY_FIRST_S to RETRY_MAX_S."""
+        rounds = 0
         while self._retry:
-            await asyncio.sleep(wait)
+            rounds += 1
+            await asyncio.sleep(backoff_s(rounds, initial_s=RETRY_FIRST_S, max_s=RETRY_MAX_S, jitter=0.1))
             for gid, paths in list(self._retry.items()):
                 try:
                     await self._clean(gid, paths)
@@ -473,7 +476,6 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
                     continue
                 self._retry.pop(gid, None)
                 log.info("kubernetes: clean-up of group %s finished", gid)
-            wait = min(wait * 2, RETRY_MAX_S)
 
     # -- materialisation --------------------------------------------------------------
     def _is_dra(self, node_id: str) -> bool:

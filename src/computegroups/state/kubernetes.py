@@ -41,6 +41,12 @@ entries after it (no list). A reader further behind (or opening) lists the group
 deletion tombstones (label selector), reads the ledger again, and overlays the log entries of both
 reads; see docs/kubernetes.md for why that is exactly the state after one commit.
 
+Events (the store is an :class:`~computegroups.state.base.EventLog`): core ``v1 Event`` objects
+about the ComputeGroup of their group (or the ledger), written by a background task **after** the
+commit that made them, since no write can be atomic with the ledger's; a write that fails is logged
+and counted, never raised, and never undoes the commit. Identical events are aggregated (``count``)
+and writes are rate-limited; reads list them once, then watch. See :mod:`computegroups.state.k8s_events`.
+
 Errors from the API server become :class:`StateError` with a one-line message naming the
 verb and the resource (``forbidden: cannot update computegroupledgers.computegroups.dev ...``).
 """
@@ -70,6 +76,7 @@ from computegroups.kube.names import (
 )
 from computegroups.model import AllocationState, GroupRecord
 from computegroups.state.base import NO_CORDONS, Changes, Cordons, RevisionConflict
+from computegroups.state.k8s_events import EVENT_BURST, EVENT_RATE, KubeEventLog
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
@@ -95,6 +102,8 @@ class KubernetesStateStore:
     ``namespace``: where the ledger and group objects live (created by ``deploy/``).
     ``name``: the store (ledger) name; several stores can share a namespace.
     ``kubeconfig``/``context``/``in_cluster``: as for the Kubernetes provider.
+    ``event_burst``/``event_rate``: the limiter of Event writes (writes at once, then a second).
+    ``event_log``: the events' writer and reader; its ``dropped``, ``failed`` and ``written`` count.
     """
 
     def __init__(
@@ -105,6 +114,8 @@ class KubernetesStateStore:
         name: str = "default",
         context: str | None = None,
         in_cluster: bool | None = None,
+        event_burst: int = EVENT_BURST,
+        event_rate: float = EVENT_RATE,
     ) -> None:
         if not DNS_NAME.match(name) or len(name) > 63:
             raise StateError(f"state: store name {name!r} is not a lowercase DNS name")
@@ -120,10 +131,14 @@ class KubernetesStateStore:
         self._lost = 0  # commits lost to another writer in a row
         self._following = False  # the watch of the ledger is open (self._ledger is as new as it delivered)
         self._tasks: list[asyncio.Task[None]] = []  # the watch and the group-object writer
-        self._dirty: list[Obj] = []  # committed change sets not yet written into the group objects
+        self._dirty: list[tuple[Obj, Sequence[Event]]] = []  # committed change sets (and their events)
+        # not yet written into the group objects
         self._wake = asyncio.Event()
         self._mirroring = asyncio.Lock()
         self._sweep_before = 0  # deletion tombstones older than this are due to be swept
+        self._uids: dict[str, str] = {}  # group object name -> uid (for the events' involvedObject)
+        self._ledger_uid = ""
+        self.event_log = KubeEventLog(lambda: self.client, namespace, name, burst=event_burst, rate=event_rate)
         base = f"/apis/{API_GROUP}/v1alpha1/namespaces/{namespace}"
         self._ledger_path = f"{base}/computegroupledgers/{name}"
         self._groups_path = f"{base}/computegroups"
@@ -147,13 +162,20 @@ class KubernetesStateStore:
         self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._mirror_loop())]
 
     async def close(self) -> None:
-        """Write what is left into the group objects, stop following the ledger, disconnect."""
+        """Write what is left into the group objects and the queued events, stop following the ledger, disconnect."""
         tasks, self._tasks = self._tasks, []
         try:
-            if self._client is not None and tasks:
-                await self.flush()
-        except StateError as exc:
-            log_.warning("%s; the change sets are in the ledger, and the next writer finishes them", exc)
+            for attempt in range(3 if self._client is not None and tasks else 0):
+                try:
+                    await self.flush()
+                    break
+                except StateError as exc:
+                    log_.warning("%s (try %d of 3)", exc, attempt + 1)
+                    await asyncio.sleep(0.1 * 2**attempt)
+            else:
+                if self._dirty:  # their events are still told; the next writer finishes the objects
+                    self.event_log.add([e for _, events in self._dirty for e in events], self._involved)
+                    self._dirty.clear()
         finally:
             for task in tasks:
                 task.cancel()
@@ -162,8 +184,11 @@ class KubernetesStateStore:
                     await task
             self._following = False
             if self._client is not None:
-                client, self._client = self._client, None
-                await client.close()
+                try:
+                    await self.event_log.close()  # the queued events, for a few seconds at most
+                finally:
+                    client, self._client = self._client, None
+                    await client.close()
 
     # -- following the ledger ---------------------------------------------------------
     async def _follow(self) -> None:
@@ -184,7 +209,7 @@ class KubernetesStateStore:
             try:
                 stream = self.client.watch(
                     collection,
-                    WATCH_S,
+                    timeout_s=WATCH_S,
                     fieldSelector=f"metadata.name={self.name}",
                     resourceVersion=version,
                     allowWatchBookmarks="true",
@@ -198,7 +223,7 @@ class KubernetesStateStore:
                     if kind in ("ADDED", "MODIFIED"):
                         self._take(obj)
                 pause = 0.05
-            except (KubeError, StateError) as exc:
+            except (KubeError, StateError, ValueError) as exc:
                 log_.debug("state %s: the ledger's watch broke: %s", self, exc)
                 self._following = False
                 self._ledger = None
@@ -258,6 +283,38 @@ class KubernetesStateStore:
                     raise self._error(again) from again
             raise self._error(exc) from exc
 
+    # -- events -----------------------------------------------------------------------
+    async def record(self, events: Sequence[Event]) -> None:
+        """Queue events that change no record (refusals, health); written in the background."""
+        if self._client is None:
+            raise StateError(f"state {self}: store is not open")
+        if self._dirty or self._mirroring.locked():  # after the events of commits still being written
+            self._dirty.append(({}, events))
+            self._wake.set()
+        else:
+            self.event_log.add(events, self._involved)
+
+    async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
+        """The store's events numbered after ``seq`` (a number is its write's resourceVersion), oldest first."""
+        try:
+            return await self.event_log.since(seq, limit)
+        except KubeError as exc:
+            raise self._error(exc) from exc
+
+    def _involved(self, e: Event) -> Obj:
+        """The object an event is about: its group's ComputeGroup, or this store's ledger."""
+        if e.group_id is None:
+            kind, name = "ComputeGroupLedger", self.name
+            self._ledger_uid = str(((self._ledger or {}).get("metadata") or {}).get("uid") or self._ledger_uid)
+            uid = self._ledger_uid
+        else:
+            kind, name = "ComputeGroup", cr_name(e.group_id, self.name)
+            uid = self._uids.get(name, "")
+        ref: Obj = {"apiVersion": API_VERSION, "kind": kind, "name": name, "namespace": self.namespace}
+        if uid:
+            ref["uid"] = uid
+        return ref
+
     # -- reads ------------------------------------------------------------------------
     async def changes_since(self, revision: int) -> Changes:
         for _ in range(50):
@@ -297,6 +354,7 @@ class KubernetesStateStore:
             if int(ispec.get("revision", 0)) > arev:
                 return None  # not expected (the list came before the second read); read again
             objects[item["metadata"]["name"]] = (str(item["metadata"]["resourceVersion"]), int(ispec["revision"]))
+            self._uids[item["metadata"]["name"]] = str(item["metadata"].get("uid") or "")
             if not ispec.get("deleted"):  # objects written before the state label existed
                 rec = _decode(ispec.get("record"))
                 effective[rec.id] = rec
@@ -315,7 +373,8 @@ class KubernetesStateStore:
         events: Sequence[Event] = (),
         cordons: Cordons = NO_CORDONS,
     ) -> int:
-        """``events`` are not kept: this store has no event log (it is not an :class:`EventLog`)."""
+        """The ledger's write is the commit; ``events`` are queued for writing after it (never atomically
+        with it: a failed or dropped Event write leaves the commit as it is)."""
         ledger = self._ledger
         if ledger is None or int((ledger.get("spec") or {}).get("revision", 0)) != expected:
             ledger = self._ledger = await self._get_ledger()
@@ -370,9 +429,10 @@ class KubernetesStateStore:
                 raise RevisionConflict(f"the ledger moved on from revision {expected}") from exc
             raise self._error(exc) from exc
         self._lost = 0
-        # Committed. The group objects are written by the background writer; that can fail without
-        # losing anything (the change set is in the log until it is in the objects).
-        self._dirty.append(entry)
+        # Committed. The group objects are written by the background writer, then the events (about
+        # those objects); that can fail without losing anything (the change set is in the log until
+        # it is in the objects).
+        self._dirty.append((entry, events))
         if sweep:
             self._sweep_before = gc_before
         self._wake.set()
@@ -380,25 +440,29 @@ class KubernetesStateStore:
 
     # -- the group objects ----------------------------------------------------------------
     async def _mirror_loop(self) -> None:
+        pause = MIRROR_DELAY_S
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(MIRROR_DELAY_S)
+            await asyncio.sleep(pause)
             try:
                 await self.flush()
-            except StateError as exc:
-                log_.warning("%s; the change sets are in the ledger, and the next writer finishes them", exc)
+                pause = MIRROR_DELAY_S
+            except StateError as exc:  # kept, and tried again after a pause
+                log_.warning("%s; tried again in %.2fs (the change sets are safe in the ledger)", exc, 2 * pause)
+                pause = min(2 * pause, 2.0)
+                self._wake.set()
 
     async def flush(self) -> None:
         """Write every change set this store committed into the group objects: each object once, at its
-        newest state. StateError if a write failed (the change sets stay in the ledger's log, and
-        whichever writer sees them leave it writes them first)."""
+        newest state, then their events. StateError if a write failed: the change sets are kept for the
+        next flush (and they stay in the ledger's log, whose writers finish any that leave it unwritten)."""
         async with self._mirroring:
             batch, self._dirty = self._dirty, []
             if batch:
                 net: dict[str, tuple[GroupRecord | None, int, bool]] = {}
-                for entry in batch:  # oldest first: the newest state of each group wins
-                    rev = int(entry["revision"])
+                for entry, _ in batch:  # oldest first: the newest state of each group wins
+                    rev = int(entry.get("revision", 0))  # 0: events of no change
                     for raw in entry.get("upserts") or []:
                         rec = _decode(raw)
                         first = net.get(rec.id)
@@ -414,10 +478,12 @@ class KubernetesStateStore:
 
                 try:
                     await asyncio.gather(*(one(g, r, v, p) for g, (r, v, p) in net.items()))
-                except KubeError as exc:
-                    last = int(batch[-1]["revision"])
+                except (KubeError, StateError) as exc:
+                    self._dirty[:0] = batch
+                    last = max(int(entry.get("revision", 0)) for entry, _ in batch)
                     raise StateError(f"state {self}: group objects up to revision {last} unwritten: {exc}") from exc
-                self._mirrored.update(int(e["revision"]) for e in batch)
+                self._mirrored.update(int(entry["revision"]) for entry, _ in batch if entry)
+                self.event_log.add([e for _, events in batch for e in events], self._involved)
             if self._sweep_before:
                 before, self._sweep_before = self._sweep_before, 0
                 try:
@@ -477,6 +543,7 @@ class KubernetesStateStore:
                 try:
                     made = await self.client.post(self._groups_path, body)
                     self._objects[name] = (made["metadata"]["resourceVersion"], rev)
+                    self._uids[name] = str(made["metadata"].get("uid") or "")
                     return
                 except KubeError as exc:
                     if exc.status != 409:
@@ -494,6 +561,7 @@ class KubernetesStateStore:
             try:
                 made = await self.client.put(f"{self._groups_path}/{name}", body)
                 self._objects[name] = (made["metadata"]["resourceVersion"], rev)
+                self._uids[name] = str(made["metadata"].get("uid") or "")
                 return
             except KubeError as exc:
                 if exc.status not in (404, 409):
@@ -517,6 +585,7 @@ class KubernetesStateStore:
                     {"preconditions": {"resourceVersion": meta["resourceVersion"]}},
                 )
                 self._objects.pop(meta["name"], None)
+                self._uids.pop(meta["name"], None)
             except KubeError as exc:
                 if exc.status not in (404, 409):
                     raise
