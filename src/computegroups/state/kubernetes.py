@@ -93,7 +93,7 @@ MIRROR_LAG = 6  # a change set this old that no writer confirmed in the group ob
 BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
 BACKOFF_CAP = 0.05
 WATCH_S = 300  # seconds a watch of the ledger stays open before it is reopened
-MIRROR_DELAY_S = 0.005  # the group-object writer waits this long after a commit, for more to gather
+MIRROR_DELAY_S = 0.05  # the group-object writer waits this long after a commit, for more to gather
 
 
 class KubernetesStateStore:
