@@ -170,3 +170,22 @@ def test_bad_node_commands_exit_2_with_one_line(tmp_path: Path, args: tuple[str,
     out = _cli(spec, state, *args)
     assert out.returncode == 2 and out.stderr.startswith(f"computegroups: {flag}"), out.stderr
     assert len(out.stderr.splitlines()) == 1 and not out.stdout
+
+
+async def test_the_metrics_show_cordoned_nodes(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from computegroups.service.metrics import Metrics
+
+    async with _manager(tmp_path / "s.db") as mgr:
+        metrics = Metrics(mgr)
+        await mgr.cordon_node("b", "bad DIMM")
+
+        async def cordoned() -> dict[tuple[str, str], float]:
+            text = (await metrics.render()).decode()
+            family = next(f for f in text_string_to_metric_families(text) if f.name == "computegroups_node_cordoned")
+            return {(s.labels["node"], s.labels["reason"]): s.value for s in family.samples}
+
+        assert await cordoned() == {("b", "bad DIMM"): 1.0}
+        await mgr.uncordon_node("b")
+        assert await cordoned() == {}

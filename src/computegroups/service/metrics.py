@@ -53,8 +53,13 @@ class _State(Collector):
             "Share of each GPU a group holds, labelled like the DCGM exporter's series (Hostname, gpu, UUID).",
             labels=["Hostname", "gpu", "UUID", "component", "group"],
         )
+        cordoned = GaugeMetricFamily(
+            "computegroups_node_cordoned", "1 for each node that takes no new groups.", labels=["node", "reason"]
+        )
         for node in self.nodes:
             spec = node.spec
+            if node.cordoned:
+                cordoned.add_metric([spec.id, node.cordoned], 1.0)
             by_state = dict.fromkeys(_GPU_STATES, 0.0)
             by_state["free"] = float(node.resources["free"]["gpus"])
             by_state["unhealthy"] = float(len(node.resources["unhealthy_gpus"]))
@@ -82,7 +87,7 @@ class _State(Collector):
             "Commits this process's manager lost to another writer (it caught up and decided again).",
         )
         conflicts.add_metric([], self.conflicts)
-        yield from (gpus, info, assigned, revision, conflicts)
+        yield from (gpus, info, assigned, cordoned, revision, conflicts)
 
 
 class Metrics:
