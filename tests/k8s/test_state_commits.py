@@ -2,23 +2,26 @@
 
 A reader within the ledger's log sees exactly the committed changes from one GET (no list); a reader
 that fell behind reloads in full with one list that leaves deletion tombstones out; every object is
-labelled with its state, so live groups can be listed alone; a commit of one group is two writes.
+labelled with its state, so live groups can be listed alone; a commit of one group is two writes,
+one of them (the group object) after the commit; while the ledger's watch is open, no GET.
 Two managers in two processes allocating and releasing for a while: no GPU held twice, each at least
 a third of the commits, no ConflictError.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
 import pytest
 
+from computegroups import ComputeGroupManager, InsufficientResourcesError
 from computegroups.model import AllocationState, DeviceShare, GroupRecord
 from computegroups.state.kubernetes import LOG_ENTRIES, KubernetesStateStore
 
 from .harness import ControlPlane
-from .test_provider_kubernetes import deploy, make_nodes, race
+from .test_provider_kubernetes import deploy, make_nodes, provider, race
 
 pytestmark = pytest.mark.k8s
 
@@ -206,3 +209,35 @@ def test_two_managers_contending_both_progress(
         for (_, end), (start, _) in itertools.pairwise(spans):
             assert end <= start, f"GPU {gpu} held by two groups at once"
     print(f"commits per manager: {commits}; full: {[o['full'] for o in outs]}")
+
+
+async def test_decisions_start_from_the_watch_and_reads_are_confirmed(
+    k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path
+) -> None:
+    """While the ledger's watch is open, a commit sends no GET first; a read right after another
+    manager's commit sees it (a read is confirmed by a GET, however far the watch has got)."""
+    _, selector = make_nodes(k8s_cluster, 1, dra=False)
+    one, two = provider(sa, k8s_namespace, selector), provider(sa, k8s_namespace, selector)
+    async with ComputeGroupManager(one, one.state_store()) as a, ComputeGroupManager(two, two.state_store()) as b:
+        for _ in range(200):  # until both watches are open
+            if a.store.changes_seen(a.revision) is not None and b.store.changes_seen(b.revision) is not None:
+                break
+            await asyncio.sleep(0.05)
+        gets = a.store.client.requests["get"]
+        held = [await a.allocate_compute_group(f"w{n}", {"gpus": 1}) for n in range(3)]
+        await a.deallocate_compute_group(held[0].id)
+        assert a.store.client.requests["get"] == gets  # four commits, no read: the watch had the ledger
+        for g in held[1:]:  # at once, in the other manager: the read is exact
+            assert (await b.get_compute_group(g.id)).component == g.component
+        assert (await b.get_compute_group(held[0].id)).allocation_state == "released"
+        taken = {(g.node_id, i) for g in held[1:] for i in g.resources["gpu_indices"]}
+        mine = [await b.allocate_compute_group(f"v{n}", {"gpus": 1}) for n in range(6)]
+        assert not taken & {(g.node_id, i) for g in mine for i in g.resources["gpu_indices"]}
+        with pytest.raises(InsufficientResourcesError):  # the node is full now, as a's read finds
+            await a.allocate_compute_group("late", {"gpus": 1})
+        await b.store.flush()
+        objects = k8s_cluster.client().get(
+            f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups",
+            labelSelector="computegroups.dev/state=allocated",
+        )["items"]
+        assert {o["spec"]["id"] for o in objects} == {g.id for g in held[1:] + mine}
