@@ -52,9 +52,9 @@ async def test_a_cordoned_node_takes_nothing_new_and_its_groups_keep_their_owner
         assert kinds == [("cordoned", "a", "kernel upgrade"), ("uncordoned", "a", "was: kernel upgrade")]
 
 
-@pytest.mark.parametrize("shared", ["sqlite", "memory"])
-async def test_another_manager_sees_a_cordon_at_its_next_call(tmp_path: Path, shared: str) -> None:
-    state: object = tmp_path / "s.db" if shared == "sqlite" else MemoryStateStore()
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_another_manager_sees_a_cordon_at_its_next_call(tmp_path: Path, kind: str) -> None:
+    state: object = tmp_path / "s.db" if kind == "sqlite" else MemoryStateStore()
     async with _manager(state) as one, _manager(state) as two:
         await one.cordon_node("a")
         with pytest.raises(InsufficientResourcesError):

@@ -61,7 +61,7 @@ class Ledger:
 
     def _reset(self) -> None:
         self.cluster = Cluster(self.nodes)
-        for node_id in self.cordoned | self.cordons.keys():
+        for node_id in (*self.cordoned, *self.cordons):
             self.cluster.set_cordoned(node_id, True)
         for node_id, index in self.unhealthy:
             self.cluster.set_unhealthy(node_id, index, True)
