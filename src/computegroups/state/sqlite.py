@@ -12,15 +12,28 @@ the rows written after the caller's revision (through the ``groups_rev`` index,
 the change log revision -> ids) and the deletion log after it. The deletion log
 is pruned to its newest half once it outgrows ``log_limit``; ``log_start`` in
 the meta rows records the cut, and a reader whose revision is older gets every
-record (``full``), which is correct however far behind it fell.
+record (``full``), which is correct however far behind it fell. A connection
+does not read its own commits back: while ``revision`` is the one it last
+committed or read, and ``PRAGMA data_version`` (which moves only when another
+connection commits) reads as it did then, nothing changed and nothing is read;
+otherwise the revision and the changes are read in one read transaction.
 
 Nothing waits by blocking the event loop: after opening, the connection's busy
 timeout is 0, and a lock another process holds is waited for by pausing
 asynchronously (0.5 ms, doubling to 2 ms, jittered) until ``busy_timeout_s``,
 then :class:`StateError`. :meth:`SqliteStateStore.lock` takes the write lock
 before a catch-up, so the decision that follows cannot lose the race (the
-manager uses it for a retry). The WAL is checkpointed by SQLite itself, by the
-commit that takes it past 1,000 pages.
+manager uses it for a retry).
+
+No commit checkpoints the WAL (``wal_autocheckpoint=0``): a thread of the store's
+own, with a connection of its own, runs a ``PASSIVE`` checkpoint every
+:data:`_CHECKPOINT_EVERY` commits, so a checkpoint's copying and its fsyncs (which
+keep a ``synchronous=NORMAL`` file consistent across power loss) are in no
+commit's time. Writers keep appending while it copies, so once the WAL is
+:data:`_RESTART_PAGES` long the thread follows with a ``RESTART`` checkpoint of the
+short tail, taking the write lock for it (a commit waits for that as for another
+process, never for a reader: the checkpoint does not wait while holding the lock),
+and the next commit writes the WAL from its start again.
 
 A record is stored as a JSON object of its fields, those at their default
 values left out; :meth:`GroupRecord.from_json` fills them in. Format 3 adds the
