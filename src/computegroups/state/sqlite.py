@@ -192,7 +192,11 @@ class _Checkpointer:
         self._stopping = False
         self.rounds = 0  # checkpoints run (for tests and benchmarks)
         self._thread = threading.Thread(target=self._run, name="computegroups-checkpoint", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def wake(self) -> None:
         self._wanted.set()
@@ -316,7 +320,7 @@ class SqliteStateStore:
         self._opened = (found.revision, found.records)
         try:
             self._checkpointer = _Checkpointer(uri)
-        except sqlite3.Error as exc:  # SQLite checkpoints in the commit that needs it, as it does by default
+        except (sqlite3.Error, RuntimeError) as exc:  # no connection or no thread: SQLite checkpoints in commits
             log.debug("state %s: no background checkpoints: %s", path, exc)
         else:
             conn.execute("PRAGMA wal_autocheckpoint=0")
