@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from computegroups.model import AllocationState, DeviceShare, GroupRecord
+from computegroups.state.base import Changes
 from computegroups.state.sqlite import SqliteStateStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,3 +161,86 @@ async def test_waiting_for_another_writer_leaves_the_event_loop_free(tmp_path: P
     finally:
         other.close()
         await store.close()
+
+
+_OTHER_WRITER = """
+import asyncio, sys
+from computegroups.model import AllocationState, DeviceShare, GroupRecord
+from computegroups.state.sqlite import SqliteStateStore
+
+async def main(path, gid):
+    store = SqliteStateStore(path)
+    await store.open()
+    try:
+        rev = (await store.changes_since(-1)).revision
+        record = GroupRecord(gid, "h", AllocationState.ALLOCATED, "other", (DeviceShare(7, "GPU-o", 1000, 1),))
+        print(await store.commit(rev, [record]))
+    finally:
+        await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_writer_sees_another_processs_commit_right_after_its_own(tmp_path: Path) -> None:
+    """A writer does not read its own commits back, yet the next catch-up after one still returns
+    exactly what another process committed in between (and nothing when nobody did)."""
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path)
+    await store.open()
+    rng = random.Random(3)
+    try:
+        revision = (await store.changes_since(-1)).revision
+        for n in range(5):
+            revision = await store.commit(revision, [_record(n, rng, float(n))])
+            assert await store.changes_since(revision) == Changes(revision)  # its own: nothing new
+            out = subprocess.run(
+                [sys.executable, "-c", _OTHER_WRITER, str(path), f"o{n}"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            assert int(out.stdout) == revision + 1
+            changes = await store.changes_since(revision)
+            assert (changes.revision, [r.id for r in changes.upserts], changes.full) == (revision + 1, [f"o{n}"], False)
+            revision = changes.revision
+            assert await store.changes_since(revision) == Changes(revision)
+    finally:
+        await store.close()
+
+
+async def test_the_wal_is_checkpointed_off_the_commit_path_and_stays_short(tmp_path: Path) -> None:
+    """Commits never checkpoint (the store's own thread does); a long burst of commits leaves a WAL of
+    bounded length, rewound from its start, and every commit is in the file once the store is closed."""
+    import asyncio
+
+    from computegroups.state import sqlite as module
+
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path)
+    await store.open()
+    rng = random.Random(4)
+    page = 4096
+    try:
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        revision = 0
+        longest = 0
+        for n in range(30 * module._CHECKPOINT_EVERY):
+            revision = await store.commit(revision, [_record(n % 500, rng, float(n))])
+            if n % 50 == 0:
+                await asyncio.sleep(0)
+                longest = max(longest, (path.with_name(path.name + "-wal").stat().st_size - 32) // (page + 24))
+        checkpointer = store._checkpointer
+        assert checkpointer is not None and checkpointer.rounds > 0
+        # Unchecked, 6,000 commits of about 4 pages each would make a WAL of over 20,000 pages.
+        assert longest < 2 * module._RESTART_PAGES
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM computegroups_meta WHERE key='revision'").fetchone()[0] == str(revision)
+        assert conn.execute("SELECT COUNT(*) FROM groups").fetchone()[0] == 500
+    finally:
+        conn.close()

@@ -12,15 +12,28 @@ the rows written after the caller's revision (through the ``groups_rev`` index,
 the change log revision -> ids) and the deletion log after it. The deletion log
 is pruned to its newest half once it outgrows ``log_limit``; ``log_start`` in
 the meta rows records the cut, and a reader whose revision is older gets every
-record (``full``), which is correct however far behind it fell.
+record (``full``), which is correct however far behind it fell. A connection
+does not read its own commits back: while ``revision`` is the one it last
+committed or read, and ``PRAGMA data_version`` (which moves only when another
+connection commits) reads as it did then, nothing changed and nothing is read;
+otherwise the revision and the changes are read in one read transaction.
 
 Nothing waits by blocking the event loop: after opening, the connection's busy
 timeout is 0, and a lock another process holds is waited for by pausing
 asynchronously (0.5 ms, doubling to 2 ms, jittered) until ``busy_timeout_s``,
 then :class:`StateError`. :meth:`SqliteStateStore.lock` takes the write lock
 before a catch-up, so the decision that follows cannot lose the race (the
-manager uses it for a retry). The WAL is checkpointed by SQLite itself, by the
-commit that takes it past 1,000 pages.
+manager uses it for a retry).
+
+No commit checkpoints the WAL (``wal_autocheckpoint=0``): a thread of the store's
+own, with a connection of its own, runs a ``PASSIVE`` checkpoint every
+:data:`_CHECKPOINT_EVERY` commits, so a checkpoint's copying and its fsyncs (which
+keep a ``synchronous=NORMAL`` file consistent across power loss) are in no
+commit's time. Writers keep appending while it copies, so once the WAL is
+:data:`_RESTART_PAGES` long the thread follows with a ``RESTART`` checkpoint of the
+short tail, taking the write lock for it (a commit waits for that as for another
+process, never for a reader: the checkpoint does not wait while holding the lock),
+and the next commit writes the WAL from its start again.
 
 A record is stored as a JSON object of its fields, those at their default
 values left out; :meth:`GroupRecord.from_json` fills them in. Format 3 adds the
@@ -66,11 +79,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import re
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,6 +99,8 @@ from computegroups.state.base import EVENT_LIMIT, NO_CORDONS, Changes, Cordons, 
 
 __all__ = ["APPLICATION_ID", "FORMAT", "SCHEMA", "SqliteStateStore", "default_state_path"]
 
+log = logging.getLogger("computegroups.state")
+
 #: ``PRAGMA application_id`` of a computegroups state file ("CGst").
 APPLICATION_ID = 0x43477374
 #: ``PRAGMA user_version``: the file format this version reads and writes.
@@ -94,6 +111,9 @@ _LEGACY_SCHEMA = "computegroups/1"  # computegroups 0.1.0: no application id, us
 _DELETION_LOG_LIMIT = 100_000
 _BACKOFF_S = (0.0005, 0.002)  # first and longest pause, jittered, while another process holds the write lock
 _BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
+_CHECKPOINT_EVERY = 200  # own commits (about 1,000 WAL pages) between background checkpoints
+_RESTART_PAGES = 4096  # a WAL this long is checkpointed whole (writers paused) so the next commit rewinds it
+_RESTART_TRIES = 20  # attempts (1 ms apart) at that whole checkpoint in one round
 _encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _REVISION = re.compile(r"0|[1-9][0-9]{0,17}")
@@ -120,6 +140,8 @@ _UPSERT = (  # an existing row is updated in place: its id index entry stays as 
 )
 _SWAP = "UPDATE computegroups_meta SET value=? WHERE key='revision' AND value=?"
 _SET_REVISION = "UPDATE computegroups_meta SET value=? WHERE key='revision'"
+_READ_META = "SELECT value FROM computegroups_meta WHERE key=?"
+_READ_REVISION = "SELECT value FROM computegroups_meta WHERE key='revision'"
 _SCHEMA_SQL = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
 
 
@@ -159,6 +181,63 @@ class _Found(NamedTuple):
     cordons: dict[str, str]
 
 
+class _Checkpointer:
+    """Copies the WAL back into the database off the commit path: a thread with a connection of its own.
+
+    :meth:`wake` asks for a ``PASSIVE`` checkpoint, which copies what is committed without waiting for
+    anyone (its two fsyncs happen here, not in a commit). Writers that keep writing append to the WAL
+    while it runs, so it never ends empty and the next commit would never rewind it: once the WAL
+    reaches :data:`_RESTART_PAGES`, a ``RESTART`` checkpoint follows, which takes the write lock for
+    the short tail the passive one left (writers wait for it as for another process), so the next
+    commit writes the WAL from its start again.
+    """
+
+    def __init__(self, uri: str) -> None:
+        # No busy timeout: a RESTART checkpoint that would have to wait (holding the write lock, for a
+        # reader) gives up at once, and is tried again a moment later.
+        self._conn = sqlite3.connect(
+            f"{uri}?mode=rw", uri=True, timeout=0, isolation_level=None, check_same_thread=False
+        )
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.rounds = 0  # checkpoints run (for tests and benchmarks)
+        self._thread = threading.Thread(target=self._run, name="computegroups-checkpoint", daemon=True)
+        try:
+            self._thread.start()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        """Finish the checkpoint under way, if any, and close the connection."""
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._stopping:
+                    return
+                try:
+                    _, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    for _ in range(_RESTART_TRIES if pages >= _RESTART_PAGES else 0):
+                        if conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0 or self._stopping:
+                            break
+                        time.sleep(0.001)  # a writer or a reader was inside: try again shortly
+                except sqlite3.Error as exc:  # the next round tries again; the WAL is only longer meanwhile
+                    log.debug("checkpoint failed: %s", exc)
+                self.rounds += 1
+        finally:
+            conn.close()
+
+
 class SqliteStateStore:
     """Group records in a SQLite file; see the module docstring for guarantees."""
 
@@ -181,6 +260,12 @@ class SqliteStateStore:
         self._opened: _Found | None = None  # what open() read, served once
         self._held: int | None = None  # holding the write lock: the revision read under it (-1: not yet read)
         self._deleted = 0  # deletion log rows this store wrote since it last looked at the log's size
+        self._checkpointer: _Checkpointer | None = None
+        self._commits = 0  # own commits since the checkpointer was last woken
+        # The revision this connection last knew the file to be at, and ``PRAGMA data_version`` read
+        # no later than that: while it reads the same, no other connection has committed since.
+        self._known: int | None = None
+        self._version: int | None = None
         #: What this store read and waited for (for tests and benchmarks): incremental reads of
         #: others' changes, the rows they read, full reloads, pauses for another process's lock,
         #: and commits refused for a lost race.
@@ -243,6 +328,12 @@ class SqliteStateStore:
             raise
         self._conn = conn
         self._opened = found
+        try:
+            self._checkpointer = _Checkpointer(uri)
+        except (sqlite3.Error, RuntimeError) as exc:  # no connection or no thread: SQLite checkpoints in commits
+            log.debug("state %s: no background checkpoints: %s", path, exc)
+        else:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
 
     def _create(self) -> None:
         """Build a new state file beside ``path`` and link it into place (unless someone else was first)."""
@@ -444,6 +535,10 @@ class SqliteStateStore:
     async def close(self) -> None:
         self._opened = None
         self._held = None
+        self._known = self._version = None
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -455,8 +550,12 @@ class SqliteStateStore:
         return self._conn
 
     # -- the write lock ---------------------------------------------------------
-    async def _begin(self, sql: str) -> None:
-        """``BEGIN`` or ``BEGIN IMMEDIATE``; while another process holds the lock, pause (asynchronously) and retry."""
+    async def _begin(self, sql: str, first: str | None = None) -> tuple[object, ...] | None:
+        """``BEGIN`` or ``BEGIN IMMEDIATE``; while another process holds the lock, pause (asynchronously) and retry.
+
+        ``first``: a query run first in the transaction (a deferred ``BEGIN`` takes its read lock
+        there); its first row is returned.
+        """
         conn = self.conn
         pause, longest = _BACKOFF_S
         deadline = 0.0
@@ -465,7 +564,14 @@ class SqliteStateStore:
                 if conn.in_transaction:  # another task of this process (the event log's writer) is inside one
                     raise sqlite3.OperationalError("a transaction of this connection is open")
                 conn.execute(sql)
-                return
+                if first is None:
+                    return None
+                try:
+                    row: tuple[object, ...] | None = conn.execute(first).fetchone()
+                    return row
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
             except sqlite3.OperationalError as exc:
                 if conn.in_transaction:
                     pass
@@ -475,7 +581,8 @@ class SqliteStateStore:
                 if not deadline:
                     deadline = now + self._timeout
                 elif now >= deadline:
-                    raise self._error(f"could not take the write lock in {self._timeout:g}s: {exc}") from exc
+                    what = "start reading" if first else "take the write lock"
+                    raise self._error(f"could not {what} in {self._timeout:g}s: {exc}") from exc
             self.stats["busy_waits"] += 1
             await asyncio.sleep(pause * (0.5 + random.random()))
             pause = min(2 * pause, longest)
@@ -499,67 +606,84 @@ class SqliteStateStore:
 
     # -- reads ------------------------------------------------------------------
     def _meta_int(self, key: str) -> int:
-        row = self.conn.execute("SELECT value FROM computegroups_meta WHERE key=?", (key,)).fetchone()
+        return self._meta_value(key, self.conn.execute(_READ_META, (key,)).fetchone())
+
+    def _meta_value(self, key: str, row: tuple[object, ...] | None) -> int:
+        """The revision-valued meta row ``key`` as read (``row``), checked."""
         if row is None or not isinstance(row[0], str) or not _REVISION.fullmatch(row[0]):
             raise self._error(f"meta {key} is {'missing' if row is None else repr(row[0])}; the file is damaged")
         return int(row[0])
 
+    def _data_version(self) -> int:
+        """``PRAGMA data_version``: it changes when another connection commits, never for this one's commits."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     async def changes_since(self, revision: int) -> Changes:
         """What changed after ``revision``: the rows written after it (the ``groups_rev`` index is the
         change log, revision -> ids) and the deletion log after it; everything only if the deletion
-        log no longer reaches back to ``revision``."""
+        log no longer reaches back to ``revision``.
+
+        Nothing is read when ``revision`` is the one this connection knows and no other connection has
+        committed since (``PRAGMA data_version``): a writer does not read its own commits back.
+        """
         conn = self.conn
         opened, self._opened = self._opened, None
         held = self._held is not None
+        version: int | None = None
+        first: tuple[object, ...] | None = None
         try:
-            if held:
-                current = self._held = self._meta_int("revision")
-            else:
+            if not held:
                 try:
-                    current = self._meta_int("revision")
+                    version = self._data_version()  # read before the revision: never newer than it
                 except sqlite3.OperationalError as exc:
                     if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
                         raise
-                    await self._begin("BEGIN")  # waits out what kept the read from starting
-                    conn.execute("COMMIT")
-                    current = self._meta_int("revision")
-            if current == revision:
-                return Changes(current)
-            if current < revision:
-                raise self._error(f"revision went back from {revision} to {current}; the file was changed underneath")
-            if opened is not None and opened.revision == current:  # what open() read and checked
-                return Changes(current, opened.records, (), full=True, cordons=opened.cordons)
-            if not held:
-                await self._begin("BEGIN")
+                if version is not None and version == self._version and revision == self._known and opened is None:
+                    return Changes(revision)
+                first = await self._begin("BEGIN", _READ_REVISION)
             try:
-                current = self._meta_int("revision")
-                log_start = self._meta_int("log_start")
-                stats = self.stats
-                if revision < log_start:
-                    rows = conn.execute("SELECT id, body FROM groups").fetchall()
-                    stats["full_reads"] += 1
-                    stats["rows_read"] += len(rows)
-                    cordons = self._read_cordons(conn, current)
-                    return Changes(current, [self._decode(i, b) for i, b in rows], (), full=True, cordons=cordons)
-                rows = conn.execute("SELECT id, body FROM groups WHERE rev > ?", (revision,)).fetchall()
-                dels = [i for (i,) in conn.execute("SELECT id FROM deletions WHERE rev > ?", (revision,))]
-                marks = conn.execute("SELECT node_id, reason FROM cordons WHERE rev > ?", (revision,)).fetchall()
-                stats["reads"] += 1
-                stats["rows_read"] += len(rows) + len(dels)
-                ups = [self._decode(i, b) for i, b in rows]
-                if dels and ups:  # an id written again after its deletion exists
-                    written = {r.id for r in ups}
-                    dels = [d for d in dels if d not in written]
-                if marks:
-                    return Changes(current, ups, dels, cordons=_checked_marks(marks, self._error))
-                return Changes(current, ups, dels)
-            finally:
+                current = self._meta_int("revision") if held else self._meta_value("revision", first)
                 if held:
                     self._held = current
-                else:
+                    version = self._data_version()  # in the write transaction: this very revision's
+                changes = self._read(revision, current, opened)
+            finally:
+                if not held:
                     conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise self._error(f"read failed: {exc}") from exc
+        self._known, self._version = changes.revision, version
+        return changes
+
+    def _read(self, revision: int, current: int, opened: _Found | None) -> Changes:
+        """Inside a transaction at ``current``: what changed after ``revision``."""
+        if current == revision:
+            return Changes(current)
+        if current < revision:
+            raise self._error(f"revision went back from {revision} to {current}; the file was changed underneath")
+        if opened is not None and opened.revision == current:  # what open() read and checked
+            return Changes(current, opened.records, (), full=True, cordons=opened.cordons)
+        conn = self.conn
+        log_start = self._meta_int("log_start")
+        stats = self.stats
+        if revision < log_start:
+            rows = conn.execute("SELECT id, body FROM groups").fetchall()
+            stats["full_reads"] += 1
+            stats["rows_read"] += len(rows)
+            cordons = self._read_cordons(conn, current)
+            return Changes(current, [self._decode(i, b) for i, b in rows], (), full=True, cordons=cordons)
+        rows = conn.execute("SELECT id, body FROM groups WHERE rev > ?", (revision,)).fetchall()
+        dels = [i for (i,) in conn.execute("SELECT id FROM deletions WHERE rev > ?", (revision,))]
+        marks = conn.execute("SELECT node_id, reason FROM cordons WHERE rev > ?", (revision,)).fetchall()
+        stats["reads"] += 1
+        stats["rows_read"] += len(rows) + len(dels)
+        ups = [self._decode(i, b) for i, b in rows]
+        if dels and ups:  # an id written again after its deletion exists
+            written = {r.id for r in ups}
+            dels = [d for d in dels if d not in written]
+        if marks:
+            return Changes(current, ups, dels, cordons=_checked_marks(marks, self._error))
+        return Changes(current, ups, dels)
 
     # -- writes -----------------------------------------------------------------
     async def commit(
@@ -586,6 +710,7 @@ class SqliteStateStore:
                     if conn.execute(_SWAP, (str(rev), str(expected))).rowcount != 1:
                         current = self._meta_int("revision")  # StateError if it is gone or damaged
                         self.stats["conflicts"] += 1
+                        self._known = None
                         raise RevisionConflict(f"revision is {current}, not {expected}")
                 elif conn.execute(_SET_REVISION, (str(rev),)).rowcount != 1:
                     raise self._error("meta revision is missing; the file is damaged")
@@ -606,6 +731,8 @@ class SqliteStateStore:
                     conn.executemany(_MARK, [(node, rev, why) for node, why in cordons.items()])
         finally:
             self._held = None
+        # Still known if it was known at ``expected``: the swap from it succeeded, so none came between.
+        self._known = rev if self._known == expected else None
         return rev
 
     @contextlib.contextmanager
@@ -621,6 +748,10 @@ class SqliteStateStore:
             if isinstance(exc, sqlite3.DatabaseError):
                 raise self._error(f"write failed: {exc}") from exc
             raise
+        self._commits += 1
+        if self._commits >= _CHECKPOINT_EVERY and self._checkpointer is not None:
+            self._commits = 0
+            self._checkpointer.wake()
 
     # -- the event log ------------------------------------------------------------
     def _log_events(self, rows: Sequence[tuple[float, str]]) -> None:
