@@ -26,6 +26,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -79,6 +80,14 @@ def _bin_dir_from_env() -> Path | None:
 
 def _complete(bin_dir: Path) -> bool:
     return all(os.access(bin_dir / b, os.X_OK) for b in BINARIES)
+
+
+def pinned_k8s_version() -> str:
+    """The Kubernetes version ``scripts/k8s-testenv/build`` pins (``K8S_VERSION=``), e.g. ``v1.36.3``."""
+    m = re.search(r"^K8S_VERSION=(\S+)$", BUILD_SCRIPT.read_text(), re.MULTILINE)
+    if m is None:
+        raise BinariesUnavailable(f"no K8S_VERSION= line in {BUILD_SCRIPT}")
+    return m.group(1)
 
 
 def find_binaries(build: bool = False) -> Path:
