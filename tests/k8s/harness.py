@@ -55,6 +55,8 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_DRA_DRIVER = "gpu.nvidia.com"
+#: The consumable capacity a shareable device publishes: 1000 shares a GPU (a share asks its part).
+GPU_SHARES = "shares"
 
 #: A decoded Kubernetes object / API response.
 Obj = dict[str, Any]
@@ -860,6 +862,7 @@ class ControlPlane:
         clique: str | None = None,
         dra: bool = True,
         *,
+        shareable: bool = True,
         cpu: str = "128",
         memory: str = "2Ti",
         pods: str = "110",
@@ -872,8 +875,9 @@ class ControlPlane:
 
         The node carries the GPU Feature Discovery labels, ``nvidia.com/gpu``
         capacity/allocatable and, with ``dra=True``, a ``resource.k8s.io/v1``
-        ResourceSlice for driver ``gpu.nvidia.com`` with one device per GPU.
-        ``taint=True`` adds KWOK's suggested ``kwok.x-k8s.io/node=fake:NoSchedule``
+        ResourceSlice for driver ``gpu.nvidia.com`` with one device per GPU
+        (``shareable``: devices that take DRA consumable-capacity shares, see
+        :func:`gpu_resource_slice`). ``taint=True`` adds KWOK's suggested ``kwok.x-k8s.io/node=fake:NoSchedule``
         taint (off by default so unmodified workloads can land on the node).
         Returns the node object (Ready, when ``wait_ready``)."""
         api = self.client()
@@ -915,7 +919,8 @@ class ControlPlane:
         created = api.post("/api/v1/nodes", node)
         if dra and gpus:
             api.post(
-                "/apis/resource.k8s.io/v1/resourceslices", gpu_resource_slice(name, gpus, product, memory_mib, clique)
+                "/apis/resource.k8s.io/v1/resourceslices",
+                gpu_resource_slice(name, gpus, product, memory_mib, clique, shareable=shareable),
             )
         if not wait_ready:
             return created
@@ -962,9 +967,21 @@ def gpu_uuid(node: str, index: int) -> str:
 
 
 def gpu_resource_slice(
-    node: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3", memory_mib: int = 81559, clique: str | None = None
+    node: str,
+    gpus: int,
+    product: str = "NVIDIA-H100-80GB-HBM3",
+    memory_mib: int = 81559,
+    clique: str | None = None,
+    *,
+    shareable: bool = True,
 ) -> Obj:
-    """A ``resource.k8s.io/v1`` ResourceSlice shaped like the NVIDIA DRA driver's."""
+    """A ``resource.k8s.io/v1`` ResourceSlice shaped like the NVIDIA DRA driver's.
+
+    GPUs ``0..n/2-1`` are on NUMA node 0, the rest on 1 (``resource.kubernetes.io/numaNode``).
+    ``shareable``: each device allows multiple allocations (DRA consumable capacity) and
+    publishes ``shares: 1000`` with a request policy (1 to 1000; a request that names no
+    shares takes all 1000, so a whole-GPU claim stays exclusive); its memory is consumable too.
+    """
     arch = gpu_architecture(product)
     devices = []
     for i in range(gpus):
@@ -978,10 +995,18 @@ def gpu_resource_slice(
             "driverVersion": {"version": "570.124.6"},
             "cudaDriverVersion": {"version": "12.8.0"},
             "resource.kubernetes.io/pcieRoot": {"string": f"pci0000:{(i // 2) * 0x20 + 0x10:02x}"},
+            "resource.kubernetes.io/numaNode": {"int": i * 2 // gpus},
         }
         if clique is not None:
             attrs["cliqueId"] = {"string": clique}
-        devices.append({"name": f"gpu-{i}", "attributes": attrs, "capacity": {"memory": {"value": f"{memory_mib}Mi"}}})
+        device: Obj = {"name": f"gpu-{i}", "attributes": attrs, "capacity": {"memory": {"value": f"{memory_mib}Mi"}}}
+        if shareable:
+            device["allowMultipleAllocations"] = True
+            device["capacity"][GPU_SHARES] = {
+                "value": "1000",
+                "requestPolicy": {"default": "1000", "validRange": {"min": "1", "max": "1000"}},
+            }
+        devices.append(device)
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceSlice",

@@ -209,6 +209,13 @@ def test_resource_slices_v1(k8s_cluster: ControlPlane) -> None:
     assert attrs["uuid"]["string"].startswith("GPU-")
     assert "resource.kubernetes.io/pcieRoot" in attrs
     assert devices[0]["capacity"]["memory"]["value"] == "143771Mi"
+    assert attrs["resource.kubernetes.io/numaNode"] == {"int": 0}
+    # Kept by the server (DRAConsumableCapacity, beta and on by default since 1.36): shareable devices.
+    assert devices[0]["allowMultipleAllocations"] is True
+    assert devices[0]["capacity"]["shares"] == {
+        "value": "1k",
+        "requestPolicy": {"default": "1k", "validRange": {"min": "1", "max": "1k"}},
+    }
     assert len({d["attributes"]["uuid"]["string"] for d in devices}) == 4
     dc = api.get(f"/apis/resource.k8s.io/v1/deviceclasses/{GPU_DRA_DRIVER}")
     assert dc["spec"]["selectors"]
