@@ -26,6 +26,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +55,8 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_DRA_DRIVER = "gpu.nvidia.com"
+#: The consumable capacity a shareable device publishes: 1000 shares a GPU (a share asks its part).
+GPU_SHARES = "shares"
 
 #: A decoded Kubernetes object / API response.
 Obj = dict[str, Any]
@@ -79,6 +82,14 @@ def _bin_dir_from_env() -> Path | None:
 
 def _complete(bin_dir: Path) -> bool:
     return all(os.access(bin_dir / b, os.X_OK) for b in BINARIES)
+
+
+def pinned_k8s_version() -> str:
+    """The Kubernetes version ``scripts/k8s-testenv/build`` pins (``K8S_VERSION=``), e.g. ``v1.36.3``."""
+    m = re.search(r"^K8S_VERSION=(\S+)$", BUILD_SCRIPT.read_text(), re.MULTILINE)
+    if m is None:
+        raise BinariesUnavailable(f"no K8S_VERSION= line in {BUILD_SCRIPT}")
+    return m.group(1)
 
 
 def find_binaries(build: bool = False) -> Path:
@@ -727,22 +738,26 @@ class ControlPlane:
         self.timings["total"] = time.monotonic() - t0
 
     def stop(self, check: bool = True, timeout: float = 15.0) -> None:
-        """Terminate every component (whole process groups), newest first.
+        """Terminate every component (whole process groups), newest first, each
+        gone before the next is asked: kube-apiserver 1.36 does not finish its
+        graceful shutdown once etcd is gone (it waits out the SIGKILL). Each
+        component's stop time is in ``timings["stop <name>"]``.
 
         With ``check=True`` raise :class:`ControlPlaneError` if any process
         that references our work directory survives."""
+        deadline = time.monotonic() + timeout
         for p in reversed(self.procs):
+            t0 = time.monotonic()
             if p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in reversed(self.procs):
             try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
+                p.popen.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.popen.pid, signal.SIGKILL)
                 p.popen.wait(5)
+            self.timings[f"stop {p.name}"] = time.monotonic() - t0
             # Anything left in the group (children) goes too.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.popen.pid, signal.SIGKILL)
@@ -847,6 +862,7 @@ class ControlPlane:
         clique: str | None = None,
         dra: bool = True,
         *,
+        shareable: bool = True,
         cpu: str = "128",
         memory: str = "2Ti",
         pods: str = "110",
@@ -859,8 +875,9 @@ class ControlPlane:
 
         The node carries the GPU Feature Discovery labels, ``nvidia.com/gpu``
         capacity/allocatable and, with ``dra=True``, a ``resource.k8s.io/v1``
-        ResourceSlice for driver ``gpu.nvidia.com`` with one device per GPU.
-        ``taint=True`` adds KWOK's suggested ``kwok.x-k8s.io/node=fake:NoSchedule``
+        ResourceSlice for driver ``gpu.nvidia.com`` with one device per GPU
+        (``shareable``: devices that take DRA consumable-capacity shares, see
+        :func:`gpu_resource_slice`). ``taint=True`` adds KWOK's suggested ``kwok.x-k8s.io/node=fake:NoSchedule``
         taint (off by default so unmodified workloads can land on the node).
         Returns the node object (Ready, when ``wait_ready``)."""
         api = self.client()
@@ -902,7 +919,8 @@ class ControlPlane:
         created = api.post("/api/v1/nodes", node)
         if dra and gpus:
             api.post(
-                "/apis/resource.k8s.io/v1/resourceslices", gpu_resource_slice(name, gpus, product, memory_mib, clique)
+                "/apis/resource.k8s.io/v1/resourceslices",
+                gpu_resource_slice(name, gpus, product, memory_mib, clique, shareable=shareable),
             )
         if not wait_ready:
             return created
@@ -949,9 +967,21 @@ def gpu_uuid(node: str, index: int) -> str:
 
 
 def gpu_resource_slice(
-    node: str, gpus: int, product: str = "NVIDIA-H100-80GB-HBM3", memory_mib: int = 81559, clique: str | None = None
+    node: str,
+    gpus: int,
+    product: str = "NVIDIA-H100-80GB-HBM3",
+    memory_mib: int = 81559,
+    clique: str | None = None,
+    *,
+    shareable: bool = True,
 ) -> Obj:
-    """A ``resource.k8s.io/v1`` ResourceSlice shaped like the NVIDIA DRA driver's."""
+    """A ``resource.k8s.io/v1`` ResourceSlice shaped like the NVIDIA DRA driver's.
+
+    GPUs ``0..n/2-1`` are on NUMA node 0, the rest on 1 (``resource.kubernetes.io/numaNode``).
+    ``shareable``: each device allows multiple allocations (DRA consumable capacity) and
+    publishes ``shares: 1000`` with a request policy (1 to 1000; a request that names no
+    shares takes all 1000, so a whole-GPU claim stays exclusive); its memory is consumable too.
+    """
     arch = gpu_architecture(product)
     devices = []
     for i in range(gpus):
@@ -965,10 +995,18 @@ def gpu_resource_slice(
             "driverVersion": {"version": "570.124.6"},
             "cudaDriverVersion": {"version": "12.8.0"},
             "resource.kubernetes.io/pcieRoot": {"string": f"pci0000:{(i // 2) * 0x20 + 0x10:02x}"},
+            "resource.kubernetes.io/numaNode": {"int": i * 2 // gpus},
         }
         if clique is not None:
             attrs["cliqueId"] = {"string": clique}
-        devices.append({"name": f"gpu-{i}", "attributes": attrs, "capacity": {"memory": {"value": f"{memory_mib}Mi"}}})
+        device: Obj = {"name": f"gpu-{i}", "attributes": attrs, "capacity": {"memory": {"value": f"{memory_mib}Mi"}}}
+        if shareable:
+            device["allowMultipleAllocations"] = True
+            device["capacity"][GPU_SHARES] = {
+                "value": "1000",
+                "requestPolicy": {"default": "1000", "validRange": {"min": "1", "max": "1000"}},
+            }
+        devices.append(device)
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceSlice",

@@ -15,6 +15,7 @@ from .harness import (
     ControlPlane,
     decode_jwt_claims,
     node_is_ready,
+    pinned_k8s_version,
     pod_phase,
 )
 
@@ -44,7 +45,7 @@ def _gpu_pod(name: str, gpus: int) -> dict[str, Any]:
 
 def test_version_and_readyz(k8s_cluster: ControlPlane) -> None:
     api = k8s_cluster.client()
-    assert api.get("/version")["gitVersion"].startswith("v1.34.")
+    assert api.get("/version")["gitVersion"] == pinned_k8s_version()
     assert api.request("GET", "/readyz") == "ok"
     assert k8s_cluster.kubeconfig.exists()
     # resource.k8s.io/v1 (DRA GA) is served.
@@ -208,6 +209,13 @@ def test_resource_slices_v1(k8s_cluster: ControlPlane) -> None:
     assert attrs["uuid"]["string"].startswith("GPU-")
     assert "resource.kubernetes.io/pcieRoot" in attrs
     assert devices[0]["capacity"]["memory"]["value"] == "143771Mi"
+    assert attrs["resource.kubernetes.io/numaNode"] == {"int": 0}
+    # Kept by the server (DRAConsumableCapacity, beta and on by default since 1.36): shareable devices.
+    assert devices[0]["allowMultipleAllocations"] is True
+    assert devices[0]["capacity"]["shares"] == {
+        "value": "1k",
+        "requestPolicy": {"default": "1k", "validRange": {"min": "1", "max": "1k"}},
+    }
     assert len({d["attributes"]["uuid"]["string"] for d in devices}) == 4
     dc = api.get(f"/apis/resource.k8s.io/v1/deviceclasses/{GPU_DRA_DRIVER}")
     assert dc["spec"]["selectors"]
@@ -280,7 +288,7 @@ def test_independent_control_plane_stops_without_leftovers(k8s_cluster: ControlP
     cp = ControlPlane.start(k8s_cluster.bin_dir)
     try:
         assert cp.server != k8s_cluster.server
-        assert cp.client().get("/version")["gitVersion"].startswith("v1.34.")
+        assert cp.client().get("/version")["gitVersion"] == pinned_k8s_version()
         pids = [p.popen.pid for p in cp.procs]
         assert [p.name for p in cp.procs] == [
             "etcd",

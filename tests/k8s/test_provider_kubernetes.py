@@ -127,6 +127,7 @@ async def test_discovery_dra_and_counts(k8s_cluster: ControlPlane, k8s_namespace
     assert node.gpus[0].name == "NVIDIA H100 80GB HBM3" and node.gpus[0].memory_mib == 81559
     assert node.labels["nvidia.com/gpu.clique"] == "fabric-1.0"
     assert node.topology is not None and node.topology.is_nvlink(0, 7)  # one NVLink clique
+    assert [g.numa_node for g in node.gpus] == [0] * 4 + [1] * 4  # resource.kubernetes.io/numaNode
     async with provider(sa, k8s_namespace, plain_sel) as p:
         inv = await p.discover_resources()
     (node,) = inv.nodes
@@ -210,6 +211,118 @@ async def test_run_pod_dra_claims_exact_devices(k8s_cluster: ControlPlane, k8s_n
         assert await mgr.deallocate_compute_group(g.id)
         gone = api.get(f"/api/v1/namespaces/{k8s_namespace}/pods", labelSelector=f"computegroups.dev/group={g.id}")
         assert all(p.get("metadata", {}).get("deletionTimestamp") for p in gone["items"])
+
+
+async def test_device_taint_marks_gpu_unhealthy(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
+    names, selector = make_nodes(k8s_cluster, 1)
+    api = k8s_cluster.client()
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        assert not await mgr.refresh_health()
+        path = f"/apis/resource.k8s.io/v1/resourceslices/{names[0]}-gpu.nvidia.com"
+        rs = api.get(path)
+        rs["spec"]["devices"][2]["taints"] = [{"key": "gpu.nvidia.com/xid", "value": "79", "effect": "NoSchedule"}]
+        api.put(path, rs)
+        events = await mgr.refresh_health()
+        assert [(e.kind, e.node_id, e.detail) for e in events] == [
+            ("device-unhealthy", names[0], "GPU 2: device taint gpu.nvidia.com/xid=79:NoSchedule")
+        ]
+        g = await mgr.allocate_compute_group("x", {"gpus": 7})  # every GPU but the tainted one
+        assert sorted(g.resources["gpu_indices"]) == [0, 1, 3, 4, 5, 6, 7]
+
+
+async def test_gpu_shares_are_consumable_capacity_claims(
+    k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path
+) -> None:
+    """Two half-GPU groups on one DRA device: each pod's claim is allocated by the real scheduler as a
+    share of that same device; a third half does not fit there."""
+    k8s_cluster.ensure_gpu_device_class()
+    names, selector = make_nodes(k8s_cluster, 1)
+    api = k8s_cluster.client()
+    claims = f"/apis/resource.k8s.io/v1/namespaces/{k8s_namespace}/resourceclaims"
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        p = mgr.provider
+        assert isinstance(p, KubernetesComputeResourceProvider)
+        halves = [await mgr.allocate_compute_group(f"half-{i}", {"gpus": 0.5}) for i in range(2)]
+        (index,) = set(halves[0].resources["gpu_indices"]) | set(halves[1].resources["gpu_indices"])
+        results = []
+        for g in halves:
+            made = await p.run_pod(g, "busybox", ["sleep", "3600"])
+            name = made["metadata"]["name"]
+            assert made["spec"]["resourceClaims"] == [{"name": "gpus", "resourceClaimName": name}]
+            env = {e["name"]: e["value"] for e in made["spec"]["containers"][0]["env"]}
+            assert env["COMPUTEGROUPS_GPU_SHARE"] == "0.500" and "CUDA_VISIBLE_DEVICES" not in env
+            api.wait_for(
+                f"/api/v1/namespaces/{k8s_namespace}/pods/{name}",
+                lambda o: o.get("status", {}).get("phase") == "Running",
+                timeout=60,
+                what="pod Running",
+            )
+            claim = api.get(f"{claims}/{name}")
+            assert claim["spec"]["devices"]["requests"][0]["exactly"]["capacity"] == {
+                "requests": {"memory": "40779Mi", "shares": "500"}
+            }
+            (result,) = claim["status"]["allocation"]["devices"]["results"]
+            results.append(result)
+        assert {r["device"] for r in results} == {f"gpu-{index}"}
+        assert all(r["consumedCapacity"] == {"shares": "500", "memory": "40779Mi"} for r in results)
+        share_ids = [r.get("shareID") for r in results]
+        assert all(share_ids) and share_ids[0] != share_ids[1]
+
+        # Another workload's third half of that device: the real scheduler finds no room for it.
+        pick = f'device.attributes["gpu.nvidia.com"].uuid == "{gpu_uuid(names[0], index)}"'
+        api.post(
+            claims,
+            {
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "ResourceClaim",
+                "metadata": {"name": "third-half"},
+                "spec": {
+                    "devices": {
+                        "requests": [
+                            {
+                                "name": "gpu",
+                                "exactly": {
+                                    "deviceClassName": "gpu.nvidia.com",
+                                    "selectors": [{"cel": {"expression": pick}}],
+                                    "capacity": {"requests": {"shares": "500", "memory": "40779Mi"}},
+                                },
+                            }
+                        ]
+                    }
+                },
+            },
+        )
+        api.post(
+            f"/api/v1/namespaces/{k8s_namespace}/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "third-half"},
+                "spec": {
+                    "resourceClaims": [{"name": "gpu", "resourceClaimName": "third-half"}],
+                    "containers": [{"name": "x", "image": "x", "resources": {"claims": [{"name": "gpu"}]}}],
+                },
+            },
+        )
+        pod = api.wait_for(
+            f"/api/v1/namespaces/{k8s_namespace}/pods/third-half",
+            lambda o: any(
+                c["type"] == "PodScheduled" and c["status"] == "False" and c.get("reason") == "Unschedulable"
+                for c in (o.get("status") or {}).get("conditions") or []
+            ),
+            timeout=60,
+            what="pod Unschedulable",
+        )
+        assert not pod["spec"].get("nodeName")
+        assert not api.get(f"{claims}/third-half").get("status", {}).get("allocation")
+        api.delete(f"/api/v1/namespaces/{k8s_namespace}/pods/third-half")
+        api.delete(f"{claims}/third-half")
+
+        # The manager puts a third half on another GPU; releasing the halves frees the device.
+        third = await mgr.allocate_compute_group("half-2", {"gpus": 0.5})
+        assert third.resources["gpu_indices"] != [index]
+        for g in halves:
+            assert await mgr.deallocate_compute_group(g.id)
 
 
 async def test_run_pod_device_plugin_counts(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:

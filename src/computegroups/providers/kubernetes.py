@@ -9,8 +9,11 @@ pair this provider with :class:`~computegroups.state.kubernetes.KubernetesStateS
 Materialisation: an allocated group becomes a pod spec fragment pinned to its node
 (node affinity on ``metadata.name``, so the scheduler still admits it) that requests
 ``nvidia.com/gpu`` - or, on a node with DRA slices, a ResourceClaim selecting the
-group's exact devices by UUID. :meth:`KubernetesComputeResourceProvider.run_pod` creates a
-pod from it; releasing the group deletes the pod and the claim.
+group's exact devices by UUID. A share of a GPU (``gpus: 0.5``) gets a claim where its device
+is shareable (DRA consumable capacity: the claim asks its part of the device's ``shares``,
+1000 a GPU, and of its memory), else only its environment.
+:meth:`KubernetesComputeResourceProvider.run_pod` creates a pod from it; releasing the group
+deletes the pod and the claim.
 
 Identity: a GPU keeps its index and UUID whatever other workloads hold; devices they hold are
 reported taken (``Inventory.unavailable`` and, on each health sample, unhealthy with a
@@ -49,6 +52,7 @@ from computegroups.providers.k8s.discovery import (
     is_ours,
     node_health,
     pod_requests,
+    share_capacity,
 )
 from computegroups.retry import backoff_s
 from computegroups.state.kubernetes import KubernetesStateStore
@@ -81,9 +85,23 @@ def resource_claim(
     device_class: str = DRA_DRIVER,
     labels: Mapping[str, str] | None = None,
     store: str = "default",
+    capacity: Mapping[str, str] | None = None,
 ) -> Obj:
-    """A ``resource.k8s.io/v1`` ResourceClaim for exactly the group's devices (by UUID)."""
+    """A ``resource.k8s.io/v1`` ResourceClaim for exactly the group's devices (by UUID).
+
+    ``capacity``: the ``capacity.requests`` of a share (from
+    :func:`~computegroups.providers.k8s.discovery.share_capacity`); without it each device is
+    claimed whole.
+    """
     uuids = [d.uuid for d in record.devices]
+    exactly: dict[str, Any] = {
+        "deviceClassName": device_class,
+        "allocationMode": "ExactCount",
+        "count": len(uuids),
+        "selectors": [{"cel": {"expression": f'device.attributes["{DRA_DRIVER}"].uuid in {json.dumps(uuids)}'}}],
+    }
+    if capacity:
+        exactly["capacity"] = {"requests": dict(capacity)}
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
@@ -98,33 +116,16 @@ def resource_claim(
             },
             "annotations": {GROUP_ANNOTATION: record.id},
         },
-        "spec": {
-            "devices": {
-                "requests": [
-                    {
-                        "name": "gpus",
-                        "exactly": {
-                            "deviceClassName": device_class,
-                            "allocationMode": "ExactCount",
-                            "count": len(uuids),
-                            "selectors": [
-                                {
-                                    "cel": {
-                                        "expression": f'device.attributes["{DRA_DRIVER}"].uuid in {json.dumps(uuids)}'
-                                    }
-                                }
-                            ],
-                        },
-                    }
-                ]
-            }
-        },
+        "spec": {"devices": {"requests": [{"name": "gpus", "exactly": exactly}]}},
     }
 
 
 def pod_fragment(record: GroupRecord, *, dra: bool, claim_name: str | None = None) -> Obj:
     """The parts of a pod spec that bind it to a group: node affinity, GPU resources or claim, env.
 
+    ``dra``: the group's devices are claimed by a ResourceClaim (:func:`resource_claim`, whole
+    GPUs or a share); otherwise whole GPUs are asked of the device plugin and a share gets
+    only its environment.
     ``{"affinity": ..., "resourceClaims": [...]?, "container": {"resources": ..., "env": [...]}}``.
     """
     whole = [d for d in record.devices if d.share_milli == MILLI]
@@ -146,7 +147,7 @@ def pod_fragment(record: GroupRecord, *, dra: bool, claim_name: str | None = Non
         }
     }
     env = group_env(record)
-    if dra and whole:
+    if dra and record.devices:
         out["resourceClaims"] = [{"name": "gpus", "resourceClaimName": claim_name or _object_name(record.id)}]
         container["resources"] = {"claims": [{"name": "gpus"}]}
         env.pop("CUDA_VISIBLE_DEVICES", None)  # the DRA driver exposes exactly the claimed devices
@@ -478,8 +479,18 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
                 log.info("kubernetes: clean-up of group %s finished", gid)
 
     # -- materialisation --------------------------------------------------------------
-    def _is_dra(self, node_id: str) -> bool:
-        return node_id in self._discovered.dra_nodes
+    def _claim_of(self, record: GroupRecord) -> tuple[bool, dict[str, str] | None]:
+        """Whether the group's devices are claimed, and the capacity a share's claim asks for."""
+        if record.node_id not in self._discovered.dra_nodes or not record.devices:
+            return False, None
+        if any(d.share_milli == MILLI for d in record.devices):
+            return True, None
+        if len(record.devices) != 1:
+            return False, None
+        share = record.devices[0]
+        device = self._discovered.devices.get((record.node_id, share.index))
+        capacity = share_capacity(device, share.share_milli, share.memory_mib) if device is not None else None
+        return capacity is not None, capacity
 
     async def allocate_resources(self, component_name: str, resources: dict[str, Any]) -> dict[str, Any]:
         """Make the ResourceClaim of a DRA group; return the env and the pod fragment."""
@@ -488,18 +499,23 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         out: dict[str, Any] = {"env": dict(resources.get("env", {}))}
         self._made.setdefault(gid, set())
         if record is not None:
-            dra = self._is_dra(record.node_id) and any(d.share_milli == MILLI for d in record.devices)
+            dra, capacity = self._claim_of(record)
             if dra:
-                await self._ensure_claim(record)
+                await self._ensure_claim(record, capacity)
                 out["resource_claim"] = _object_name(record.id)
             out["pod"] = pod_fragment(record, dra=dra)
         self._materialised[gid] = component_name
         return out
 
-    async def _ensure_claim(self, record: GroupRecord) -> str:
+    async def _ensure_claim(self, record: GroupRecord, capacity: Mapping[str, str] | None) -> str:
         client = await self._connect()
         claim = resource_claim(
-            record, self.namespace, device_class=self.device_class, labels=self.labels, store=self.store_name
+            record,
+            self.namespace,
+            device_class=self.device_class,
+            labels=self.labels,
+            store=self.store_name,
+            capacity=capacity,
         )
         path = f"/apis/resource.k8s.io/v1/namespaces/{self.namespace}/resourceclaims"
         try:
@@ -551,9 +567,9 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         """
         record = group.record if isinstance(group, ComputeGroup) else group
         client = await self._connect()
-        dra = self._is_dra(record.node_id) and any(d.share_milli == MILLI for d in record.devices)
+        dra, capacity = self._claim_of(record)
         if dra:
-            await self._ensure_claim(record)
+            await self._ensure_claim(record, capacity)
         frag = pod_fragment(record, dra=dra)
         self._made.setdefault(record.id, set())
         container: dict[str, Any] = {"name": "main", "image": image, "command": list(command), **frag["container"]}

@@ -7,8 +7,9 @@ Rules:
   * A node is a GPU node when it has allocatable ``nvidia.com/gpu`` or devices of the
     ``gpu.nvidia.com`` DRA driver in a ResourceSlice.
   * With DRA slices, each device becomes a :class:`GpuSpec` with its UUID, product, memory
-    and PCIe root, ordered by its ``index`` attribute (else by name). Devices allocated to a
-    ResourceClaim that is not ours are left out. Topology: GPUs in one NVLink clique
+    and PCIe root (NUMA node from ``resource.kubernetes.io/numaNode``), ordered by its ``index``
+    attribute (else by name). Devices allocated to a ResourceClaim that is not ours are
+    reported taken. Topology: GPUs in one NVLink clique
     (``cliqueId``) are joined by NVLink; otherwise GPUs under one PCIe root are ``PXB``, the
     rest ``SYS``.
   * Without slices, a node has ``allocatable nvidia.com/gpu`` GPU slots with synthetic stable
@@ -18,6 +19,8 @@ Rules:
     slots our own groups do not hold (``held``), highest first and stable from one
     discovery to the next (``previous``). A device is never dropped nor renumbered because
     of what another workload holds.
+  * A device that allows multiple allocations and publishes a ``shares`` capacity (1000 per
+    GPU) takes shares of a GPU as DRA consumable-capacity claims (:func:`share_capacity`).
   * CPU and memory are allocatable less the requests of pods that are not ours.
   * Cordoned: ``spec.unschedulable`` or a NoSchedule/NoExecute taint the provider does not tolerate.
 """
@@ -39,6 +42,7 @@ __all__ = [
     "DRA_DRIVER",
     "GPU_RESOURCE",
     "MANAGED_BY",
+    "SHARES_CAPACITY",
     "Discovered",
     "build_node_specs",
     "dra_topology",
@@ -47,6 +51,7 @@ __all__ = [
     "pick_taken",
     "pod_requests",
     "product_name",
+    "share_capacity",
     "synthetic_uuid",
     "tolerates",
 ]
@@ -58,6 +63,9 @@ PRODUCT_LABEL = "nvidia.com/gpu.product"
 MEMORY_LABEL = "nvidia.com/gpu.memory"
 COUNT_LABEL = "nvidia.com/gpu.count"
 PCIE_ROOT = "resource.kubernetes.io/pcieRoot"
+NUMA_NODE = "resource.kubernetes.io/numaNode"
+#: The consumable capacity of a shareable DRA device that counts GPU shares: 1000 (MILLI) a GPU.
+SHARES_CAPACITY = "shares"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER_NAME = "computegroups"
 #: The bond width of an NVLink clique is not published by the driver; any NV link outranks PCIe.
@@ -201,6 +209,27 @@ def device_taint(device: Obj) -> str:
         if taint.get("effect") in ("NoSchedule", "NoExecute"):
             return f"device taint {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')}"
     return ""
+
+
+def share_capacity(device: Obj, share_milli: int, memory_mib: int = 0) -> dict[str, str] | None:
+    """The ``capacity.requests`` a share of ``device`` asks for (None: the device takes no shares).
+
+    A device takes shares when it allows multiple allocations and publishes :data:`SHARES_CAPACITY`.
+    Every capacity is requested, since one left out is consumed whole: the shares, the group's GPU
+    memory, and that proportion of any other capacity.
+    """
+    capacity = device.get("capacity") or {}
+    if device.get("allowMultipleAllocations") is not True or SHARES_CAPACITY not in capacity:
+        return None
+    out: dict[str, str] = {}
+    for name, cap in sorted(capacity.items()):
+        if name == SHARES_CAPACITY:
+            out[name] = str(share_milli)
+        elif name == "memory" and memory_mib > 0:
+            out[name] = f"{memory_mib}Mi"
+        else:
+            out[name] = str(int(parse_quantity((cap or {}).get("value", 0)) * share_milli / MILLI))
+    return out
 
 
 def dra_topology(devices: Sequence[Obj]) -> Topology:
@@ -349,6 +378,7 @@ def build_node_specs(
                     out.taken[(name, i)] = f"taken: allocated to ResourceClaim {who}"
                     out.notes.append(f"{name}: {d.get('name')} is allocated to ResourceClaim {who}; taken")
                 memory_q = ((d.get("capacity") or {}).get("memory") or {}).get("value")
+                numa = _attr(d, NUMA_NODE)
                 gpus.append(
                     GpuSpec(
                         index=i,
@@ -356,6 +386,7 @@ def build_node_specs(
                         name=product_name(str(_attr(d, "productName") or labels.get(PRODUCT_LABEL, "GPU"))),
                         memory_mib=_mib(memory_q) if memory_q else int(labels.get(MEMORY_LABEL, "0") or 0),
                         pci_bus_id=str(_attr(d, "pcieBusID") or ""),
+                        numa_node=numa if isinstance(numa, int) and not isinstance(numa, bool) else None,
                         compute_capability=str(_attr(d, "cudaComputeCapability") or ""),
                         nvlink_domain=str(_attr(d, "cliqueId") or labels.get(CLIQUE_LABEL, "")),
                     )
