@@ -412,12 +412,12 @@ def race(worker: str, args: list[str], tmp_path: Path, *extra: str) -> list[dict
 def test_two_processes_never_share_a_gpu(
     k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path, tmp_path: Path
 ) -> None:
-    _, selector = make_nodes(k8s_cluster, 2, dra=False)
+    _, selector = make_nodes(k8s_cluster, 4, dra=False)  # 32 GPUs: a race long enough for both to take part
     start = time.monotonic()
     outs = race(WORKER, [str(sa), k8s_namespace, selector], tmp_path)
     elapsed = time.monotonic() - start
     claimed = [(node, i) for got in outs for node, idx in got for i in idx]
-    assert len(claimed) == len(set(claimed)) == 16, (outs, elapsed)
+    assert len(claimed) == len(set(claimed)) == 32, (outs, elapsed)
     assert outs[0] and outs[1]  # both processes got some
     # And from the custom resources afterwards:
     groups = live_groups(k8s_cluster, k8s_namespace)

@@ -127,6 +127,7 @@ async def test_a_reader_that_fell_behind_reloads_in_full(
         assert {r.id: r for r in got.upserts} == live | released  # released groups: the manager's tombstones
         assert b.client.requests["list"] == 1  # of the objects but deletion tombstones
         # What is stored: every object labelled with its state; the live selector lists exactly the live ones.
+        await a.flush()  # the objects of the last commits are written after them
         api = k8s_cluster.client()
         path = f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroups"
         every = [i for i in api.get(path)["items"] if i["metadata"]["labels"]["computegroups.dev/store"] == "behind"]
