@@ -157,7 +157,7 @@ def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float
     cp.make_gpu_node(f"bench-{tag}", labels={"computegroups-bench": tag})
     outs = spawn(WORKER, kubeconfig, namespace, tag, managers, seconds, src)
     total = sum(o["cycles"] for o in outs)
-    per_cycle = {}
+    per_cycle: dict[str, int] = {}
     for o in outs:
         for k, v in o["requests"].items():
             per_cycle[k] = per_cycle.get(k, 0) + v
