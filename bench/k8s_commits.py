@@ -7,6 +7,14 @@ one 8-GPU KWOK node per run, and runs managers in separate processes, each a loo
 per second of each manager and in all, the API requests per cycle of the state store, and the
 ConflictErrors. ``--src DIR`` runs the managers with ``PYTHONPATH=DIR`` (another checkout's
 ``src``), interleaved with this one, for a before/after in one sitting.
+
+Then, for 1 and 2 managers, an allocate-only run on ``--alloc-nodes`` nodes (default 25, 200 GPUs):
+each manager allocates 1-GPU groups until the nodes are full or ``--seconds`` pass, reports its
+allocations per second and the GPU UUIDs it holds, and releases them only once every manager has
+finished allocating; a UUID held by two groups at that moment is a double allocation (counted,
+must be 0). Last, on the same control plane, kube-scheduler binding ``--scheduler-pods`` one-GPU
+pods (default 200) onto as many 8-GPU nodes of their own (``bench.k8s_common``), beside the
+managers' rates.
 """
 
 from __future__ import annotations
@@ -22,7 +30,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import machine
+from bench.k8s_common import (
+    REPO,
+    deploy_namespace,
+    load_average,
+    make_nodes,
+    scheduler_binding_rate,
+    start_control_plane,
+)
 
 WORKER = """
 import asyncio, json, os, sys, time
@@ -54,10 +70,47 @@ async def main(kubeconfig, ns, selector, who, sync, seconds):
 asyncio.run(main(*sys.argv[1:]))
 """
 
+ALLOC_WORKER = """
+import asyncio, json, os, sys, time
+from computegroups import ComputeGroupManager, ConflictError, InsufficientResourcesError
+from computegroups import KubernetesComputeResourceProvider
 
-def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float, src: str | None) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:6]
-    cp.make_gpu_node(f"bench-{tag}", labels={"computegroups-bench": tag})
+async def main(kubeconfig, ns, selector, who, sync, seconds, managers):
+    p = KubernetesComputeResourceProvider(kubeconfig, namespace=ns, node_selector=selector)
+    groups, uuids, conflicts = [], [], 0
+    async with ComputeGroupManager(p, p.state_store()) as mgr:
+        open(os.path.join(sync, who), "w").close()
+        while not os.path.exists(os.path.join(sync, "go")):
+            await asyncio.sleep(0.005)
+        start = time.monotonic()
+        end = start + float(seconds)
+        while time.monotonic() < end:
+            try:
+                g = await mgr.allocate_compute_group(f"{who}-{len(groups)}", {"gpus": 1})
+            except ConflictError:
+                conflicts += 1
+                continue
+            except InsufficientResourcesError:
+                break
+            groups.append(g.id)
+            uuids.extend(g.resources["gpu_uuids"])
+        took = time.monotonic() - start
+        open(os.path.join(sync, "done-" + who), "w").close()
+        while not all(os.path.exists(os.path.join(sync, "done-" + w)) for w in "ab"[: int(managers)]):
+            await asyncio.sleep(0.01)
+        for gid in groups:
+            await mgr.deallocate_compute_group(gid)
+    out = {"allocations": len(groups), "seconds": took, "conflicts": conflicts, "uuids": uuids}
+    print(json.dumps(out))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def spawn(
+    worker: str, kubeconfig: Path, namespace: str, tag: str, managers: int, seconds: float, src: str | None, *extra: str
+) -> list[dict[str, Any]]:
+    """Run ``managers`` worker processes on the nodes labelled ``tag``, start them together, return their JSON."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
@@ -67,13 +120,14 @@ def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float
                 [
                     sys.executable,
                     "-c",
-                    WORKER,
+                    worker,
                     str(kubeconfig),
                     namespace,
                     f"computegroups-bench={tag}",
                     w,
                     sync,
                     str(seconds),
+                    *extra,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -94,8 +148,16 @@ def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float
             if p.returncode != 0:
                 raise SystemExit(err[-2000:])
             outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float, src: str | None) -> dict[str, Any]:
+    """Allocate+release cycles of ``managers`` managers on one 8-GPU node for ``seconds``."""
+    tag = uuid.uuid4().hex[:6]
+    cp.make_gpu_node(f"bench-{tag}", labels={"computegroups-bench": tag})
+    outs = spawn(WORKER, kubeconfig, namespace, tag, managers, seconds, src)
     total = sum(o["cycles"] for o in outs)
-    per_cycle = {}
+    per_cycle: dict[str, int] = {}
     for o in outs:
         for k, v in o["requests"].items():
             per_cycle[k] = per_cycle.get(k, 0) + v
@@ -110,25 +172,59 @@ def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float
     }
 
 
+def allocate_only(
+    cp: Any, kubeconfig: Path, namespace: str, managers: int, nodes: int, seconds: float
+) -> dict[str, Any]:
+    """Managers allocating 1-GPU groups on ``nodes`` 8-GPU nodes until full; double allocations counted."""
+    tag = uuid.uuid4().hex[:6]
+    make_nodes(cp, nodes, {"computegroups-bench": tag})
+    outs = spawn(ALLOC_WORKER, kubeconfig, namespace, tag, managers, seconds, None, str(managers))
+    uuids = [u for o in outs for u in o["uuids"]]
+    total = sum(o["allocations"] for o in outs)
+    took = max(o["seconds"] for o in outs)
+    return {
+        "managers": managers,
+        "gpus": nodes * 8,
+        "allocations": [o["allocations"] for o in outs],
+        "allocations_per_s": [round(o["allocations"] / o["seconds"], 1) for o in outs],
+        "total_per_s": round(total / took, 1),
+        "seconds": round(took, 2),
+        "share_min": round(min(o["allocations"] for o in outs) / total, 2) if total else 0.0,
+        "conflict_errors": sum(o["conflicts"] for o in outs),
+        "double_allocations": len(uuids) - len(set(uuids)),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.k8s_commits")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--src", action="append", default=[], help="also run with PYTHONPATH=SRC (interleaved)")
+    ap.add_argument("--alloc-nodes", type=int, default=25, help="8-GPU nodes of the allocate-only run (0: none)")
+    ap.add_argument("--scheduler-pods", type=int, default=200, help="GPU pods for kube-scheduler to bind (0: none)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from tests.k8s.harness import ControlPlane, find_binaries
-    from tests.k8s.test_provider_kubernetes import deploy
-
-    cp = ControlPlane.start(find_binaries(build=False))
+    for flag, value in (("--seconds", args.seconds), ("--alloc-nodes", args.alloc_nodes)):
+        if value < 0 or (flag == "--seconds" and value == 0):
+            ap.error(f"{flag} must be positive")
+    if args.scheduler_pods < 0:
+        ap.error("--scheduler-pods must be 0 or more")
+    cp = start_control_plane()
     try:
-        results = []
+        print(json.dumps({"machine": machine()}), flush=True)
         for managers in (1, 2):
             for src in [None, *args.src]:
-                ns = f"b-{uuid.uuid4().hex[:6]}"
-                cp.ensure_namespace(ns)
-                r = run(cp, deploy(cp, ns), ns, managers, args.seconds, src)
+                ns, kubeconfig = deploy_namespace(cp)
+                r = run(cp, kubeconfig, ns, managers, args.seconds, src)
                 print(json.dumps(r), flush=True)
-                results.append(r)
+        for managers in (1, 2) if args.alloc_nodes else ():
+            ns, kubeconfig = deploy_namespace(cp)
+            r = allocate_only(cp, kubeconfig, ns, managers, args.alloc_nodes, args.seconds)
+            print(json.dumps({"allocate_only": r}), flush=True)
+        if args.scheduler_pods:
+            ns, _ = deploy_namespace(cp)
+            labels = {"computegroups-bench-sched": uuid.uuid4().hex[:6]}
+            make_nodes(cp, -(-args.scheduler_pods // 8), labels)
+            r = scheduler_binding_rate(cp, ns, args.scheduler_pods, labels)
+            print(json.dumps({"kube_scheduler": r, "load_average": load_average()}), flush=True)
     finally:
         cp.stop(check=False)
 
