@@ -460,24 +460,8 @@ class KubernetesStateStore:
         async with self._mirroring:
             batch, self._dirty = self._dirty, []
             if batch:
-                net: dict[str, tuple[GroupRecord | None, int, bool]] = {}
-                for entry, _ in batch:  # oldest first: the newest state of each group wins
-                    rev = int(entry.get("revision", 0))  # 0: events of no change
-                    for raw in entry.get("upserts") or []:
-                        rec = _decode(raw)
-                        first = net.get(rec.id)
-                        probe = rec.state in _MOST_LIKELY_THERE if first is None else first[2]
-                        net[rec.id] = (rec, rev, probe)
-                    for gid in entry.get("deletes") or []:
-                        net[str(gid)] = (None, rev, True)
-                sem = asyncio.Semaphore(16)
-
-                async def one(gid: str, rec: GroupRecord | None, rev: int, probe: bool) -> None:
-                    async with sem:
-                        await self._write(gid, rec, rev, probe)
-
                 try:
-                    await asyncio.gather(*(one(g, r, v, p) for g, (r, v, p) in net.items()))
+                    await self._write_all(_net([entry for entry, _ in batch if entry]))
                 except (KubeError, StateError) as exc:
                     self._dirty[:0] = batch
                     last = max(int(entry.get("revision", 0)) for entry, _ in batch)
@@ -494,20 +478,21 @@ class KubernetesStateStore:
     async def _apply(self, change: Obj, probe: bool = False) -> None:
         """Write one change set into the group objects (idempotent; each object only moves forward).
         ``probe``: the objects most likely exist already (another writer's change set): read before writing."""
-        rev = int(change.get("revision", 0))
-        writes: list[tuple[str, GroupRecord | None]] = [(str(r["id"]), _decode(r)) for r in change.get("upserts") or []]
-        writes += [(str(gid), None) for gid in change.get("deletes") or []]
-        sem = asyncio.Semaphore(16)
-
-        async def one(gid: str, rec: GroupRecord | None) -> None:
-            async with sem:
-                await self._write(gid, rec, rev, probe or rec is None or rec.state in _MOST_LIKELY_THERE)
-
         try:
-            await asyncio.gather(*(one(g, r) for g, r in writes))
+            await self._write_all(_net([change], probe))
         except KubeError as exc:
             raise self._error(exc) from exc
-        self._mirrored.add(rev)
+        self._mirrored.add(int(change.get("revision", 0)))
+
+    async def _write_all(self, net: dict[str, tuple[GroupRecord | None, int, bool]]) -> None:
+        """Write each group object of ``net`` (:func:`_net`), 16 at a time."""
+        sem = asyncio.Semaphore(16)
+
+        async def one(gid: str, rec: GroupRecord | None, rev: int, probe: bool) -> None:
+            async with sem:
+                await self._write(gid, rec, rev, probe)
+
+        await asyncio.gather(*(one(g, r, v, p) for g, (r, v, p) in net.items()))
 
     async def _write(self, gid: str, rec: GroupRecord | None, rev: int, probe: bool) -> None:
         """Move one group object forward to revision ``rev`` (never backward). ``probe``: it most likely
@@ -589,6 +574,22 @@ class KubernetesStateStore:
             except KubeError as exc:
                 if exc.status not in (404, 409):
                     raise
+
+
+def _net(changes: Sequence[Obj], probe: bool = False) -> dict[str, tuple[GroupRecord | None, int, bool]]:
+    """Change sets (oldest first) as the newest state of each group they touch: id -> (record, or None
+    when deleted; the revision; whether its object most likely exists already, so is read before it is
+    written: a deletion, a release or drain first seen, or every one with ``probe``)."""
+    net: dict[str, tuple[GroupRecord | None, int, bool]] = {}
+    for change in changes:
+        rev = int(change.get("revision", 0))
+        for raw in change.get("upserts") or []:
+            rec = _decode(raw)
+            first = net.get(rec.id)
+            net[rec.id] = (rec, rev, probe or rec.state in _MOST_LIKELY_THERE if first is None else first[2])
+        for gid in change.get("deletes") or []:
+            net[str(gid)] = (None, rev, True)
+    return net
 
 
 def _from_ledger(spec: Obj, revision: int) -> Changes | None:
