@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stamina.instrumentation
 
 from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider
 from computegroups.runtime.circus import CircusDaemon
@@ -76,3 +77,15 @@ def daemon() -> Iterator[CircusDaemon]:
     yield d
     d.quit()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def waits() -> Iterator[list[float]]:
+    """The waits the retries asked for (stamina's retry hook), in order."""
+    asked: list[float] = []
+    old = stamina.instrumentation.get_on_retry_hooks()
+    stamina.instrumentation.set_on_retry_hooks([lambda details: asked.append(details.wait_for)])
+    try:
+        yield asked
+    finally:
+        stamina.instrumentation.set_on_retry_hooks(old)

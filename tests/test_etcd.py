@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stamina.instrumentation
 
 from computegroups.integrations.dynamo.actuator import root_key
 from computegroups.integrations.etcd import EtcdClient, EtcdError
@@ -299,18 +298,6 @@ def gateway() -> Iterator[tuple[str, type[_Gateway]]]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture
-def waits() -> Iterator[list[float]]:
-    """The waits the retries asked for (stamina's retry hook), in order."""
-    asked: list[float] = []
-    old = stamina.instrumentation.get_on_retry_hooks()
-    stamina.instrumentation.set_on_retry_hooks([lambda details: asked.append(details.wait_for)])
-    try:
-        yield asked
-    finally:
-        stamina.instrumentation.set_on_retry_hooks(old)
 
 
 def test_429_with_retry_after_is_honoured(gateway: tuple[str, type[_Gateway]], waits: list[float]) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import stamina.instrumentation
 
 from computegroups.errors import StateError
 from computegroups.events import Event
@@ -83,18 +82,6 @@ def api(tmp_path: Path) -> Iterator[tuple[Path, type[_Api]]]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture
-def waits() -> Iterator[list[float]]:
-    """The waits the retries asked for (stamina's retry hook), in order."""
-    asked: list[float] = []
-    old = stamina.instrumentation.get_on_retry_hooks()
-    stamina.instrumentation.set_on_retry_hooks([lambda details: asked.append(details.wait_for)])
-    try:
-        yield asked
-    finally:
-        stamina.instrumentation.set_on_retry_hooks(old)
 
 
 async def test_a_429_waits_as_long_as_the_server_asks(api: tuple[Path, type[_Api]], waits: list[float]) -> None:
