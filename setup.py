@@ -31,6 +31,7 @@ COMPILED = [
     "src/computegroups/views.py",
     "src/computegroups/state/memory.py",
     "src/computegroups/manager.py",
+    "src/computegroups/commit.py",
 ]
 
 

@@ -75,7 +75,7 @@ import asyncio, json, os, sys, time
 from computegroups import ComputeGroupManager, ConflictError, InsufficientResourcesError
 from computegroups import KubernetesComputeResourceProvider
 
-async def main(kubeconfig, ns, selector, who, sync, seconds, managers):
+async def main(kubeconfig, ns, selector, who, sync, seconds, managers, concurrency):
     p = KubernetesComputeResourceProvider(kubeconfig, namespace=ns, node_selector=selector)
     groups, uuids, conflicts = [], [], 0
     async with ComputeGroupManager(p, p.state_store()) as mgr:
@@ -84,16 +84,21 @@ async def main(kubeconfig, ns, selector, who, sync, seconds, managers):
             await asyncio.sleep(0.005)
         start = time.monotonic()
         end = start + float(seconds)
-        while time.monotonic() < end:
-            try:
-                g = await mgr.allocate_compute_group(f"{who}-{len(groups)}", {"gpus": 1})
-            except ConflictError:
-                conflicts += 1
-                continue
-            except InsufficientResourcesError:
-                break
-            groups.append(g.id)
-            uuids.extend(g.resources["gpu_uuids"])
+
+        async def loop():  # one caller allocating in turn; ``concurrency`` of them at once
+            nonlocal conflicts
+            while time.monotonic() < end:
+                try:
+                    g = await mgr.allocate_compute_group(f"{who}-{len(groups)}", {"gpus": 1})
+                except ConflictError:
+                    conflicts += 1
+                    continue
+                except InsufficientResourcesError:
+                    return
+                groups.append(g.id)
+                uuids.extend(g.resources["gpu_uuids"])
+
+        await asyncio.gather(*(loop() for _ in range(int(concurrency))))
         took = time.monotonic() - start
         open(os.path.join(sync, "done-" + who), "w").close()
         while not all(os.path.exists(os.path.join(sync, "done-" + w)) for w in "ab"[: int(managers)]):
@@ -173,17 +178,19 @@ def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float
 
 
 def allocate_only(
-    cp: Any, kubeconfig: Path, namespace: str, managers: int, nodes: int, seconds: float
+    cp: Any, kubeconfig: Path, namespace: str, managers: int, nodes: int, seconds: float, concurrency: int = 1
 ) -> dict[str, Any]:
-    """Managers allocating 1-GPU groups on ``nodes`` 8-GPU nodes until full; double allocations counted."""
+    """Managers allocating 1-GPU groups on ``nodes`` 8-GPU nodes until full, each from ``concurrency``
+    callers at once; double allocations counted."""
     tag = uuid.uuid4().hex[:6]
     make_nodes(cp, nodes, {"computegroups-bench": tag})
-    outs = spawn(ALLOC_WORKER, kubeconfig, namespace, tag, managers, seconds, None, str(managers))
+    outs = spawn(ALLOC_WORKER, kubeconfig, namespace, tag, managers, seconds, None, str(managers), str(concurrency))
     uuids = [u for o in outs for u in o["uuids"]]
     total = sum(o["allocations"] for o in outs)
     took = max(o["seconds"] for o in outs)
     return {
         "managers": managers,
+        "concurrency": concurrency,
         "gpus": nodes * 8,
         "allocations": [o["allocations"] for o in outs],
         "allocations_per_s": [round(o["allocations"] / o["seconds"], 1) for o in outs],
@@ -201,7 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--src", action="append", default=[], help="also run with PYTHONPATH=SRC (interleaved)")
     ap.add_argument("--alloc-nodes", type=int, default=25, help="8-GPU nodes of the allocate-only run (0: none)")
     ap.add_argument("--scheduler-pods", type=int, default=200, help="GPU pods for kube-scheduler to bind (0: none)")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        default=[],
+        help="callers allocating at once in each manager of the allocate-only run (repeatable; default 1)",
+    )
+    ap.add_argument("--no-cycles", action="store_true", help="skip the allocate+release cycle runs")
     args = ap.parse_args(argv)
+    if any(c < 1 or c > 1024 for c in args.concurrency):
+        ap.error("--concurrency must be in 1..1024")
     for flag, value in (("--seconds", args.seconds), ("--alloc-nodes", args.alloc_nodes)):
         if value < 0 or (flag == "--seconds" and value == 0):
             ap.error(f"{flag} must be positive")
@@ -210,15 +227,16 @@ def main(argv: list[str] | None = None) -> None:
     cp = start_control_plane()
     try:
         print(json.dumps({"machine": machine()}), flush=True)
-        for managers in (1, 2):
+        for managers in (1, 2) if not args.no_cycles else ():
             for src in [None, *args.src]:
                 ns, kubeconfig = deploy_namespace(cp)
                 r = run(cp, kubeconfig, ns, managers, args.seconds, src)
                 print(json.dumps(r), flush=True)
-        for managers in (1, 2) if args.alloc_nodes else ():
-            ns, kubeconfig = deploy_namespace(cp)
-            r = allocate_only(cp, kubeconfig, ns, managers, args.alloc_nodes, args.seconds)
-            print(json.dumps({"allocate_only": r}), flush=True)
+        for concurrency in args.concurrency or [1]:
+            for managers in (1, 2) if args.alloc_nodes else ():
+                ns, kubeconfig = deploy_namespace(cp)
+                r = allocate_only(cp, kubeconfig, ns, managers, args.alloc_nodes, args.seconds, concurrency)
+                print(json.dumps({"allocate_only": r}), flush=True)
         if args.scheduler_pods:
             ns, _ = deploy_namespace(cp)
             labels = {"computegroups-bench-sched": uuid.uuid4().hex[:6]}

@@ -1,15 +1,15 @@
-"""ComputeGroupManager: the seed's async API, a thin commit loop over the decision layer.
+"""ComputeGroupManager: the seed's async API over the decision layer and the commit loop.
 
 Every method that changes state reads the same way: parse the arguments (typed, before anything is
 read), plan (pure: :mod:`computegroups.decide` over the ledger), commit the plan's change set if
-the store's revision is unchanged (else catch up and plan again), apply it to the ledger, run its
-effects (materialise, undo, events), return a view. A group is never visible to anyone before its
+the store's revision is unchanged (else catch up and plan again; :mod:`computegroups.commit`, which
+commits decisions that arrive together as one change set), run its effects (materialise, undo,
+events), return a view. A group is never visible to anyone before its
 commit is durable, and a refused request changes nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from types import TracebackType
 from typing import Any
 
+from computegroups.commit import Committer
 from computegroups.decide import (
     Ask,
     Ledger,
@@ -28,7 +29,6 @@ from computegroups.decide import (
     plan_delete,
     plan_drain,
     plan_drain_node,
-    plan_expire,
     plan_release,
     priority_of,
     resolve_pool,
@@ -55,7 +55,7 @@ from computegroups.model import (
 from computegroups.monitor import Hook, Monitor, observe_health, reconcile
 from computegroups.pools import Pool, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
-from computegroups.state.base import Changes, EventLog, RevisionConflict, StateStore
+from computegroups.state.base import EventLog, StateStore
 from computegroups.state.memory import MemoryStateStore
 from computegroups.state.sqlite import SqliteStateStore, default_state_path
 from computegroups.views import Views, parse_filters, select
@@ -66,7 +66,6 @@ log = logging.getLogger("computegroups")
 
 _RELEASED = AllocationState.RELEASED
 MAX_TTL_S = 7 * 24 * 3600.0
-_PRUNE_SLACK = 64  # released groups kept past ``tombstone_limit`` before a batch is pruned
 
 
 def _check_group_id(value: object, known: Mapping[str, GroupRecord]) -> str:
@@ -121,8 +120,8 @@ class ComputeGroupManager:
             raise InvalidRequestError(
                 f"provider: {type(provider).__name__} is not a ComputeResourceProvider", key="provider"
             )
-        self._tombstone_limit = check_int_in("tombstone_limit", tombstone_limit, 0, 10**9)
-        self._max_attempts = check_int_in("max_attempts", max_attempts, 1, 100_000)
+        tombstones = check_int_in("tombstone_limit", tombstone_limit, 0, 10**9)
+        attempts = check_int_in("max_attempts", max_attempts, 1, 100_000)
         self._monitor_interval = check_seconds("monitor_interval", monitor_interval)
         reconcile_on_start = check_bool("reconcile_on_start", reconcile_on_start)
         self._new_id: Callable[[], str] = (
@@ -131,11 +130,6 @@ class ComputeGroupManager:
         self._clock: Callable[[], float] = check_callable("clock", clock)
         self.provider = provider
         self.store = _open_store(state)
-        self._peek_revision: Callable[[], int] | None = getattr(self.store, "local_revision", None)  # no I/O
-        self._seen: Callable[[int], Changes | None] | None = getattr(self.store, "changes_seen", None)  # a watch's
-        self._store_lock: Callable[[], Awaitable[None]] | None = getattr(self.store, "lock", None)
-        self._store_unlock: Callable[[], None] | None = getattr(self.store, "unlock", None)
-        self._lock = asyncio.Lock()
         self._entered = False
         self.inventory: Inventory = Inventory((), source="none")
         self.pools: dict[str, Pool] = {p.name: p for p in parse_pools(pools)}
@@ -144,8 +138,10 @@ class ComputeGroupManager:
         self.views = Views(self.ledger, self._telemetry_of)
         self._events = Publisher(self.store.record if isinstance(self.store, EventLog) else None)
         self.recent_events: deque[Event] = self._events.recent
-        self.expired = 0  # reservations this manager released at their deadline
-        self.conflicts = 0  # commits this manager lost to another writer (it caught up and decided again)
+        self._commits = Committer(
+            self.store, self.ledger, self._clock, self._events, max_attempts=attempts, tombstone_limit=tombstones
+        )
+        self._lock = self._commits.lock  # held by every read and change of the ledger
         # Monitoring and reconciliation (computegroups.monitor): hooks return the events they caused.
         self.reconcile_on_start = reconcile_on_start
         self.monitor_hooks: list[Hook] = []
@@ -168,13 +164,13 @@ class ComputeGroupManager:
         await self.provider.__aenter__()
         try:
             inv = self.inventory = await self.provider.discover_resources()
-            self.ledger = Ledger(inv.nodes, self.pools.values(), inv.cordoned, inv.unavailable)
+            self.ledger = self._commits.ledger = Ledger(inv.nodes, self.pools.values(), inv.cordoned, inv.unavailable)
             self.views = Views(self.ledger, self._telemetry_of)
             bind = getattr(self.store, "bind", None)  # a store bound to the cluster that made it
             if bind is not None:
                 bind(self.provider.cluster_identity(self.inventory))
             await self.store.open()
-            await self._refresh()
+            await self._commits.refresh()
         except BaseException:
             await self.store.close()
             await self.provider.__aexit__(None, None, None)
@@ -209,93 +205,13 @@ class ComputeGroupManager:
         if not self._entered:
             raise ConflictError("ComputeGroupManager is not open; use 'async with ComputeGroupManager(...) as mgr'")
 
-    # -- the commit loop -------------------------------------------------------------
-    async def _refresh(self, exact: bool = True) -> bool:
-        """Catch up with the store (changes since the ledger's revision). With ``exact=False``, from
-        what a watch of the store delivered where it can tell (no I/O); returns False if it did."""
-        peek = self._peek_revision
-        if peek is not None and peek() == self.ledger.revision:
-            return True  # an in-process store says nothing changed
-        seen = None if exact or self._seen is None else self._seen(self.ledger.revision)
-        changes: Changes = seen or await self.store.changes_since(self.ledger.revision)
-        if changes.full:
-            self.ledger.reload(changes.revision, changes.upserts, changes.cordons)
-        elif changes.revision != self.ledger.revision:
-            self.ledger.apply(changes.revision, changes.upserts, changes.deletes, changes.cordons)
-        return seen is None
-
-    async def _commit(self, decide: Callable[[float], Plan]) -> Plan:
-        """Plan against the freshest state and commit the change set; retry on a lost race.
-
-        Reservations past their deadline are released first, in a commit of their own. Old
-        tombstones (released groups past ``tombstone_limit``) are pruned with a change, in batches.
-        A retry after a lost race holds the store's write lock (if it has one) from catch-up to commit.
-        A decision may start from what a watch of the store delivered: one that commits nothing (a
-        read, a refusal) is then made again after a read, one that commits is checked by the CAS.
-        """
-        ledger = self.ledger
-        lock = self._store_lock
-        exact = False
-        try:
-            for attempt in range(self._max_attempts):
-                if attempt and lock is not None:
-                    await lock()
-                exact = await self._refresh(exact)
-                now = self._clock()
-                heap = ledger.expiry
-                due = ledger.due(now) if heap and heap[0][0] <= now else None
-                if due:
-                    expiry = plan_expire(due, now)
-                    try:
-                        rev = await self.store.commit(ledger.revision, expiry.upserts, (), expiry.events)
-                    except RevisionConflict:
-                        self.conflicts += 1
-                        ledger.requeue(due)  # someone else moved on; look at them again after catching up
-                        continue
-                    ledger.apply(rev, expiry.upserts, ())
-                    self.expired += len(due)
-                    for event in expiry.events:  # in the log already, with its commit
-                        log.info("reservation %s of %s expired", event.group_id, event.component)
-                        self._events.emit(event, durable=False)
-                    continue
-                try:
-                    plan: Plan | None = decide(now)
-                except REFUSALS:
-                    if exact:
-                        raise
-                    plan = None
-                if plan is None or not (plan.upserts or plan.deletes or plan.cordons):
-                    if plan is not None and exact:
-                        return plan
-                    exact = True  # decided on what a watch delivered: read the store and decide again
-                    continue
-                marks = plan.cordons
-                deletes = plan.deletes
-                if len(ledger.tombstones) > self._tombstone_limit:
-                    deletes = deletes + ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, plan)
-                try:
-                    if marks:  # only then: a store of the old protocol still takes every other commit
-                        rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events, marks)
-                    else:
-                        rev = await self.store.commit(ledger.revision, plan.upserts, deletes, plan.events)
-                except RevisionConflict:
-                    self.conflicts += 1
-                    continue
-                ledger.apply(rev, plan.upserts, deletes, marks)
-                return plan
-        finally:
-            if self._store_unlock is not None:
-                self._store_unlock()
-        raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
-
     async def _run(self, decide: Callable[[float], Plan], component: str | None = None) -> Plan:
         """Decide and commit under the lock (a refusal is an event), run the plan's effects, raise its error."""
-        async with self._lock:
-            try:
-                plan = await self._commit(decide)
-            except REFUSALS as exc:
-                await self._events.note(Event("refused", None, None, component, f"{type(exc).__name__}: {exc}"))
-                raise
+        try:
+            plan = await self._commits.run(decide)
+        except REFUSALS as exc:
+            await self._events.note(Event("refused", None, None, component, f"{type(exc).__name__}: {exc}"))
+            raise
         if plan.dematerialise:
             await self._dematerialise(plan.dematerialise)
         for record in plan.materialise:
@@ -308,7 +224,7 @@ class ComputeGroupManager:
 
     async def _read(self) -> None:
         """Catch up before a read, releasing reservations past their deadline, so reads tell the truth."""
-        await self._commit(lambda now: Plan([], []))
+        await self._commits.read()
 
     async def _materialise(self, rec: GroupRecord, *, own: bool) -> None:
         # One record: a part of a multi-node group is materialised on its own node, with its own devices.
@@ -589,6 +505,16 @@ class ComputeGroupManager:
     def group_health(self, group: ComputeGroup) -> list[str]:
         """Reasons the devices of a group are unhealthy (empty when healthy)."""
         return self.views.health_of(group)
+
+    @property
+    def expired(self) -> int:
+        """Reservations this manager released at their deadline."""
+        return self._commits.expired
+
+    @property
+    def conflicts(self) -> int:
+        """Commits this manager lost to another writer (it caught up and decided again)."""
+        return self._commits.conflicts
 
     @property
     def revision(self) -> int:

@@ -3,12 +3,12 @@
 ``ledger`` owns the committed records and every index derived from them; ``acquire`` decides
 allocations, reservations, claims, pre-carved matches, gangs and preemption; ``release`` decides
 releases, drains, deletes, expiry and promotion; ``quota`` and ``request`` hold the rules they share.
-Nothing here awaits, reads a store or talks to a provider: the manager commits the plan's change
-set, applies it to the ledger, then runs its effects.
+Nothing here awaits, reads a store or talks to a provider: the commit loop (:mod:`computegroups.commit`)
+stages the plan's change set on the ledger, commits it, then the manager runs its effects.
 """
 
 from computegroups.decide.acquire import plan_acquire, plan_create
-from computegroups.decide.ledger import Ledger
+from computegroups.decide.ledger import Ledger, Staged
 from computegroups.decide.plan import Plan
 from computegroups.decide.release import (
     plan_cordon,
@@ -24,6 +24,7 @@ __all__ = [
     "Ask",
     "Ledger",
     "Plan",
+    "Staged",
     "context",
     "plan_acquire",
     "plan_cordon",

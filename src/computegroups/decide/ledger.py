@@ -2,9 +2,11 @@
 
 A :class:`Ledger` is what the decision layer reads. It changes in exactly two ways: ``reload``
 (everything, from a full read of the store) and ``apply`` (one committed change set, in commit
-order, whoever committed it). Every index is derived from the records by ``_count`` (a record
-enters) and ``_uncount`` (it leaves), so the two always agree; the workload mix that fragmentation
-scoring needs is one of them, updated from committed groups only. Health marks and cordons are
+order, whoever committed it). A change set of this process's own is staged before its commit
+(``stage``: the next decision of a group commit sees it) and then settled or, if the commit was
+lost, unstaged, which leaves the ledger as it was. Every index is derived from the records by
+``_count`` (a record enters) and ``_uncount`` (it leaves), so the two always agree; the workload
+mix that fragmentation scoring needs is one of them, updated from committed groups only. Health marks and cordons are
 facts about devices, not records; they are set on the ledger too, so placement sees one picture.
 
 Pure and synchronous: no awaits, no I/O.
@@ -19,15 +21,38 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from computegroups.decide.plan import Plan
 from computegroups.errors import NotFoundError
+from computegroups.events import Event
 from computegroups.model import AllocationState, GroupRecord, NodeSpec, Scope
 from computegroups.placement.cluster import Cluster
 from computegroups.placement.fragmentation import FragmentationScore, WorkloadMix
 from computegroups.pools import Pool
 
-__all__ = ["CLIQUE_LABEL", "Ledger"]
+__all__ = ["CLIQUE_LABEL", "Ledger", "Staged"]
 
 CLIQUE_LABEL = "nvidia.com/gpu.clique"
 _RELEASED = AllocationState.RELEASED
+
+
+class Staged:
+    """Decisions applied to the ledger before their commit (see ``Ledger.stage``): their change set,
+    merged in order, and what ``Ledger.unstage`` needs to take them back out."""
+
+    __slots__ = ("cordons", "deletes", "events", "marks_prior", "owners", "prior", "tombstones", "upserts")
+
+    def __init__(self, tombstones: int) -> None:
+        self.tombstones = tombstones  # released groups queued before staging
+        self.prior: dict[str, GroupRecord | None] = {}  # id -> its committed record (None: there was none)
+        self.marks_prior: dict[str, str | None] = {}  # node -> its committed cordon reason
+        self.owners: list[GroupRecord] = []  # groups that got an owner (the workload mix counts them once committed)
+        self.upserts: dict[str, GroupRecord] = {}
+        self.deletes: dict[str, None] = {}
+        self.cordons: dict[str, str | None] = {}
+        self.events: list[Event] = []
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to commit."""
+        return not (self.upserts or self.deletes or self.cordons)
 
 
 class Ledger:
@@ -102,24 +127,9 @@ class Ledger:
     ) -> None:
         """Apply one committed change set (records written, ids deleted, nodes cordoned with a reason
         or uncordoned with None) that took the state to ``revision``."""
-        if cordons:
-            for node_id, why in cordons.items():
-                if why is None:
-                    self.cordons.pop(node_id, None)
-                else:
-                    self.cordons[node_id] = why
-                self.cluster.set_cordoned(node_id, node_id in self.cordoned or why is not None)
-        records = self.records
-        for r in upserts:
-            old = records.get(r.id)
-            if old is not None:
-                self._uncount(old)
-            self._count(r, old)
-        for gid in deletes:
-            old = records.get(gid)
-            if old is not None:
-                self._uncount(old)
+        self._put(upserts, deletes, cordons, None)
         tombstones = self.tombstones
+        records = self.records
         while tombstones:  # forget pruned groups from the oldest end
             oldest = records.get(tombstones[0])
             if oldest is not None and oldest.state is _RELEASED:
@@ -127,7 +137,81 @@ class Ledger:
             tombstones.popleft()
         self.revision = revision
 
-    def _count(self, r: GroupRecord, old: GroupRecord | None) -> None:
+    def stage(self, staged: Staged, plan: Plan) -> None:
+        """Apply ``plan``'s change set before it is committed, adding it to ``staged`` (a group commit:
+        the next decision sees this one). ``unstage`` takes it back out, ``settle`` keeps it."""
+        if plan.cordons:
+            for node_id, why in plan.cordons.items():
+                if node_id not in staged.marks_prior:
+                    staged.marks_prior[node_id] = self.cordons.get(node_id)
+                staged.cordons[node_id] = why
+        self._put(plan.upserts, plan.deletes, plan.cordons, staged)
+        staged.events.extend(plan.events)
+
+    def unstage(self, staged: Staged) -> None:
+        """Take staged decisions back out (their commit was lost): the ledger is as it was before them."""
+        records = self.records
+        tombstones = self.tombstones
+        for gid, old in staged.prior.items():
+            cur = records.get(gid)
+            if cur is not None:
+                self._uncount(cur)
+            if old is not None:
+                self._count(old, old)
+                if old.state is _RELEASED:
+                    tombstones.pop()  # it kept its place in the queue; _count appended it again
+        while len(tombstones) > staged.tombstones:  # staging only appends
+            tombstones.pop()
+        if staged.marks_prior:
+            self._mark(staged.marks_prior)
+
+    def settle(self, staged: Staged, revision: int, pruned: Sequence[str] = ()) -> None:
+        """The staged decisions, and ``pruned`` (old tombstones deleted with them), were committed as
+        ``revision``."""
+        for r in staged.owners:
+            self.demand.mix.observe(r.requirements)
+        self.apply(revision, (), pruned)
+
+    def _mark(self, cordons: Mapping[str, str | None]) -> None:
+        for node_id, why in cordons.items():
+            if why is None:
+                self.cordons.pop(node_id, None)
+            else:
+                self.cordons[node_id] = why
+            self.cluster.set_cordoned(node_id, node_id in self.cordoned or why is not None)
+
+    def _put(
+        self,
+        upserts: Sequence[GroupRecord],
+        deletes: Sequence[str],
+        cordons: Mapping[str, str | None] | None,
+        staged: Staged | None,
+    ) -> None:
+        if cordons:
+            self._mark(cordons)
+        records = self.records
+        owners = None if staged is None else staged.owners
+        for r in upserts:
+            old = records.get(r.id)
+            if staged is not None:
+                if r.id not in staged.prior:
+                    staged.prior[r.id] = old
+                staged.upserts[r.id] = r
+                staged.deletes.pop(r.id, None)
+            if old is not None:
+                self._uncount(old)
+            self._count(r, old, owners)
+        for gid in deletes:
+            old = records.get(gid)
+            if staged is not None:
+                if gid not in staged.prior:
+                    staged.prior[gid] = old
+                staged.upserts.pop(gid, None)
+                staged.deletes[gid] = None
+            if old is not None:
+                self._uncount(old)
+
+    def _count(self, r: GroupRecord, old: GroupRecord | None, owners: list[GroupRecord] | None = None) -> None:
         gid = r.id
         self.records[gid] = r
         released = r.state is _RELEASED
@@ -152,7 +236,10 @@ class Ledger:
         # A group got an owner: one request served (a multi-node group counts once, at its first part).
         got_owner = r.component is not None and (old is None or old.component is None)
         if got_owner and (r.gang_id is None or gid == f"{r.gang_id}.0"):
-            self.demand.mix.observe(r.requirements)
+            if owners is None:
+                self.demand.mix.observe(r.requirements)
+            else:  # staged: counted in the mix once committed
+                owners.append(r)
 
     def _uncount(self, old: GroupRecord) -> None:
         gid = old.id
@@ -221,14 +308,14 @@ class Ledger:
             else:
                 bucket.pop(r.id, None)
 
-    def prunable(self, limit: int, slack: int, plan: Plan) -> list[str]:
-        """The oldest released groups past ``limit`` to delete with ``plan`` (none of its own records);
+    def prunable(self, limit: int, slack: int, staged: Staged) -> list[str]:
+        """The oldest released groups past ``limit`` to delete with ``staged`` (none of its own records);
         a batch at a time, once more than ``min(slack, limit // 8)`` are over, since a delete per
         release would cost every release."""
         excess = len(self.tombstones) - limit
         if excess <= min(slack, limit // 8):
             return []
-        written = {r.id for r in plan.upserts} | set(plan.deletes)
+        written = {*staged.upserts, *staged.deletes}
         out: list[str] = []
         for gid in itertools.islice(self.tombstones, excess):
             r = self.records.get(gid)
@@ -293,11 +380,13 @@ class Ledger:
         if not heap or heap[0][0] > now:
             return []
         due: list[GroupRecord] = []
+        seen: set[str] = set()  # a record counted again (drained, or unstaged) is on the heap twice
         while heap and heap[0][0] <= now:
             at, gid = heapq.heappop(heap)
             r = self.records.get(gid)
-            if r is None or r.expires_at != at or r.pending:
+            if r is None or r.expires_at != at or r.pending or gid in seen:
                 continue
+            seen.add(gid)
             if r.state in (AllocationState.RESERVED, AllocationState.DRAINING):
                 due.append(r)
         return due
