@@ -32,12 +32,11 @@ BATCH = 32  # decisions in one commit at most (bounds the change set a store wri
 class _Call:
     """One decision waiting for its commit, and its outcome once committed (or refused)."""
 
-    __slots__ = ("decide", "done", "error", "plan", "taken")
+    __slots__ = ("decide", "error", "plan", "taken")
 
     def __init__(self, decide: Callable[[float], Plan]) -> None:
         self.decide = decide
         self.taken = False  # a commit took it: it is decided (and maybe committed) by that commit
-        self.done = False
         self.plan: Plan | None = None
         self.error: BaseException | None = None
 
@@ -82,11 +81,11 @@ class Committer:
         try:
             async with self.lock:
                 if not call.taken:  # no commit took it while it waited: commit what is waiting now
-                    batch = [queue.popleft() for _ in range(min(len(queue), BATCH))]
-                    if len(batch) == 1:
-                        await self._settle(batch)
+                    if len(queue) == 1:  # alone, the common case
+                        queue.popleft()
+                        await self._settle([call])
                     else:  # others wait on this commit: it must finish even if this caller is cancelled
-                        await _finish(self._settle(batch))
+                        await _finish(self._settle([queue.popleft() for _ in range(min(len(queue), BATCH))]))
         except asyncio.CancelledError:
             if not call.taken:
                 queue.remove(call)  # never decided
@@ -111,9 +110,6 @@ class Committer:
         except Exception as exc:  # the store failed, or the race was lost too often: every call fails
             for call in calls:
                 call.plan, call.error = None, exc
-        finally:
-            for call in calls:
-                call.done = True
 
     async def refresh(self, exact: bool = True) -> bool:
         """Catch up with the store (changes since the ledger's revision). With ``exact=False``, from
