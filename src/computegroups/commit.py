@@ -174,18 +174,16 @@ class Committer:
                     continue
                 if staged.empty:
                     return
-                deletes = list(staged.deletes)
                 pruned: list[str] = []
                 if len(ledger.tombstones) > self._tombstone_limit:
                     pruned = ledger.prunable(self._tombstone_limit, _PRUNE_SLACK, staged)
                 upserts = list(staged.upserts.values())
+                deletes = [*staged.deletes, *pruned]
                 try:
                     if staged.cordons:  # only then: a store of the old protocol still takes every other commit
-                        rev = await self.store.commit(
-                            ledger.revision, upserts, deletes + pruned, staged.events, staged.cordons
-                        )
+                        rev = await self.store.commit(ledger.revision, upserts, deletes, staged.events, staged.cordons)
                     else:
-                        rev = await self.store.commit(ledger.revision, upserts, deletes + pruned, staged.events)
+                        rev = await self.store.commit(ledger.revision, upserts, deletes, staged.events)
                 except RevisionConflict:
                     self.conflicts += 1
                     ledger.unstage(staged)

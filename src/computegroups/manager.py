@@ -4,8 +4,8 @@ Every method that changes state reads the same way: parse the arguments (typed, 
 read), plan (pure: :mod:`computegroups.decide` over the ledger), commit the plan's change set if
 the store's revision is unchanged (else catch up and plan again; :mod:`computegroups.commit`, which
 commits decisions that arrive together as one change set), run its effects (materialise, undo,
-events), return a view. A group is never visible to anyone before its
-commit is durable, and a refused request changes nothing.
+events), return a view. A group is never visible to anyone before its commit is durable, and a
+refused request changes nothing.
 """
 
 from __future__ import annotations
