@@ -30,6 +30,7 @@ COMPILED = [
     "src/computegroups/decide/release.py",
     "src/computegroups/views.py",
     "src/computegroups/state/memory.py",
+    "src/computegroups/state/sqlite.py",
     "src/computegroups/manager.py",
     "src/computegroups/commit.py",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from computegroups import ComputeGroupManager, SimulatedComputeResourceProvider, StateError
-from computegroups.model import MILLI, AllocationState
+from computegroups.model import MILLI, AllocationState, GroupRecord
 from computegroups.state.sqlite import SqliteStateStore
 from tests._sqlite_worker import SPEC
 
@@ -117,6 +118,31 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
         assert again.resources == g.resources and again.component == "keep"
         assert (await mgr.allocate_compute_group("keep", {"gpus": 2}, {"request_id": "k"})).id == g.id
         assert (await mgr.get_allocation_summary())["allocated_gpus"] == 2
+
+
+async def test_records_orjson_refuses_still_round_trip_exactly(tmp_path: Path) -> None:
+    """Records are written and read with orjson; what it refuses (an integer beyond 64 bits; ``NaN``
+    and non-ASCII text in a body another writer made) goes through the standard library unchanged."""
+    state = tmp_path / "s.db"
+    store = SqliteStateStore(state)
+    await store.open()
+    big = GroupRecord("big", "n0", AllocationState.ALLOCATED, "c", (), requirements={"tag": 2**70, "name": "ünï"})
+    plain = GroupRecord("plain", "n0", AllocationState.ALLOCATED, "c", (), constraints={"labels": {"zone": "é"}})
+    await store.commit(0, [big, plain])
+    await store.close()
+    conn = sqlite3.connect(state)
+    body = json.dumps({"id": "nan", "node_id": "n0", "state": "allocated", "devices": [], "requirements": {"x": 1.5}})
+    conn.execute("INSERT INTO groups(id, rev, body) VALUES ('nan', 1, ?)", (body.replace("1.5", "NaN"),))
+    conn.commit()
+    conn.close()
+    again = SqliteStateStore(state)
+    await again.open()
+    try:
+        read = {r.id: r for r in (await again.changes_since(0)).upserts}
+    finally:
+        await again.close()
+    assert read["big"] == big and read["plain"] == plain
+    assert math.isnan(read["nan"].requirements["x"])
 
 
 async def test_a_file_that_is_not_sqlite_is_refused_and_kept(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from computegroups.decide import Ledger, Plan, Staged, plan_expire
 from computegroups.errors import REFUSALS, ConflictError
@@ -97,10 +97,7 @@ class Committer:
 
     async def read(self) -> None:
         """Catch up before a read (with ``lock`` held), releasing reservations past their deadline."""
-        call = _Call(lambda now: Plan([], []))
-        await self._settle([call])
-        if call.error is not None:
-            raise call.error
+        await self._commit((), exact=True)
 
     async def _settle(self, calls: list[_Call]) -> None:
         for call in calls:
@@ -127,10 +124,10 @@ class Committer:
         return seen is None
 
     async def _expire(self, now: float) -> bool:
-        """Release reservations past their deadline in a commit of their own; False if there were none."""
+        """Release reservations past their deadline (the expiry heap's first is) in a commit of their
+        own; False if there were none (the heap held only claimed or released ones)."""
         ledger = self.ledger
-        heap = ledger.expiry
-        due = ledger.due(now) if heap and heap[0][0] <= now else None
+        due = ledger.due(now)
         if not due:
             return False
         expiry = plan_expire(due, now)
@@ -147,7 +144,7 @@ class Committer:
             self._events.emit(event, durable=False)
         return True
 
-    async def _commit(self, calls: list[_Call]) -> None:
+    async def _commit(self, calls: Sequence[_Call], *, exact: bool = False) -> None:
         """Decide ``calls`` on the freshest state and commit their change sets as one; retry on a lost race.
 
         Reservations past their deadline are released first, in a commit of their own. Old
@@ -155,18 +152,21 @@ class Committer:
         A retry after a lost race holds the store's write lock (if it has one) from catch-up to commit.
         Decisions may start from what a watch of the store delivered: if one commits nothing (a
         read, a refusal) they are all made again after a read; what commits is checked by the CAS.
+        With no ``calls`` (a read) it returns once caught up (from the store itself with ``exact``).
         """
         ledger = self.ledger
         lock = self._store_lock
-        exact = False
         try:
             for attempt in range(self._max_attempts):
                 if attempt and lock is not None:
                     await lock()
                 exact = await self.refresh(exact)
                 now = self._clock()
-                if await self._expire(now):
+                heap = ledger.expiry
+                if heap and heap[0][0] <= now and await self._expire(now):
                     continue
+                if not calls:
+                    return
                 staged = Staged(len(ledger.tombstones))
                 if not self._decide(calls, staged, now, exact):
                     ledger.unstage(staged)
@@ -198,7 +198,7 @@ class Committer:
                 self._store_unlock()
         raise ConflictError(f"state kept changing underneath; gave up after {self._max_attempts} attempts")
 
-    def _decide(self, calls: list[_Call], staged: Staged, now: float, exact: bool) -> bool:
+    def _decide(self, calls: Sequence[_Call], staged: Staged, now: float, exact: bool) -> bool:
         """Decide each call in order, staging what it changes; False if one must be decided again
         after a read (it refused, or changed nothing, on what a watch delivered)."""
         for call in calls:
