@@ -12,6 +12,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 COMPILED = [
     "src/computegroups/memo.py",
@@ -63,4 +64,28 @@ def ext_modules() -> list[object]:
     return extensions
 
 
-setup(ext_modules=ext_modules())
+class BuildAllOrNone(build_ext):
+    """Keep every compiled module or none: each module's extension imports the library mypyc builds
+    for all of them (``*__mypyc``), so if one failed (a compiler error, a compiler killed for memory)
+    the others would fail to import. Then none is kept and the package installs as pure Python."""
+
+    def run(self) -> None:
+        self.failed: list[str] = []
+        super().run()
+        if self.failed:
+            for ext in self.extensions:
+                built = os.path.join(self.build_lib, self.get_ext_filename(self.get_ext_fullname(ext.name)))
+                if os.path.exists(built):
+                    os.remove(built)
+            _remove_compiled()
+            print(f"computegroups: {', '.join(self.failed)} did not build; installing pure Python", file=sys.stderr)
+
+    def build_extension(self, ext: object) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception:
+            self.failed.append(getattr(ext, "name", "?"))
+            raise
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildAllOrNone})

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
+
+import pytest
 
 import computegroups
 
@@ -96,3 +101,51 @@ def test_nothing_reads_outside_the_repository() -> None:
     assert _escapes(Path("tests/conftest.py"), "REPO.parent / {0}shared{0}".format('"'))  # the check can fail
     assert _escapes(Path("bench/openb.py"), "Path(__file__).resolve().parents[2]")
     assert not _escapes(Path("tests/k8s/harness.py"), "Path(__file__).resolve().parents[2]")
+
+
+@pytest.mark.slow
+def test_a_compiled_module_that_fails_to_build_leaves_pure_python(tmp_path: Path) -> None:
+    """If the library mypyc shares among the compiled modules does not build (here the C compiler
+    refuses that one file), no module's extension is kept, stale ones from an earlier build included,
+    and the package imports as plain Python."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build with")
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        (tree / name).write_bytes((REPO / name).read_bytes())
+    shutil.copytree(
+        REPO / "src" / "computegroups", tree / "src" / "computegroups", ignore=shutil.ignore_patterns("*.so")
+    )
+    stale = tree / "src" / "computegroups" / f"manager{sysconfig.get_config_var('EXT_SUFFIX')}"
+    stale.write_bytes(b"an extension an earlier build left")
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\ncase "$*" in *__native_*) echo "refused" >&2; exit 1;; esac\nexec gcc "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "LDSHARED": f"{cc} -shared"}
+    env.pop("COMPUTEGROUPS_PURE_PYTHON", None)
+    out = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "did not build; installing pure Python" in out.stderr
+    assert not list((tree / "src").rglob("*.so"))
+    probe = "import computegroups.manager as m, computegroups.state.sqlite as s; print(m.__file__, s.__file__)"
+    where = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tree,
+        env={**env, "PYTHONPATH": str(tree / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert where.stdout.split() == [
+        str(tree / "src/computegroups/manager.py"),
+        str(tree / "src/computegroups/state/sqlite.py"),
+    ]
