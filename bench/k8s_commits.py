@@ -103,8 +103,12 @@ async def main(kubeconfig, ns, selector, who, sync, seconds, managers, concurren
         open(os.path.join(sync, "done-" + who), "w").close()
         while not all(os.path.exists(os.path.join(sync, "done-" + w)) for w in "ab"[: int(managers)]):
             await asyncio.sleep(0.01)
-        for gid in groups:
-            await mgr.deallocate_compute_group(gid)
+        async def release(mine):  # as many callers releasing at once as allocated
+            for gid in mine:
+                await mgr.deallocate_compute_group(gid)
+
+        n = int(concurrency)
+        await asyncio.gather(*(release(groups[i::n]) for i in range(n)))
     out = {"allocations": len(groups), "seconds": took, "conflicts": conflicts, "uuids": uuids}
     print(json.dumps(out))
 
@@ -149,7 +153,7 @@ def spawn(
         (Path(sync) / "go").touch()
         outs = []
         for p in procs:
-            out, err = p.communicate(timeout=seconds + 120)
+            out, err = p.communicate(timeout=2 * seconds + 300)  # allocating, then releasing
             if p.returncode != 0:
                 raise SystemExit(err[-2000:])
             outs.append(json.loads(out.strip().splitlines()[-1]))
