@@ -71,6 +71,30 @@ async def test_simulated_health_goes_through_the_same_monitor() -> None:
         Monitor(mgr, 0)
 
 
+async def test_a_change_the_provider_signals_is_taken_in_without_a_monitor_or_a_call() -> None:
+    """``provider.changes()``: the manager's follower samples again on its own; a sample that fails is
+    tried again until one succeeds."""
+    provider = SimulatedComputeResourceProvider.from_spec({"nodes": [{"id": "n", "preset": "hgx-a100"}]})
+    async with ComputeGroupManager(provider, ":memory:") as mgr:
+        assert mgr.monitor is None and mgr.follower is not None
+        provider.set_health("n", 2, False, "XID 79")
+        await wait_for(lambda: ("n", 2) in mgr.unhealthy_devices())
+        assert [e.kind for e in mgr.recent_events if e.node_id == "n"] == ["device-unhealthy"]
+        real, fails = provider.sample_health, [2]
+
+        async def flaky() -> list[Any]:
+            if fails[0]:
+                fails[0] -= 1
+                raise OSError("the provider is away for a moment")
+            return await real()
+
+        provider.sample_health = flaky  # type: ignore[method-assign]
+        provider.set_health("n", 2, True)
+        await wait_for(lambda: not mgr.unhealthy_devices())
+        assert fails == [0] and [e.kind for e in mgr.recent_events][-1] == "device-healthy"
+    assert mgr.follower.rounds >= 4
+
+
 async def test_monitor_hooks_run_each_round() -> None:
     seen: list[int] = []
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from computegroups.decide import Ledger, Plan, Staged, plan_expire
 from computegroups.errors import REFUSALS, ConflictError
 from computegroups.events import Publisher
+from computegroups.model import GroupRecord
 from computegroups.state.base import Changes, RevisionConflict, StateStore
 
 __all__ = ["Committer"]
@@ -123,26 +124,21 @@ class Committer:
             ledger.apply(changes.revision, changes.upserts, changes.deletes, changes.cordons)
         return seen is None
 
-    async def _expire(self, now: float) -> bool:
-        """Release reservations past their deadline (the expiry heap's first is) in a commit of their
-        own; False if there were none (the heap held only claimed or released ones)."""
+    async def _expire(self, due: list[GroupRecord], now: float) -> None:
+        """Release reservations past their deadline (``Ledger.due``) in a commit of their own."""
         ledger = self.ledger
-        due = ledger.due(now)
-        if not due:
-            return False
         expiry = plan_expire(due, now)
         try:
             rev = await self.store.commit(ledger.revision, expiry.upserts, (), expiry.events)
         except RevisionConflict:
             self.conflicts += 1
             ledger.requeue(due)  # someone else moved on; look at them again after catching up
-            return True
+            return
         ledger.apply(rev, expiry.upserts, ())
         self.expired += len(due)
         for event in expiry.events:  # in the log already, with its commit
             log.info("reservation %s of %s expired", event.group_id, event.component)
             self._events.emit(event, durable=False)
-        return True
 
     async def _commit(self, calls: Sequence[_Call], *, exact: bool = False) -> None:
         """Decide ``calls`` on the freshest state and commit their change sets as one; retry on a lost race.
@@ -162,8 +158,9 @@ class Committer:
                     await lock()
                 exact = await self.refresh(exact)
                 now = self._clock()
-                heap = ledger.expiry
-                if heap and heap[0][0] <= now and await self._expire(now):
+                due = ledger.due(now)  # sync, and [] at once when nothing is: no coroutine made
+                if due:
+                    await self._expire(due, now)
                     continue
                 if not calls:
                     return

@@ -52,7 +52,7 @@ from computegroups.model import (
     group_env,
     shown,
 )
-from computegroups.monitor import Hook, Monitor, observe_health, reconcile
+from computegroups.monitor import Follower, Hook, Monitor, observe_health, reconcile
 from computegroups.pools import Pool, parse_pools
 from computegroups.providers.base import ComputeResourceProvider, Inventory
 from computegroups.state.base import EventLog, StateStore
@@ -149,6 +149,7 @@ class ComputeGroupManager:
         #: awaited with a group's records before its release is committed (a runtime stops its worker)
         self.release_hooks: list[Callable[[Sequence[GroupRecord]], Awaitable[None]]] = []
         self.monitor: Monitor | None = None
+        self.follower: Follower | None = None  # health again on each change the provider signals
 
     @property
     def monitor_interval(self) -> float | None:
@@ -184,6 +185,10 @@ class ComputeGroupManager:
             if self.monitor_interval is not None:
                 self.monitor = Monitor(self, self.monitor_interval)
                 self.monitor.start()
+            changed = self.provider.changes()
+            if changed is not None:
+                self.follower = Follower(self, changed)
+                self.follower.start()
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -193,8 +198,9 @@ class ComputeGroupManager:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._entered = False
-        if self.monitor is not None:
-            await self.monitor.stop()
+        for background in (self.monitor, self.follower):
+            if background is not None:
+                await background.stop()
         try:
             await self._events.drain()
             await self.store.close()

@@ -5,7 +5,8 @@
 device health and utilization (so ``group.utilization`` and
 ``node.utilization`` are live), releases expired reservations, and runs the
 registered monitor hooks (the local runtime registers one that notices exited
-workers).
+workers). :class:`Follower` samples health again whenever the provider says something
+changed (the Kubernetes provider's watches of nodes, pods, slices and claims), monitor or not.
 
 :func:`reconcile` runs once when a manager opens, and whenever called: it
 compares the persisted state with what is really there and corrects it, each
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -37,8 +39,9 @@ from computegroups.decide.ledger import Ledger
 from computegroups.events import Event
 from computegroups.model import AllocationState, ComputeGroup, NodeSpec
 from computegroups.providers.base import DeviceHealth
+from computegroups.retry import backoff_s
 
-__all__ = ["Hook", "Managed", "Monitor", "observe_health", "reconcile"]
+__all__ = ["Follower", "Hook", "Managed", "Monitor", "observe_health", "reconcile"]
 
 log = logging.getLogger("computegroups.monitor")
 
@@ -87,17 +90,44 @@ def observe_health(
     return events
 
 
-class Monitor:
+class _Background:
+    """A loop in a background task of the manager's event loop, started and stopped with the manager."""
+
+    name = "computegroups-background"
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the background task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        """Stop the background task and wait for it (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class Monitor(_Background):
     """One monitoring round every ``interval_s`` seconds, in a background task of the manager's loop."""
+
+    name = "computegroups-monitor"
 
     def __init__(self, manager: Managed, interval_s: float) -> None:
         if not interval_s > 0:
             raise ValueError(f"monitor_interval: {interval_s!r} is not a number of seconds > 0")
+        super().__init__()
         self.manager = manager
         self.interval_s = interval_s
         self.rounds = 0
         self.errors = 0
-        self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> list[Event]:
         """One round: health and utilization, expired reservations, then each monitor hook."""
@@ -120,18 +150,44 @@ class Monitor:
                 log.exception("monitor round failed")
             await asyncio.sleep(self.interval_s)
 
-    def start(self) -> None:
-        """Start the background task (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="computegroups-monitor")
 
-    async def stop(self) -> None:
-        """Stop the background task and wait for it (idempotent)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+class Follower(_Background):
+    """Health sampled again as soon as the provider says something changed (``provider.changes()``):
+    an open manager marks what other workloads took (or gave back) within ``settle_s`` of the
+    provider's watch delivering it, monitor or not. Changes that come together are taken in one
+    sample: after each signal it waits ``settle_s`` (or twice as long as the last sample took), then
+    clears the signal and samples."""
+
+    name = "computegroups-follower"
+
+    def __init__(self, manager: Managed, changed: asyncio.Event, settle_s: float = 0.05) -> None:
+        super().__init__()
+        self.manager = manager
+        self.changed = changed
+        self.settle_s = settle_s
+        self.rounds = 0
+
+    async def _run(self) -> None:
+        failures = 0
+        took = 0.0
+        while True:
+            await self.changed.wait()
+            # At most a third of the loop's time goes to samples, however often things change.
+            await asyncio.sleep(max(2 * took, backoff_s(failures, initial_s=self.settle_s, max_s=5.0)))
+            self.changed.clear()
+            started = time.monotonic()
+            try:
+                await self.manager.refresh_health()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # try again, later and later, while the provider fails
+                failures += 1
+                self.changed.set()
+                if failures == 1:
+                    log.warning("health after a change: %s", exc)
+            took = time.monotonic() - started
+            self.rounds += 1
 
 
 async def reconcile(manager: Managed) -> list[Event]:

@@ -39,7 +39,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as _uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -475,9 +475,12 @@ class ControlPlane:
         "-persistentvolume-attach-detach-controller",
     )
 
-    def __init__(self, bin_dir: Path, workdir: Path, controller_manager: bool = True):
+    def __init__(
+        self, bin_dir: Path, workdir: Path, controller_manager: bool = True, apiserver_args: Sequence[str] = ()
+    ):
         self.bin_dir = Path(bin_dir)
         self.controller_manager = controller_manager
+        self.apiserver_args = list(apiserver_args)
         self.workdir = Path(workdir)
         self.procs: list[_Proc] = []
         self.timings: dict[str, float] = {}
@@ -505,18 +508,20 @@ class ControlPlane:
         workdir: Path | None = None,
         timeout: float = 120.0,
         controller_manager: bool = True,
+        apiserver_args: Sequence[str] = (),
     ) -> ControlPlane:
         """Start all components and wait until each is ready.
 
         ``controller_manager=False`` skips kube-controller-manager (then no
         namespace/garbage-collector/Job/ResourceClaim controllers run, and the
         ServiceAccount admission plugin is disabled because nothing would create
-        the per-namespace ``default`` ServiceAccount)."""
+        the per-namespace ``default`` ServiceAccount). ``apiserver_args`` are added to
+        kube-apiserver's (a later flag wins: ``--watch-cache=false``)."""
         if bin_dir is None:
             bin_dir = find_binaries()
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="cg-k8s-"))
-        cp = cls(bin_dir, workdir, controller_manager=controller_manager)
+        cp = cls(bin_dir, workdir, controller_manager=controller_manager, apiserver_args=apiserver_args)
         try:
             cp._start(timeout)
         except BaseException:
@@ -636,6 +641,7 @@ class ControlPlane:
                 "--endpoint-reconciler-type=none",
                 "--watch-cache=true",
                 "--v=1",
+                *self.apiserver_args,
             ],
         )
         admin = self.client()

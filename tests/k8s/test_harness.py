@@ -126,7 +126,8 @@ def test_crd_openapi_schema_rejects_invalid_object(k8s_cluster: ControlPlane, k8
     api.wait_for(
         f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{plural}.{group}",
         lambda o: any(
-            c["type"] == "Established" and c["status"] == "True" for c in o.get("status", {}).get("conditions", [])
+            c["type"] == "Established" and c["status"] == "True"
+            for c in (o.get("status") or {}).get("conditions") or []
         ),
         timeout=30,
         what="CRD Established",

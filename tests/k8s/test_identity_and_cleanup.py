@@ -254,12 +254,15 @@ async def test_failed_pod_deletion_is_finished_later(
 async def test_an_open_manager_sees_gpus_another_workload_takes(
     k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path
 ) -> None:
-    """With a monitor running, GPUs another namespace takes are avoided without reopening."""
+    """No monitor, no call: the provider's watch of pods marks what another namespace takes, and
+    frees it again when that pod is gone, while the manager stays open."""
     (node,), selector = make_nodes(k8s_cluster, 1, dra=False)
-    async with manager(sa, k8s_namespace, selector, monitor_interval=0.2) as mgr:
+    async with manager(sa, k8s_namespace, selector) as mgr:
+        assert mgr.monitor is None and mgr.follower is not None
         mine = await mgr.allocate_compute_group("mine", {"gpus": 2})
         other = _other_namespace(k8s_cluster)
-        k8s_cluster.client().post(f"/api/v1/namespaces/{other}/pods", _pod("someone-else", other, node, gpus=6))
+        api = k8s_cluster.client()
+        api.post(f"/api/v1/namespaces/{other}/pods", _pod("someone-else", other, node, gpus=6))
         for _ in range(300):
             if len(mgr.unhealthy_devices()) == 6:
                 break
@@ -271,3 +274,11 @@ async def test_an_open_manager_sees_gpus_another_workload_takes(
             await mgr.allocate_compute_group("more", {"gpus": 1})
         assert (await mgr.get_allocation_summary())["free_gpus"] == 0
         assert (await mgr.get_compute_group(mine.id)).record.state.value == "allocated"
+        api.request("DELETE", f"/api/v1/namespaces/{other}/pods/someone-else", {"gracePeriodSeconds": 0})
+        for _ in range(300):
+            if not mgr.unhealthy_devices():
+                break
+            await asyncio.sleep(0.1)
+        assert (await mgr.get_allocation_summary())["free_gpus"] == 6
+        more = await mgr.allocate_compute_group("more", {"gpus": 6})
+        assert set(more.resources["gpu_indices"]) == {2, 3, 4, 5, 6, 7}

@@ -165,6 +165,16 @@ async def test_foreign_pods_cordon_and_health(k8s_cluster: ControlPlane, k8s_nam
         assert all(h.reason.startswith("taken: 3 of 8 GPUs are requested by other pods") for h in sick)
 
 
+async def _health_events(mgr: ComputeGroupManager, n: int) -> list[Any]:
+    """The health events of the open manager, once there are ``n`` (at most 30 s)."""
+    for _ in range(300):
+        events = [e for e in mgr.recent_events if e.kind.startswith("device-")]
+        if len(events) >= n:
+            return events
+        await asyncio.sleep(0.1)
+    return events
+
+
 async def test_node_not_ready_marks_gpus_unhealthy(k8s_cluster: ControlPlane, k8s_namespace: str, sa: Path) -> None:
     names, selector = make_nodes(k8s_cluster, 1, dra=False)
     async with manager(sa, k8s_namespace, selector) as mgr:
@@ -177,7 +187,7 @@ async def test_node_not_ready_marks_gpus_unhealthy(k8s_cluster: ControlPlane, k8
             if c["type"] == "Ready":
                 c.update(status="False", reason="KubeletNotReady")
         api.put(f"/api/v1/nodes/{names[0]}/status", node)
-        events = await mgr.refresh_health()
+        events = await _health_events(mgr, 8)  # seen by the watch of nodes, without a call
         assert len(events) == 8 and all(e.kind == "device-unhealthy" for e in events)
         assert "KubeletNotReady" in events[0].detail
         with pytest.raises(Exception, match=r"no node can take"):
@@ -222,7 +232,7 @@ async def test_device_taint_marks_gpu_unhealthy(k8s_cluster: ControlPlane, k8s_n
         rs = api.get(path)
         rs["spec"]["devices"][2]["taints"] = [{"key": "gpu.nvidia.com/xid", "value": "79", "effect": "NoSchedule"}]
         api.put(path, rs)
-        events = await mgr.refresh_health()
+        events = await _health_events(mgr, 1)  # seen by the watch of slices, without a call
         assert [(e.kind, e.node_id, e.detail) for e in events] == [
             ("device-unhealthy", names[0], "GPU 2: device taint gpu.nvidia.com/xid=79:NoSchedule")
         ]

@@ -9,6 +9,7 @@ the same way everywhere.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -106,3 +107,9 @@ class ComputeResourceProvider(ABC):
     async def sample_health(self) -> Sequence[DeviceHealth]:
         """Health and utilization of every device; providers that cannot tell return nothing."""
         return ()
+
+    def changes(self) -> asyncio.Event | None:
+        """An event the provider sets when what :meth:`sample_health` reports may have changed (a
+        watch delivered something), so an open manager samples again at once (``monitor.Follower``);
+        None (the default): only sampling tells."""
+        return None

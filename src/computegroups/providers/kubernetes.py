@@ -1,7 +1,10 @@
 """The Kubernetes provider: nodes and GPUs from the API server, groups as pods and ResourceClaims.
 
-Discovery lists nodes (optionally by label selector), the pods and ResourceClaims that
-already hold GPUs, and the ``gpu.nvidia.com`` DRA ResourceSlices; the rules are in
+Discovery follows nodes (optionally by label selector), the pods and ResourceClaims that
+hold GPUs, and the ``gpu.nvidia.com`` DRA ResourceSlices: each is listed once and then watched
+(:mod:`computegroups.kube.informer`), every discovery and health sample is built from those
+caches, and each change sets :meth:`KubernetesComputeResourceProvider.changes`, so an open manager
+takes it in at once (``monitor.Follower``); the rules are in
 :mod:`computegroups.providers.k8s.discovery`. Decisions and state stay with the manager;
 pair this provider with :class:`~computegroups.state.kubernetes.KubernetesStateStore`
 (``provider.state_store()``) so several managers on one cluster share one state.
@@ -38,6 +41,7 @@ from typing import Any
 
 from computegroups.errors import ProviderError, StateError
 from computegroups.kube.client import KubeClient, KubeError, Obj
+from computegroups.kube.informer import Informer
 from computegroups.kube.names import STORE_LABEL, cr_name
 from computegroups.model import MILLI, AllocationState, ComputeGroup, DeviceShare, GroupRecord, group_env
 from computegroups.providers.base import ComputeResourceProvider, DeviceHealth, Inventory
@@ -205,6 +209,8 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         self.include_cpu_nodes = include_cpu_nodes
         self.store_name = store_name
         self._client: KubeClient | None = None
+        self._informers: tuple[Informer, Informer, Informer, Informer] | None = None
+        self._changed = asyncio.Event()
         self._discovered = Discovered()
         self._materialised: dict[str, str] = {}  # group id -> component
         self._made: dict[str, set[str]] = {}  # group id -> API paths of the pods and claims made here
@@ -231,6 +237,9 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         return self._client
 
     async def close(self) -> None:
+        informers, self._informers = self._informers or (), None
+        for informer in informers:
+            await informer.close()
         task, self._retry_task = self._retry_task, None
         if task is not None:
             task.cancel()
@@ -297,15 +306,45 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         except KubeError as exc:
             raise ProviderError(f"kubernetes: {exc.one_line()}") from exc
 
-    async def _list_optional(self, path: str, **params: Any) -> list[Obj]:
-        """List a DRA collection; an API the server does not serve gives nothing."""
-        client = await self._connect()
-        try:
-            return list((await client.list(path, **params))["items"])
-        except KubeError as exc:
-            if exc.status == 404:
-                return []
-            raise ProviderError(f"kubernetes: {exc.one_line()}") from exc
+    async def _follow(self) -> tuple[Informer, Informer, Informer, Informer]:
+        """The informers of nodes, pods, ResourceSlices and ResourceClaims, started (listed) on first use.
+
+        Where the server does not serve DRA (``404``), or with ``dra=False``, slices and claims stay empty.
+        """
+        if self._informers is None:
+            client = await self._connect()
+            nodes, pods, slices, claims = (
+                Informer(client, path, params=params, changed=self._changed)
+                for path, params in (
+                    ("/api/v1/nodes", {"labelSelector": self.node_selector}),
+                    ("/api/v1/pods", {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}),
+                    ("/apis/resource.k8s.io/v1/resourceslices", {"fieldSelector": f"spec.driver={DRA_DRIVER}"}),
+                    ("/apis/resource.k8s.io/v1/resourceclaims", {}),
+                )
+            )
+            try:
+                await nodes.start()
+                await pods.start()
+                if self.dra not in (False, "false", "off"):
+                    try:
+                        await slices.start()
+                        await claims.start()
+                    except KubeError as exc:
+                        if exc.status != 404:
+                            raise
+                        await slices.close()
+            except BaseException as exc:
+                for informer in (nodes, pods, slices, claims):
+                    await informer.close()
+                if isinstance(exc, KubeError):
+                    raise ProviderError(f"kubernetes: {exc.one_line()}") from exc
+                raise
+            self._informers = (nodes, pods, slices, claims)
+        return self._informers
+
+    def changes(self) -> asyncio.Event:
+        """Set whenever a node, pod, ResourceSlice or ResourceClaim changed since it was cleared."""
+        return self._changed
 
     # -- discovery --------------------------------------------------------------------
     async def _discover(self) -> Discovered:
@@ -314,19 +353,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         The order matters for the sweep: a pod or claim is made only after its group is committed,
         so every one listed here has its group in the records read after it.
         """
-        client = await self._connect()
-        nodes = (await self._call(client.list("/api/v1/nodes", labelSelector=self.node_selector)))["items"]
-        pods = (
-            await self._call(client.list("/api/v1/pods", fieldSelector="status.phase!=Succeeded,status.phase!=Failed"))
-        )["items"]
-        slices: list[Obj] = []
-        claims: list[Obj] = []
-        if self.dra not in (False, "false", "off"):
-            slices = await self._list_optional(
-                "/apis/resource.k8s.io/v1/resourceslices", fieldSelector=f"spec.driver={DRA_DRIVER}"
-            )
-            if slices:
-                claims = await self._list_optional("/apis/resource.k8s.io/v1/resourceclaims")
+        nodes, pods, slices, claims = (list(i.items.values()) for i in await self._follow())
         store = (self.namespace, self.store_name)
         slots = {n["metadata"]["name"] for n in nodes if (n.get("metadata") or {}).get("name")}
         slots -= {str((s.get("spec") or {}).get("nodeName")) for s in slices}

@@ -19,6 +19,7 @@ and index, so they are stable across runs and processes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping
@@ -242,6 +243,7 @@ class SimulatedComputeResourceProvider(EnvironmentProvider):
         self._nodes = nodes
         super().__init__()
         self._health: dict[tuple[str, int], DeviceHealth] = {}
+        self._changed = asyncio.Event()
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | str | Path | None = None) -> SimulatedComputeResourceProvider:
@@ -265,8 +267,13 @@ class SimulatedComputeResourceProvider(EnvironmentProvider):
         }
 
     def set_health(self, node_id: str, index: int, healthy: bool, reason: str = "") -> None:
-        """Simulate a device turning unhealthy (or recovering); the monitor picks it up."""
+        """Simulate a device turning unhealthy (or recovering): an open manager takes it in at once, as
+        it does what a Kubernetes provider's watches deliver (:meth:`changes`), and so does a sample."""
         self._health[(node_id, index)] = DeviceHealth(node_id, index, healthy, reason)
+        self._changed.set()
+
+    def changes(self) -> asyncio.Event:
+        return self._changed
 
     async def sample_health(self) -> list[DeviceHealth]:
         return list(self._health.values())

@@ -41,7 +41,7 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,8 +49,8 @@ from typing import Any
 from computegroups.errors import StateError
 from computegroups.events import Event
 from computegroups.kube.client import KubeClient, KubeError, Obj
+from computegroups.kube.informer import follow
 from computegroups.kube.names import API_GROUP, MANAGED_BY, STORE_LABEL
-from computegroups.retry import backoff_s
 from computegroups.state.base import EVENT_LIMIT
 
 __all__ = [
@@ -79,7 +79,6 @@ AGGREGATE_KEYS = 4096
 QUEUE_LIMIT = 1000
 FLUSH_S = 5.0  # close() waits this long for the queue to be written
 MESSAGE_LIMIT = 1024  # the API server refuses a longer message; the detail is then kept in an annotation
-WATCH_S = 300  # the server ends each watch after this long; it is started again from where it was
 WARNING_KINDS = frozenset({"refused", "provider-error"})
 WARNING_SUFFIXES = ("-unhealthy", "-shortfall", "-vanished")
 
@@ -444,66 +443,36 @@ class KubeEventLog:
                 self._seen.append(e)
         self._rv = rv
 
-    async def _watch(self) -> None:
-        """Add each new event and count increment as the API server reports it; list again when too far behind."""
-        failures = 0
-        while True:
-            started = time.monotonic()
-            changed = False
-            try:
-                if self._rv is None:
-                    await self._list()
-                async for change in self._client().watch(
-                    self.path,
-                    timeout_s=WATCH_S,
-                    labelSelector=self.selector,
-                    resourceVersion=self._rv,
-                    allowWatchBookmarks="true",
-                ):
-                    changed = True
-                    failures = 0
-                    if not self._apply(change):
-                        self._rv = None  # the history it would resume from is gone: list again
-                        break
-                if changed or time.monotonic() - started > 1:
-                    continue
-                failures += 1  # ended at once with nothing: wait a little, as after an error
-            except KubeError as exc:
-                if exc.status == 410:
-                    self._rv = None
-                    continue
-                failures += 1
-                if failures == 1:
-                    log.warning("events %s/%s: watching failed, trying again: %s", self.namespace, self.store, exc)
-            except (StateError, ValueError) as exc:  # the store closed; an unreadable line
-                failures += 1
-                if failures == 1:
-                    log.warning("events %s/%s: watching failed, trying again: %s", self.namespace, self.store, exc)
-            await asyncio.sleep(backoff_s(failures, initial_s=0.5, max_s=30.0, jitter=0.5))
+    def _watch(self) -> Coroutine[Any, Any, None]:
+        """Add each new event and count increment as the API server reports it (``kube.informer.follow``:
+        from the list's version; listed again when too far behind)."""
+        return follow(
+            self._client,
+            self.path,
+            self._relist,
+            self._apply,
+            what=f"events {self.namespace}/{self.store}",
+            params={"labelSelector": self.selector},
+            since=self._rv,
+        )
 
-    def _apply(self, change: Obj) -> bool:
-        """Take one watch event in; False when the server says the watch is too old (410 Gone)."""
-        kind = change.get("type")
-        obj = change.get("object") or {}
-        if kind == "ERROR":
-            code = int(obj.get("code") or 0)
-            if code == 410:
-                return False
-            raise KubeError(code, "watch", "events", str(obj.get("message") or ""))
+    async def _relist(self) -> str:
+        await self._list()
+        return self._rv or ""
+
+    def _apply(self, kind: str, obj: Obj) -> None:
+        """Take one watch event in."""
         meta = obj.get("metadata") or {}
-        if meta.get("resourceVersion"):
-            self._rv = str(meta["resourceVersion"])
         name = str(meta.get("name") or "")
         if kind == "DELETED":
             self._counts.pop(name, None)
-            return True
+            return
         if kind not in ("ADDED", "MODIFIED"):
-            return True  # BOOKMARK: only the resourceVersion
+            return  # BOOKMARK: only the resourceVersion
         count = int(obj.get("count") or 1)
         if count <= self._counts.get(name, 0):
-            return True  # not a new occurrence (a label or annotation changed)
+            return  # not a new occurrence (a label or annotation changed)
         self._counts[name] = count
         e = event_of(obj)
         if e is not None and (not self._seen or e.seq > self._seen[-1].seq):
             self._seen.append(e)
-        return True

@@ -65,6 +65,7 @@ from typing import Any
 from computegroups.errors import StateError
 from computegroups.events import Event
 from computegroups.kube.client import KubeClient, KubeError, Obj
+from computegroups.kube.informer import follow
 from computegroups.kube.names import (
     API_GROUP,
     API_VERSION,
@@ -92,7 +93,6 @@ LOG_BYTES = 16 * 1024  # about this much JSON of change sets in the ledger (the 
 MIRROR_LAG = 6  # a change set this old that no writer confirmed in the group objects is written again
 BACKOFF_BASE = 0.002  # seconds; a writer that lost n races in a row waits up to BASE * 2**n (jittered)
 BACKOFF_CAP = 0.05
-WATCH_S = 300  # seconds a watch of the ledger stays open before it is reopened
 MIRROR_DELAY_S = 0.05  # the group-object writer waits this long after a commit, for more to gather
 
 
@@ -192,45 +192,29 @@ class KubernetesStateStore:
 
     # -- following the ledger ---------------------------------------------------------
     async def _follow(self) -> None:
-        """Keep ``self._ledger`` as new as the API server's: watch it, reopening the watch as needed."""
-        collection = self._ledger_path.rsplit("/", 1)[0]
-        pause = 0.05
-        while True:
-            ledger = self._ledger
-            if ledger is None:
-                try:
-                    ledger = self._ledger = await self._get_ledger()
-                except StateError as exc:
-                    log_.debug("state %s: ledger read for the watch failed: %s", self, exc)
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, 2.0)
-                    continue
-            version = str(ledger["metadata"]["resourceVersion"])
-            try:
-                stream = self.client.watch(
-                    collection,
-                    timeout_s=WATCH_S,
-                    fieldSelector=f"metadata.name={self.name}",
-                    resourceVersion=version,
-                    allowWatchBookmarks="true",
-                )
-                self._following = True
-                async for event in stream:
-                    kind, obj = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":  # 410 Gone: that version is compacted away; read again
-                        self._ledger = None
-                        break
-                    if kind in ("ADDED", "MODIFIED"):
-                        self._take(obj)
-                pause = 0.05
-            except (KubeError, StateError, ValueError) as exc:
-                log_.debug("state %s: the ledger's watch broke: %s", self, exc)
-                self._following = False
-                self._ledger = None
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, 2.0)
-            finally:
-                self._following = False
+        """Keep ``self._ledger`` as new as the API server's: watch it (``kube.informer.follow``)."""
+        held = self._ledger
+        await follow(
+            lambda: self.client,
+            self._ledger_path.rsplit("/", 1)[0],
+            self._reread,
+            self._delivered,
+            what=f"the ledger of {self}",
+            params={"fieldSelector": f"metadata.name={self.name}"},
+            watching=self._watching,
+            since=str(held["metadata"]["resourceVersion"]) if held is not None else None,
+        )
+
+    async def _reread(self) -> str:
+        ledger = self._ledger = await self._get_ledger()
+        return str(ledger["metadata"]["resourceVersion"])
+
+    def _delivered(self, kind: str, obj: Obj) -> None:
+        if kind in ("ADDED", "MODIFIED"):
+            self._take(obj)
+
+    def _watching(self, open_: bool) -> None:
+        self._following = open_
 
     def _take(self, obj: Obj) -> None:
         """A ledger version the watch delivered: kept if it is newer than the one held."""

@@ -730,13 +730,12 @@ class SqliteStateStore:
                 self._log_events(logged)
             if cordons:
                 conn.executemany(_MARK, [(node, rev, why) for node, why in cordons.items()])
-            conn.execute("COMMIT")
+            self._end_write()
         except BaseException as exc:
             self._abort(exc)
             raise
         finally:
             self._held = None
-        self._committed()
         # Still known if it was known at ``expected``: the swap from it succeeded, so none came between.
         self._known = rev if self._known == expected else None
         return rev
@@ -749,8 +748,10 @@ class SqliteStateStore:
         if isinstance(exc, sqlite3.DatabaseError):
             raise self._error(f"write failed: {exc}") from exc
 
-    def _committed(self) -> None:
-        """After each own COMMIT: the background checkpoint every :data:`_CHECKPOINT_EVERY` commits."""
+    def _end_write(self) -> None:
+        """COMMIT this connection's write transaction (``_abort`` if it raises); every
+        :data:`_CHECKPOINT_EVERY` commits, wake the background checkpoint."""
+        self.conn.execute("COMMIT")
         self._commits += 1
         if self._commits >= _CHECKPOINT_EVERY and self._checkpointer is not None:
             self._commits = 0
@@ -775,11 +776,10 @@ class SqliteStateStore:
         await self._begin("BEGIN IMMEDIATE")
         try:
             self._log_events(rows)
-            self.conn.execute("COMMIT")
+            self._end_write()
         except BaseException as exc:
             self._abort(exc)
             raise
-        self._committed()
 
     async def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
         """The kept events numbered after ``seq``, oldest first (at most ``limit``)."""
