@@ -5,11 +5,12 @@ The same rules run against the real control plane in tests/k8s; here each rule i
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from computegroups.decide import Ledger
 from computegroups.model import MILLI, AllocationState, DeviceShare, GroupRecord
-from computegroups.providers.k8s.discovery import build_node_specs, pick_taken
+from computegroups.providers.k8s.discovery import build_node_specs, node_view, pick_taken
 
 
 def _node(name: str, gpus: int = 8) -> dict[str, Any]:
@@ -88,3 +89,23 @@ def test_taken_devices_are_not_allocatable_nor_free() -> None:
     )
     ledger.reload(1, [rec])  # marks outlive a full reload of the records
     assert ledger.cluster.nodes[0].free_count == 2 and ("a", 3) in ledger.unhealthy
+
+
+def test_a_node_heartbeat_changes_nothing_discovery_reads() -> None:
+    """``node_view``: the node informer signals a change only when discovery would see one."""
+    node = _node("a")
+    ready = {"type": "Ready", "status": "True", "reason": "KubeletReady", "lastHeartbeatTime": "2026-12-02T10:00:00Z"}
+    node["status"]["conditions"] = [ready]
+    beat = copy.deepcopy(node)
+    beat["status"]["conditions"][0]["lastHeartbeatTime"] = "2026-12-02T10:00:20Z"
+    beat["metadata"]["resourceVersion"] = "2"
+    assert node_view(beat) == node_view(node)
+    for change in (
+        lambda n: n["status"]["conditions"][0].update(status="False", reason="KubeletNotReady"),
+        lambda n: n["metadata"]["labels"].update({"nvidia.com/gpu.clique": "c1"}),
+        lambda n: n.update(spec={"unschedulable": True}),
+        lambda n: n["status"]["allocatable"].update({"nvidia.com/gpu": "7"}),
+    ):
+        moved = copy.deepcopy(node)
+        change(moved)
+        assert node_view(moved) != node_view(node)

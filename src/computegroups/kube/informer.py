@@ -6,7 +6,7 @@ reads): list once, then watch from the list's ``resourceVersion`` with bookmarks
 version on with every event; when the server ends a watch (after ``timeout_s``) or the connection
 drops, watch again from the last version, so nothing is missed and nothing is listed again; when
 the server says that version is too old (``410 Gone``: etcd compacted it away), list again (a
-resync) and go on from there. Failures back off (doubling, jittered, up to 30 s) and are logged
+resync) and go on from there. Failures back off (doubling, jittered, up to 5 s) and are logged
 once per run of failures.
 
 :class:`Informer` keeps a collection's objects by namespace and name on that loop, with a version
@@ -111,7 +111,7 @@ async def follow(
         finally:
             if watching is not None:
                 watching(False)
-        await asyncio.sleep(backoff_s(failures, initial_s=0.05, max_s=30.0, jitter=0.5))
+        await asyncio.sleep(backoff_s(failures, initial_s=0.05, max_s=5.0, jitter=0.5))
 
 
 class Informer:
@@ -120,7 +120,8 @@ class Informer:
     :meth:`start` lists it (raising :class:`KubeError` if that fails, so the caller's first view is
     complete or refused) and then follows it in a background task. ``version`` moves on with every
     change taken in, and ``changed`` (set on each; the reader clears it) is shared by the informers
-    a reader follows together.
+    a reader follows together. With ``relevant`` (what the reader reads of an object), a change that
+    leaves it equal (a status heartbeat) is kept without moving either.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Informer:
         *,
         params: Mapping[str, str | None] | None = None,
         changed: asyncio.Event | None = None,
+        relevant: Callable[[Obj], object] | None = None,
     ) -> None:
         self.client = client
         self.path = path
@@ -137,6 +139,7 @@ class Informer:
         self.items: dict[str, Obj] = {}
         self.version = 0
         self.changed = changed if changed is not None else asyncio.Event()
+        self.relevant = relevant
         self.lists = 0  # how many times the collection was listed (1 + one per resync)
         self._task: asyncio.Task[None] | None = None
 
@@ -167,7 +170,11 @@ class Informer:
 
     def _take(self, kind: str, obj: Obj) -> None:
         if kind in ("ADDED", "MODIFIED"):
-            self.items[key_of(obj)] = obj
+            key = key_of(obj)
+            held = self.items.get(key)
+            self.items[key] = obj
+            if held is not None and self.relevant is not None and self.relevant(held) == self.relevant(obj):
+                return  # kept, but nothing a reader derives from it moved
         elif kind == "DELETED":
             self.items.pop(key_of(obj), None)
         else:

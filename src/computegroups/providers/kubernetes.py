@@ -55,6 +55,7 @@ from computegroups.providers.k8s.discovery import (
     device_taint,
     is_ours,
     node_health,
+    node_view,
     pod_requests,
     share_capacity,
 )
@@ -314,12 +315,12 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         if self._informers is None:
             client = await self._connect()
             nodes, pods, slices, claims = (
-                Informer(client, path, params=params, changed=self._changed)
-                for path, params in (
-                    ("/api/v1/nodes", {"labelSelector": self.node_selector}),
-                    ("/api/v1/pods", {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}),
-                    ("/apis/resource.k8s.io/v1/resourceslices", {"fieldSelector": f"spec.driver={DRA_DRIVER}"}),
-                    ("/apis/resource.k8s.io/v1/resourceclaims", {}),
+                Informer(client, path, params=params, changed=self._changed, relevant=relevant)
+                for path, params, relevant in (
+                    ("/api/v1/nodes", {"labelSelector": self.node_selector}, node_view),  # not heartbeats
+                    ("/api/v1/pods", {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}, None),
+                    ("/apis/resource.k8s.io/v1/resourceslices", {"fieldSelector": f"spec.driver={DRA_DRIVER}"}, None),
+                    ("/apis/resource.k8s.io/v1/resourceclaims", {}, None),
                 )
             )
             try:

@@ -183,6 +183,16 @@ def node_cordoned(node: Obj, tolerations: Sequence[Obj] = ()) -> str:
     return ""
 
 
+def node_view(node: Obj) -> object:
+    """What discovery reads of a Node (labels, spec, allocatable and capacity, conditions without their
+    times): a change that leaves it equal, such as a kubelet's status heartbeat, changes nothing."""
+    meta, status = node.get("metadata") or {}, node.get("status") or {}
+    conditions = [
+        (c.get("type"), c.get("status"), c.get("reason"), c.get("message")) for c in status.get("conditions") or []
+    ]
+    return (meta.get("labels"), node.get("spec"), status.get("allocatable"), status.get("capacity"), conditions)
+
+
 def node_health(node: Obj) -> str:
     """``""`` if the node is Ready, else why not (``Ready=False: KubeletNotReady``)."""
     for c in (node.get("status") or {}).get("conditions") or []:
