@@ -29,7 +29,6 @@ reports it healthy again or an operator clears it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,6 +39,7 @@ from computegroups.events import Event
 from computegroups.model import AllocationState, ComputeGroup, NodeSpec
 from computegroups.providers.base import DeviceHealth
 from computegroups.retry import backoff_s
+from computegroups.tasks import stop_task
 
 __all__ = ["Follower", "Hook", "Managed", "Monitor", "observe_health", "reconcile"]
 
@@ -109,10 +109,7 @@ class _Background:
     async def stop(self) -> None:
         """Stop the background task and wait for it (idempotent)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
 
 class Monitor(_Background):

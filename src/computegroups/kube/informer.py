@@ -17,13 +17,13 @@ rebuilds what it derives only when something changed, and can wait for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from computegroups.kube.client import KubeClient, KubeError, Obj
 from computegroups.retry import backoff_s
+from computegroups.tasks import stop_task
 
 __all__ = ["WATCH_S", "Informer", "follow", "key_of"]
 
@@ -191,7 +191,4 @@ class Informer:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)

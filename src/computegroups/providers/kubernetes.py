@@ -61,6 +61,7 @@ from computegroups.providers.k8s.discovery import (
 )
 from computegroups.retry import backoff_s
 from computegroups.state.kubernetes import KubernetesStateStore
+from computegroups.tasks import stop_task
 
 __all__ = ["GROUP_LABEL", "KubernetesComputeResourceProvider", "pod_fragment", "resource_claim"]
 
@@ -242,10 +243,7 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         for informer in informers:
             await informer.close()
         task, self._retry_task = self._retry_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         if self._reader is not None:
             reader, self._reader = self._reader, None
             await reader.close()

@@ -34,7 +34,6 @@ server's ``--event-ttl`` (1 h by default), counted from each object's last write
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import os
@@ -52,6 +51,7 @@ from computegroups.kube.client import KubeClient, KubeError, Obj
 from computegroups.kube.informer import follow
 from computegroups.kube.names import API_GROUP, MANAGED_BY, STORE_LABEL
 from computegroups.state.base import EVENT_LIMIT
+from computegroups.tasks import stop_task
 
 __all__ = [
     "AGGREGATE_WINDOW_S",
@@ -375,9 +375,7 @@ class KubeEventLog:
             try:
                 await asyncio.wait_for(asyncio.shield(writer), timeout_s)
             except TimeoutError:
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writer
+                await stop_task(writer)
         if self._queue:
             self._drop(sum(p.count for p in self._queue.values()))
             self._queue.clear()
@@ -385,10 +383,7 @@ class KubeEventLog:
     async def close(self) -> None:
         """Stop watching; write what is queued (for up to :data:`FLUSH_S`). The client is still open."""
         watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await stop_task(watcher)
         await self.flush(FLUSH_S)
         if self.dropped or self.failed:
             log.warning(

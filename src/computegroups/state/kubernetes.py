@@ -54,7 +54,6 @@ verb and the resource (``forbidden: cannot update computegroupledgers.computegro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -78,6 +77,7 @@ from computegroups.kube.names import (
 from computegroups.model import AllocationState, GroupRecord
 from computegroups.state.base import NO_CORDONS, Changes, Cordons, RevisionConflict
 from computegroups.state.k8s_events import EVENT_BURST, EVENT_RATE, KubeEventLog
+from computegroups.tasks import stop_task
 
 __all__ = ["API_GROUP", "API_VERSION", "KubernetesStateStore", "cr_name"]
 
@@ -180,8 +180,7 @@ class KubernetesStateStore:
             for task in tasks:
                 task.cancel()
             for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop_task(task)
             self._following = False
             if self._client is not None:
                 try:

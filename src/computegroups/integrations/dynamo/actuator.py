@@ -62,7 +62,6 @@ namespace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import json
@@ -90,6 +89,7 @@ from computegroups.integrations.etcd import EtcdClient, EtcdError
 from computegroups.manager import Event
 from computegroups.retry import backoff_s
 from computegroups.runtime.local import LocalRuntime
+from computegroups.tasks import stop_task
 
 __all__ = [
     "DECODE",
@@ -809,9 +809,7 @@ class DynamoActuator:
                 stopper.cancel()
         finally:
             watcher.stop()
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+            await stop_task(keepalive)
             # The lease is left to expire (not revoked): an actuator restarted within its TTL
             # finds its acknowledgement still there, and the planner is not held up meanwhile.
             self.release_lock()
