@@ -32,10 +32,6 @@ log = logging.getLogger("computegroups.k8s")
 WATCH_S = 300  # the server ends each watch after this long; it is started again from where it was
 
 
-class Gone(Exception):
-    """The watch's resourceVersion is older than the server keeps (410): list again."""
-
-
 def key_of(obj: Obj) -> str:
     """``namespace/name`` (``name`` for cluster-scoped objects)."""
     meta = obj.get("metadata") or {}
@@ -80,11 +76,8 @@ async def follow(
             async for change in stream:
                 kind = str(change.get("type") or "")
                 obj = change.get("object") or {}
-                if kind == "ERROR":
-                    code = int(obj.get("code") or 0)
-                    if code == 410:
-                        raise Gone
-                    raise KubeError(code, "watch", what, str(obj.get("message") or ""))
+                if kind == "ERROR":  # 410 Gone is answered below, as for an HTTP 410
+                    raise KubeError(int(obj.get("code") or 0), "watch", what, str(obj.get("message") or ""))
                 version = (obj.get("metadata") or {}).get("resourceVersion")
                 if version:
                     rv = str(version)
@@ -94,9 +87,6 @@ async def follow(
             if delivered or time.monotonic() - started > 1:
                 continue
             failures += 1  # ended at once with nothing: wait a little, as after an error
-        except Gone:
-            rv = None
-            continue
         except KubeError as exc:
             if exc.status == 410:
                 rv = None
