@@ -16,6 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 COMPILED = [
     "src/computegroups/memo.py",
+    "src/computegroups/model.py",
     "src/computegroups/topology.py",
     "src/computegroups/placement/cluster.py",
     "src/computegroups/placement/engine.py",

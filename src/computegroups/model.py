@@ -3,6 +3,11 @@
 Everything here is pure data with validation; nothing does I/O. Quantities are
 kept as integers internally (GPU shares in thousandths, CPUs in millicores) so
 that capacity arithmetic is exact.
+
+Compiled with mypyc like the decision core (records, views and request parsing are on every
+call's path). The frozen dataclasses stay plain Python classes (``native_class=False``): their
+``__post_init__`` takes what a caller gave (a strategy's name, a list of models) and normalises
+or refuses it, where a native class would raise ``TypeError`` on the declared type first.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
+
+from mypy_extensions import mypyc_attr
 
 from computegroups.errors import InvalidRequestError, one_of
 from computegroups.memo import Memo
@@ -78,6 +85,7 @@ class Strategy(StrEnum):
 
 
 # -- inventory ----------------------------------------------------------------
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class GpuSpec:
     """One GPU as discovered: its node-local index is how nvidia-smi numbers it."""
@@ -103,6 +111,7 @@ class GpuSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
     """A machine as discovered: GPUs, their topology, CPUs and memory, labels."""
@@ -115,13 +124,14 @@ class NodeSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.topology is not None and self.topology.gpu_count != len(self.gpus):
+        s: Any = self  # read untyped: compiled, a declared type is checked on read, before it is refused here
+        if s.topology is not None and s.topology.gpu_count != len(s.gpus):
             raise InvalidRequestError(
-                f"node {self.id}: topology has {self.topology.gpu_count} GPUs, inventory has {len(self.gpus)}",
+                f"node {s.id}: topology has {s.topology.gpu_count} GPUs, inventory has {len(s.gpus)}",
                 key="topology",
             )
-        if [g.index for g in self.gpus] != list(range(len(self.gpus))):
-            raise InvalidRequestError(f"node {self.id}: GPU indices must be 0..n-1 in order", key="gpus")
+        if [g.index for g in s.gpus] != list(range(len(s.gpus))):
+            raise InvalidRequestError(f"node {s.id}: GPU indices must be 0..n-1 in order", key="gpus")
 
     @property
     def effective_topology(self) -> Topology:
@@ -242,10 +252,10 @@ def _frozen(value: object) -> object:
     raise TypeError(t)
 
 
-def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[], _T]) -> _T:
-    """``build()``, remembered by the request's content: a planner sends the same few requests again and again."""
+def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[object], _T]) -> _T:
+    """``build(value)``, remembered by the request's content: a planner sends the same few requests again and again."""
     if type(value) is not dict:
-        return build()
+        return build(value)
     key: tuple[object, ...] = (cls, tuple(value.items()), tuple(map(type, value.values())))
     try:
         hit = _PARSED.get(key)  # flat requests: the common case, and the cheap key
@@ -253,10 +263,10 @@ def _parse_cached(cls: type[_T], value: Mapping[str, Any], build: Callable[[], _
         try:
             key = (cls, _frozen(value))
         except TypeError:
-            return build()
+            return build(value)
         hit = _PARSED.get(key)
     if hit is None:
-        hit = _PARSED.put(key, build())  # build() raises for a bad request: only valid ones are remembered
+        hit = _PARSED.put(key, build(value))  # build(value) raises for a bad request: only valid ones are remembered
     return hit  # type: ignore[return-value]
 
 
@@ -268,6 +278,10 @@ def _milli(key: str, value: float) -> int:
     return int(rounded)
 
 
+_REQUIREMENTS_KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes", "mig_profile")
+
+
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class Requirements:
     """What a group must contain. Validated on construction.
@@ -301,45 +315,44 @@ class Requirements:
     #: ``to_dict()``, read-only, as group records keep it
     stored: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
-    KEYS = ("gpus", "gpu_memory_mib", "gpu_model", "cpus", "memory_mib", "pool", "nodes", "mig_profile")
-
     def __post_init__(self) -> None:
-        if self.mig_profile is not None:
-            if not isinstance(self.mig_profile, str) or not _MIG_PROFILE.fullmatch(self.mig_profile):
+        s: Any = self  # read untyped: compiled, a declared type is checked on read, before it is refused here
+        if s.mig_profile is not None:
+            if not isinstance(s.mig_profile, str) or not _MIG_PROFILE.fullmatch(s.mig_profile):
                 raise InvalidRequestError(
-                    f"requirements.mig_profile: {shown(self.mig_profile)} is not a MIG profile such as '1g.10gb'",
+                    f"requirements.mig_profile: {shown(s.mig_profile)} is not a MIG profile such as '1g.10gb'",
                     key="requirements.mig_profile",
                 )
-            if self.gpus == 0:
+            if s.gpus == 0:
                 object.__setattr__(self, "gpus", 1)  # one MIG device unless more are asked for
-        g = _number("requirements.gpus", self.gpus, MAX_GPUS)
-        if self.mig_profile is not None and (g < 1 or g != int(g)):
+        g = _number("requirements.gpus", s.gpus, MAX_GPUS)
+        if s.mig_profile is not None and (g < 1 or g != int(g)):
             raise InvalidRequestError(
                 "requirements.gpus: with mig_profile, gpus counts whole MIG devices", key="requirements.gpus"
             )
         if g >= 1 and g != int(g):
             raise InvalidRequestError(
-                f"requirements.gpus: {self.gpus!r} is not allowed; use an int for whole GPUs "
+                f"requirements.gpus: {s.gpus!r} is not allowed; use an int for whole GPUs "
                 "or a float in (0, 1) for a share of one GPU",
                 key="requirements.gpus",
             )
         if g < 1:
             _milli("requirements.gpus", g)
-        if self.gpu_memory_mib is not None:
-            _number("requirements.gpu_memory_mib", self.gpu_memory_mib, MAX_MEMORY_MIB, integer=True)
+        if s.gpu_memory_mib is not None:
+            _number("requirements.gpu_memory_mib", s.gpu_memory_mib, MAX_MEMORY_MIB, integer=True)
             if g == 0:
                 raise InvalidRequestError(
                     "requirements.gpu_memory_mib: given without any gpus", key="requirements.gpu_memory_mib"
                 )
-        if self.gpu_model is not None:
-            models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model
+        if s.gpu_model is not None:
+            models = (s.gpu_model,) if isinstance(s.gpu_model, str) else s.gpu_model
             if (
                 not isinstance(models, tuple)
                 or not 0 < len(models) <= 64
                 or not all(isinstance(m, str) and _TEXT.fullmatch(m) for m in models)
             ):
                 raise InvalidRequestError(
-                    f"requirements.gpu_model: {shown(self.gpu_model)} is not a non-empty string "
+                    f"requirements.gpu_model: {shown(s.gpu_model)} is not a non-empty string "
                     "(or list of them) without control characters",
                     key="requirements.gpu_model",
                 )
@@ -347,41 +360,41 @@ class Requirements:
                 raise InvalidRequestError(
                     "requirements.gpu_model: given without any gpus", key="requirements.gpu_model"
                 )
-        _milli("requirements.cpus", _number("requirements.cpus", self.cpus, MAX_CPUS))
-        _number("requirements.memory_mib", self.memory_mib, MAX_MEMORY_MIB, integer=True)
-        if self.pool is not None:
-            check_name("requirements.pool", self.pool)
-        _number("requirements.nodes", self.nodes, MAX_NODES, integer=True)
-        if self.nodes < 1:
+        _milli("requirements.cpus", _number("requirements.cpus", s.cpus, MAX_CPUS))
+        _number("requirements.memory_mib", s.memory_mib, MAX_MEMORY_MIB, integer=True)
+        if s.pool is not None:
+            check_name("requirements.pool", s.pool)
+        _number("requirements.nodes", s.nodes, MAX_NODES, integer=True)
+        if s.nodes < 1:
             raise InvalidRequestError(
-                f"requirements.nodes: {self.nodes!r} is not in 1..{MAX_NODES}", key="requirements.nodes"
+                f"requirements.nodes: {s.nodes!r} is not in 1..{MAX_NODES}", key="requirements.nodes"
             )
-        if self.nodes > 1 and g < 1:
+        if s.nodes > 1 and g < 1:
             raise InvalidRequestError(
                 "requirements.nodes: a multi-node group needs whole gpus per node", key="requirements.nodes"
             )
-        if g == 0 and self.cpus == 0 and self.memory_mib == 0:
+        if g == 0 and s.cpus == 0 and s.memory_mib == 0:
             raise InvalidRequestError(
                 "requirements: nothing requested; give gpus, cpus or memory_mib", key="requirements"
             )
-        models = (self.gpu_model,) if isinstance(self.gpu_model, str) else self.gpu_model or ()
+        models = (s.gpu_model,) if isinstance(s.gpu_model, str) else s.gpu_model or ()
         object.__setattr__(self, "whole_gpus", int(g) if g >= 1 else 0)
         object.__setattr__(self, "share_milli", round(g * MILLI) if 0 < g < 1 else 0)
-        object.__setattr__(self, "cpus_milli", round(self.cpus * MILLI))
+        object.__setattr__(self, "cpus_milli", round(s.cpus * MILLI))
         object.__setattr__(self, "models", tuple(m.lower() for m in models))
-        object.__setattr__(self, "any_gpu", not models and self.gpu_memory_mib is None and self.mig_profile is None)
-        object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
+        object.__setattr__(self, "any_gpu", not models and s.gpu_memory_mib is None and s.mig_profile is None)
+        object.__setattr__(self, "stored", MappingProxyType(s.to_dict()))
 
     @classmethod
     def parse(cls, value: Requirements | Mapping[str, Any]) -> Requirements:
         """Build from a dict (or return a Requirements as is); unknown keys are refused."""
         if isinstance(value, Requirements):
             return value
-        return _parse_cached(cls, value, lambda: cls._build(value))
+        return _parse_cached(cls, value, cls._build)
 
     @classmethod
     def _build(cls, value: object) -> Requirements:
-        kwargs = _known_keys(value, "requirements", "Requirements", cls.KEYS)
+        kwargs = _known_keys(value, "requirements", "Requirements", _REQUIREMENTS_KEYS)
         if isinstance(kwargs.get("gpu_model"), list):
             kwargs["gpu_model"] = tuple(kwargs["gpu_model"])
         return cls(**kwargs)
@@ -412,6 +425,10 @@ class Scope(StrEnum):
     NVLINK_DOMAIN = "nvlink_domain"
 
 
+_AFFINITY_RULE_KEYS = ("component", "scope", "required")
+
+
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class AffinityRule:
     """Place near (affinity) or away from (anti-affinity) the groups of ``component``.
@@ -423,8 +440,6 @@ class AffinityRule:
     scope: Scope = Scope.NODE
     required: bool = True
 
-    KEYS = ("component", "scope", "required")
-
     @classmethod
     def parse(cls, value: object, key: str) -> AffinityRule:
         if isinstance(value, AffinityRule):
@@ -433,9 +448,11 @@ class AffinityRule:
             value = {"component": value}
         if not isinstance(value, Mapping):
             raise InvalidRequestError(f"{key}: {value!r} is not a component name or a rule mapping", key=key)
-        unknown = sorted(str(k) for k in value if k not in cls.KEYS)
+        unknown = sorted(str(k) for k in value if k not in _AFFINITY_RULE_KEYS)
         if unknown:
-            raise InvalidRequestError(f"{key}.{unknown[0]}: unknown key; allowed: {one_of(cls.KEYS)}", key=key)
+            raise InvalidRequestError(
+                f"{key}.{unknown[0]}: unknown key; allowed: {one_of(_AFFINITY_RULE_KEYS)}", key=key
+            )
         comp = value.get("component")
         if not isinstance(comp, str) or not NAME.fullmatch(comp):
             raise InvalidRequestError(f"{key}.component: {shown(comp)} is not a component name", key=key)
@@ -462,6 +479,26 @@ _NIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 DEFAULT_NIC_LINK = "NODE"
 
 
+_CONSTRAINTS_KEYS = (
+    "node_id",
+    "strategy",
+    "nvlink",
+    "same_numa",
+    "labels",
+    "request_id",
+    "pool",
+    "tenant",
+    "priority",
+    "preemptible",
+    "reservation_id",
+    "affinity",
+    "anti_affinity",
+    "nic",
+    "nic_link",
+)
+
+
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class Constraints:
     """Where and how a group may be placed. Validated on construction.
@@ -498,25 +535,8 @@ class Constraints:
     #: ``to_dict()``, read-only, as group records keep it
     stored: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
-    KEYS = (
-        "node_id",
-        "strategy",
-        "nvlink",
-        "same_numa",
-        "labels",
-        "request_id",
-        "pool",
-        "tenant",
-        "priority",
-        "preemptible",
-        "reservation_id",
-        "affinity",
-        "anti_affinity",
-        "nic",
-        "nic_link",
-    )
-
     def __post_init__(self) -> None:
+        s: Any = self  # read untyped: compiled, a declared type is checked on read, before it is refused here
         for key in ("node_id", "request_id", "reservation_id"):
             v = getattr(self, key)
             if v is not None:
@@ -525,17 +545,17 @@ class Constraints:
             v = getattr(self, key)
             if v is not None:
                 check_name(f"constraints.{key}", v)
-        if not isinstance(self.strategy, Strategy):
+        if not isinstance(s.strategy, Strategy):
             allowed = [s.value for s in Strategy]
-            if self.strategy not in allowed:
+            if s.strategy not in allowed:
                 raise InvalidRequestError(
-                    f"constraints.strategy: {self.strategy!r} is not one of {one_of(allowed)}",
+                    f"constraints.strategy: {s.strategy!r} is not one of {one_of(allowed)}",
                     key="constraints.strategy",
                 )
-            object.__setattr__(self, "strategy", Strategy(self.strategy))
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or abs(self.priority) > 10**9:
+            object.__setattr__(self, "strategy", Strategy(s.strategy))
+        if isinstance(s.priority, bool) or not isinstance(s.priority, int) or abs(s.priority) > 10**9:
             raise InvalidRequestError(
-                f"constraints.priority: {shown(self.priority)} is not an integer in [-1e9, 1e9]",
+                f"constraints.priority: {shown(s.priority)} is not an integer in [-1e9, 1e9]",
                 key="constraints.priority",
             )
         for key in ("affinity", "anti_affinity"):
@@ -555,33 +575,34 @@ class Constraints:
                 raise InvalidRequestError(
                     f"constraints.{key}: {getattr(self, key)!r} is not true or false", key=f"constraints.{key}"
                 )
-        if not isinstance(self.labels, Mapping) or len(self.labels) > _MAX_RULES:
+        if not isinstance(s.labels, Mapping) or len(s.labels) > _MAX_RULES:
             raise InvalidRequestError(
-                f"constraints.labels: {shown(self.labels)} is not a mapping of at most {_MAX_RULES} labels",
+                f"constraints.labels: {shown(s.labels)} is not a mapping of at most {_MAX_RULES} labels",
                 key="constraints.labels",
             )
-        for k, v in self.labels.items():
+        for k, v in s.labels.items():
             if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k) or not isinstance(v, str):
                 raise InvalidRequestError(
                     f"constraints.labels: {shown(k)}={shown(v)} is not a label key and string value",
                     key="constraints.labels",
                 )
             check_text("constraints.labels", v, _LABEL_VALUE, "a label value without control characters")
-        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))  # the caller's dict may change
-        self._check_nic()
-        object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
+        object.__setattr__(self, "labels", MappingProxyType(dict(s.labels)))  # the caller's dict may change
+        s._check_nic()
+        object.__setattr__(self, "stored", MappingProxyType(s.to_dict()))
 
     def _check_nic(self) -> None:
-        if self.nic is None:
-            if self.nic_link is not None:
+        s: Any = self  # read untyped, as in __post_init__
+        if s.nic is None:
+            if s.nic_link is not None:
                 raise InvalidRequestError(
-                    f"constraints.nic_link: {shown(self.nic_link)} has no NIC to be near"
+                    f"constraints.nic_link: {shown(s.nic_link)} has no NIC to be near"
                     " (give nic too: a NIC name or 'any')",
                     key="constraints.nic_link",
                 )
             return
-        check_text("constraints.nic", self.nic, _NIC_NAME, "a NIC name (NIC0, mlx5_0) or 'any'")
-        link = DEFAULT_NIC_LINK if self.nic_link is None else self.nic_link
+        check_text("constraints.nic", s.nic, _NIC_NAME, "a NIC name (NIC0, mlx5_0) or 'any'")
+        link = DEFAULT_NIC_LINK if s.nic_link is None else s.nic_link
         if not isinstance(link, str) or link.upper() not in NIC_LINKS:
             raise InvalidRequestError(
                 f"constraints.nic_link: {shown(link)} is not one of {one_of(NIC_LINKS)}", key="constraints.nic_link"
@@ -595,7 +616,11 @@ class Constraints:
             return _DEFAULT_CONSTRAINTS
         if isinstance(value, Constraints):
             return value
-        return _parse_cached(cls, value, lambda: cls(**_known_keys(value, "constraints", "Constraints", cls.KEYS)))
+        return _parse_cached(cls, value, cls._build)
+
+    @classmethod
+    def _build(cls, value: object) -> Constraints:
+        return cls(**_known_keys(value, "constraints", "Constraints", _CONSTRAINTS_KEYS))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"strategy": self.strategy.value}
@@ -631,6 +656,7 @@ _DEFAULT_CONSTRAINTS = Constraints()
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class DeviceShare:
     """The part of one GPU a group holds: all of it (1000) or a share."""
@@ -789,6 +815,7 @@ def group_env(record: GroupRecord) -> dict[str, str]:
 Telemetry = Callable[[str, int], Mapping[str, float]]  # (node_id, gpu index) -> metrics
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the HTTP client's RemoteComputeGroup is one
 class ComputeGroup:
     """A logical grouping of compute resources allocated as a unit (read-only view).
 
