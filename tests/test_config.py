@@ -56,6 +56,7 @@ BAD_SPECS: list[tuple[Any, str, str]] = [
     ({"nodes": [{"id": "a", "gpu": {"model": "x\u0007"}}]}, "spec nodes[0].gpu.model:", "model"),
     ({"nodes": [{"id": "a", "labels": {"x": [1]}}]}, "spec nodes[0].labels.x:", "x"),
     ({"nodes": [{"id": "a", "gpus": 2, "mig": {0: ["9g.1gb"]}}]}, "spec nodes[0].mig:", "mig"),
+    ({"nodes": [{"id": "a", "gpus": 2, "mig": {0: ["1g.0gb"]}}]}, "spec nodes[0].mig:", "mig"),
     ({"nodes": [{"id": "a", "gpus": 2, "mig": {0: ["4g.40gb", "4g.40gb"]}}]}, "spec nodes[0].mig:", "mig"),
     ({"nodes": [{"id": "a", "gpus": 2, "mig": {5: ["1g.10gb"]}}]}, "spec nodes[0].mig: GPU 5 does not exist", "mig"),
     ({"nodes": [{"id": "a"}, {"id": "a"}]}, "spec nodes[1].id: duplicate node id 'a'", "id"),

@@ -140,6 +140,9 @@ _ALLOC: list[tuple[str, dict[str, Any], dict[str, Any] | None, str]] = [
     ("mig profile with a trailing newline", {"mig_profile": "1g.10gb\n"}, None, f"{R}.mig_profile"),
     ("mig profile with a trailing space", {"mig_profile": "1g.10gb "}, None, f"{R}.mig_profile"),
     ("mig profile a number", {"mig_profile": 5}, None, f"{R}.mig_profile"),
+    # the one MIG profile rule (model.MIG_PROFILE), as cluster specs check it: 1-7 slices, no 0 GB
+    ("mig profile of 8 slices", {"mig_profile": "8g.80gb"}, None, f"{R}.mig_profile"),
+    ("mig profile of 0 GB", {"mig_profile": "1g.0gb"}, None, f"{R}.mig_profile"),
     ("gpu model with a newline", {"gpus": 1, "gpu_model": "h100\n"}, None, f"{R}.gpu_model"),
     ("gpu model with a NUL", {"gpus": 1, "gpu_model": "h\x00100"}, None, f"{R}.gpu_model"),
     ("gpu model alternatives not strings", {"gpus": 1, "gpu_model": ["h100", 3]}, None, f"{R}.gpu_model"),

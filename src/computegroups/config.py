@@ -13,13 +13,12 @@ for editors and CI checks of configuration repositories.
 from __future__ import annotations
 
 import math
-import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from computegroups.errors import InvalidRequestError
-from computegroups.model import MAX_CPUS, MAX_GPUS, MAX_MEMORY_MIB, NAME
+from computegroups.model import MAX_CPUS, MAX_GPUS, MAX_MEMORY_MIB, MIG_PROFILE, NAME
 
 __all__ = [
     "ClusterSpec",
@@ -33,7 +32,6 @@ __all__ = [
 ]
 
 MAX_SPEC_NODES = 100_000  # nodes of one spec (entries times count)
-MIG_PROFILE = re.compile(r"([1-7])g\.(\d{1,4})gb(\+me)?")
 _M = TypeVar("_M", bound=BaseModel)
 
 Name = Annotated[str, Field(pattern="^" + NAME.pattern + "$", max_length=253)]

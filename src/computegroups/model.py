@@ -32,6 +32,7 @@ __all__ = [
     "MAX_GPUS",
     "MAX_MEMORY_MIB",
     "MAX_NODES",
+    "MIG_PROFILE",
     "MILLI",
     "NAME",
     "AllocationState",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 MILLI = 1000  # one whole GPU, one CPU core
+#: A MIG profile's name (``1g.10gb``, ``3g.40gb``, ``1g.10gb+me``): compute slices (1-7; the group it
+#: captures first) and memory in GB (the second), in either case. Requests and cluster specs both check against it.
+MIG_PROFILE = re.compile(r"([1-7])g\.([1-9][0-9]{0,3})gb(\+me)?", re.IGNORECASE)
 # Bounds of one request, far above any real machine: a number past them is a mistake, not a wish.
 MAX_GPUS = 1024  # GPUs (or MIG devices) per node of a request
 MAX_CPUS = 1_048_576  # CPU cores
@@ -318,7 +322,7 @@ class Requirements:
     def __post_init__(self) -> None:
         s: Any = self  # read untyped: compiled, a declared type is checked on read, before it is refused here
         if s.mig_profile is not None:
-            if not isinstance(s.mig_profile, str) or not _MIG_PROFILE.fullmatch(s.mig_profile):
+            if not isinstance(s.mig_profile, str) or not MIG_PROFILE.fullmatch(s.mig_profile):
                 raise InvalidRequestError(
                     f"requirements.mig_profile: {shown(s.mig_profile)} is not a MIG profile such as '1g.10gb'",
                     key="requirements.mig_profile",
@@ -470,7 +474,6 @@ class AffinityRule:
         return {"component": self.component, "scope": self.scope.value, "required": self.required}
 
 
-_MIG_PROFILE = re.compile(r"[1-9][0-9]?g\.[1-9][0-9]{0,3}gb(\+me)?", re.IGNORECASE)
 _LABEL_KEY = re.compile(r"([A-Za-z0-9.\-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?")
 _MAX_RULES = 64  # labels, affinity or anti-affinity rules in one request
 #: A NIC as ``nvidia-smi topo -m`` names it (``NIC0``, ``mlx5_0``), or ``any``.

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
-from computegroups.config import MIG_PROFILE, ClusterSpec, GpuConfig, parse
+from computegroups.config import ClusterSpec, GpuConfig, parse
 from computegroups.errors import InvalidRequestError
-from computegroups.model import MILLI, GpuSpec, NodeSpec
+from computegroups.model import MIG_PROFILE, MILLI, GpuSpec, NodeSpec
 from computegroups.providers.base import DeviceHealth, Inventory
 from computegroups.providers.materialise import EnvironmentProvider
 from computegroups.topology import Topology, parse_nvidia_smi_topo
