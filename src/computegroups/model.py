@@ -387,7 +387,7 @@ class Requirements:
         object.__setattr__(self, "cpus_milli", round(s.cpus * MILLI))
         object.__setattr__(self, "models", tuple(m.lower() for m in models))
         object.__setattr__(self, "any_gpu", not models and s.gpu_memory_mib is None and s.mig_profile is None)
-        object.__setattr__(self, "stored", MappingProxyType(s.to_dict()))
+        object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
 
     @classmethod
     def parse(cls, value: Requirements | Mapping[str, Any]) -> Requirements:
@@ -549,7 +549,7 @@ class Constraints:
             if v is not None:
                 check_name(f"constraints.{key}", v)
         if not isinstance(s.strategy, Strategy):
-            allowed = [s.value for s in Strategy]
+            allowed = [m.value for m in Strategy]
             if s.strategy not in allowed:
                 raise InvalidRequestError(
                     f"constraints.strategy: {s.strategy!r} is not one of {one_of(allowed)}",
@@ -591,8 +591,8 @@ class Constraints:
                 )
             check_text("constraints.labels", v, _LABEL_VALUE, "a label value without control characters")
         object.__setattr__(self, "labels", MappingProxyType(dict(s.labels)))  # the caller's dict may change
-        s._check_nic()
-        object.__setattr__(self, "stored", MappingProxyType(s.to_dict()))
+        self._check_nic()
+        object.__setattr__(self, "stored", MappingProxyType(self.to_dict()))
 
     def _check_nic(self) -> None:
         s: Any = self  # read untyped, as in __post_init__
