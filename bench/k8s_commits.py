@@ -6,15 +6,16 @@ one 8-GPU KWOK node per run, and runs managers in separate processes, each a loo
 ``allocate_compute_group(gpus=1)`` then ``deallocate_compute_group``. Prints, per run, the cycles
 per second of each manager and in all, the API requests per cycle of the state store, and the
 ConflictErrors. ``--src DIR`` runs the managers with ``PYTHONPATH=DIR`` (another checkout's
-``src``), interleaved with this one, for a before/after in one sitting.
+``src``), interleaved with this one (in every part), for a before/after in one sitting.
 
 Then, for 1 and 2 managers, an allocate-only run on ``--alloc-nodes`` nodes (default 25, 200 GPUs):
 each manager allocates 1-GPU groups until the nodes are full or ``--seconds`` pass, reports its
 allocations per second and the GPU UUIDs it holds, and releases them only once every manager has
 finished allocating; a UUID held by two groups at that moment is a double allocation (counted,
-must be 0). Last, on the same control plane, kube-scheduler binding ``--scheduler-pods`` one-GPU
-pods (default 200) onto as many 8-GPU nodes of their own (``bench.k8s_common``), beside the
-managers' rates.
+must be 0), and the CPU seconds each process used while they allocated (the managers and every
+control-plane process); the nodes are deleted after each run. Last, on the same control plane,
+kube-scheduler binding ``--scheduler-pods`` one-GPU pods (default 200) onto as many 8-GPU nodes of
+their own (``bench.k8s_common``), beside the managers' rates.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 from bench.common import machine
 from bench.k8s_common import (
     REPO,
+    cpu_seconds,
+    delete_nodes,
     deploy_namespace,
     load_average,
     make_nodes,
@@ -83,6 +86,7 @@ async def main(kubeconfig, ns, selector, who, sync, seconds, managers, concurren
         while not os.path.exists(os.path.join(sync, "go")):
             await asyncio.sleep(0.005)
         start = time.monotonic()
+        cpu0 = time.process_time()
         end = start + float(seconds)
 
         async def loop():  # one caller allocating in turn; ``concurrency`` of them at once
@@ -100,6 +104,7 @@ async def main(kubeconfig, ns, selector, who, sync, seconds, managers, concurren
 
         await asyncio.gather(*(loop() for _ in range(int(concurrency))))
         took = time.monotonic() - start
+        cpu = time.process_time() - cpu0
         open(os.path.join(sync, "done-" + who), "w").close()
         while not all(os.path.exists(os.path.join(sync, "done-" + w)) for w in "ab"[: int(managers)]):
             await asyncio.sleep(0.01)
@@ -109,7 +114,7 @@ async def main(kubeconfig, ns, selector, who, sync, seconds, managers, concurren
 
         n = int(concurrency)
         await asyncio.gather(*(release(groups[i::n]) for i in range(n)))
-    out = {"allocations": len(groups), "seconds": took, "conflicts": conflicts, "uuids": uuids}
+    out = {"allocations": len(groups), "seconds": took, "conflicts": conflicts, "uuids": uuids, "cpu_s": cpu}
     print(json.dumps(out))
 
 asyncio.run(main(*sys.argv[1:]))
@@ -117,9 +122,19 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 def spawn(
-    worker: str, kubeconfig: Path, namespace: str, tag: str, managers: int, seconds: float, src: str | None, *extra: str
-) -> list[dict[str, Any]]:
-    """Run ``managers`` worker processes on the nodes labelled ``tag``, start them together, return their JSON."""
+    worker: str,
+    kubeconfig: Path,
+    namespace: str,
+    tag: str,
+    managers: int,
+    seconds: float,
+    src: str | None,
+    *extra: str,
+    cp: Any = None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Run ``managers`` worker processes on the nodes labelled ``tag``, start them together; return their
+    JSON and, with ``cp``, the CPU seconds each control-plane process used from the start until every
+    worker wrote its ``done-`` file (the allocate-only worker does, when it stops allocating)."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
@@ -150,21 +165,29 @@ def spawn(
             if any(p.poll() is not None for p in procs):
                 raise SystemExit(procs[0].communicate()[1][-2000:])
             time.sleep(0.02)
+        before = cpu_seconds(cp) if cp is not None else {}
         (Path(sync) / "go").touch()
+        used: dict[str, float] = {}
+        if cp is not None:
+            while not all((Path(sync) / f"done-{w}").exists() for w in "ab"[:managers]):
+                if any(p.poll() is not None for p in procs):
+                    break
+                time.sleep(0.05)
+            used = {k: round(v - before.get(k, 0.0), 1) for k, v in cpu_seconds(cp).items()}
         outs = []
         for p in procs:
             out, err = p.communicate(timeout=2 * seconds + 300)  # allocating, then releasing
             if p.returncode != 0:
                 raise SystemExit(err[-2000:])
             outs.append(json.loads(out.strip().splitlines()[-1]))
-    return outs
+    return outs, used
 
 
 def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float, src: str | None) -> dict[str, Any]:
     """Allocate+release cycles of ``managers`` managers on one 8-GPU node for ``seconds``."""
     tag = uuid.uuid4().hex[:6]
     cp.make_gpu_node(f"bench-{tag}", labels={"computegroups-bench": tag})
-    outs = spawn(WORKER, kubeconfig, namespace, tag, managers, seconds, src)
+    outs, _ = spawn(WORKER, kubeconfig, namespace, tag, managers, seconds, src)
     total = sum(o["cycles"] for o in outs)
     per_cycle: dict[str, int] = {}
     for o in outs:
@@ -182,18 +205,34 @@ def run(cp: Any, kubeconfig: Path, namespace: str, managers: int, seconds: float
 
 
 def allocate_only(
-    cp: Any, kubeconfig: Path, namespace: str, managers: int, nodes: int, seconds: float, concurrency: int = 1
+    cp: Any,
+    kubeconfig: Path,
+    namespace: str,
+    managers: int,
+    nodes: int,
+    seconds: float,
+    concurrency: int = 1,
+    src: str | None = None,
 ) -> dict[str, Any]:
     """Managers allocating 1-GPU groups on ``nodes`` 8-GPU nodes until full, each from ``concurrency``
-    callers at once; double allocations counted."""
+    callers at once; double allocations counted. The nodes are deleted afterwards, so every run has a
+    cluster of the same size (KWOK nodes left behind would add their heartbeats to the next run's
+    API server load)."""
     tag = uuid.uuid4().hex[:6]
-    make_nodes(cp, nodes, {"computegroups-bench": tag})
-    outs = spawn(ALLOC_WORKER, kubeconfig, namespace, tag, managers, seconds, None, str(managers), str(concurrency))
+    labels = {"computegroups-bench": tag}
+    make_nodes(cp, nodes, labels)
+    try:
+        outs, used = spawn(
+            ALLOC_WORKER, kubeconfig, namespace, tag, managers, seconds, src, str(managers), str(concurrency), cp=cp
+        )
+    finally:
+        delete_nodes(cp, labels)
     uuids = [u for o in outs for u in o["uuids"]]
     total = sum(o["allocations"] for o in outs)
     took = max(o["seconds"] for o in outs)
     return {
         "managers": managers,
+        "src": src or "this checkout",
         "concurrency": concurrency,
         "gpus": nodes * 8,
         "allocations": [o["allocations"] for o in outs],
@@ -203,6 +242,7 @@ def allocate_only(
         "share_min": round(min(o["allocations"] for o in outs) / total, 2) if total else 0.0,
         "conflict_errors": sum(o["conflicts"] for o in outs),
         "double_allocations": len(uuids) - len(set(uuids)),
+        "cpu_s": {**{f"manager-{w}": round(o["cpu_s"], 1) for w, o in zip("ab", outs, strict=False)}, **used},
     }
 
 
@@ -238,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(r), flush=True)
         for concurrency in args.concurrency or [1]:
             for managers in (1, 2) if args.alloc_nodes else ():
-                ns, kubeconfig = deploy_namespace(cp)
-                r = allocate_only(cp, kubeconfig, ns, managers, args.alloc_nodes, args.seconds, concurrency)
-                print(json.dumps({"allocate_only": r}), flush=True)
+                for src in [None, *args.src]:
+                    ns, kubeconfig = deploy_namespace(cp)
+                    r = allocate_only(cp, kubeconfig, ns, managers, args.alloc_nodes, args.seconds, concurrency, src)
+                    print(json.dumps({"allocate_only": r}), flush=True)
         if args.scheduler_pods:
             ns, _ = deploy_namespace(cp)
             labels = {"computegroups-bench-sched": uuid.uuid4().hex[:6]}

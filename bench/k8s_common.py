@@ -162,6 +162,19 @@ def scheduler_binding_rate(cp: Any, namespace: str, pods: int, node_labels: dict
     }
 
 
+def cpu_seconds(cp: Any) -> dict[str, float]:
+    """CPU seconds (user + system) each control-plane process has used so far, by name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for proc in cp.procs:
+        try:
+            fields = Path(f"/proc/{proc.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[proc.name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages now."""
     return [round(x, 2) for x in os.getloadavg()]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from computegroups import ComputeGroupManager, InsufficientResourcesError
+from computegroups.errors import StateError
 from computegroups.model import AllocationState, DeviceShare, GroupRecord
 from computegroups.state.kubernetes import LOG_ENTRIES, KubernetesStateStore
 
@@ -92,6 +93,37 @@ async def test_a_reader_sees_exactly_the_commits_without_listing(k8s_namespace: 
         assert a.client.requests["list"] == 0 and b.client.requests["list"] == 1
         assert a.client.requests["get"] == 0  # each commit reused the ledger its own last write returned
         assert b.client.requests["get"] == 7 and writes(b) == 0  # one GET per read (two for the reload)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_change_sets_are_strings_and_ledgers_of_the_older_format_are_read(k8s_namespace: str, sa: Path) -> None:
+    """Each log entry carries its change set as one JSON string (a fraction of the API server's cost of
+    the same records as objects); entries of the older format (fields) are still read, and an entry
+    that is not a change set is a StateError, not a wrong view."""
+    a = KubernetesStateStore(sa, namespace=k8s_namespace, name="fmt")
+    b = KubernetesStateStore(sa, namespace=k8s_namespace, name="fmt")
+    await a.open()
+    await b.open()
+    try:
+        rev = await a.commit((await a.changes_since(-1)).revision, [rec("g1", 1)])
+        path = f"/apis/computegroups.dev/v1alpha1/namespaces/{k8s_namespace}/computegroupledgers/fmt"
+        ledger = await a.client.get(path)
+        (entry,) = ledger["spec"]["log"]
+        assert isinstance(entry["changes"], str) and "upserts" not in entry
+        assert (await b.changes_since(rev - 1)).upserts == [rec("g1", 1)]
+        # The older format: the change set as fields of the entry.
+        old = {"revision": rev + 1, "upserts": [rec("g2", 2).to_json()], "deletes": ["g1"]}
+        ledger["spec"] = {**ledger["spec"], "revision": rev + 1, "log": [*ledger["spec"]["log"], old]}
+        ledger = await a.client.put(path, ledger)
+        got = await b.changes_since(rev)
+        assert got.revision == rev + 1 and got.upserts == [rec("g2", 2)] and list(got.deletes) == ["g1"]
+        bad = {"revision": rev + 2, "changes": '["not", "a", "change set"]'}
+        ledger["spec"] = {**ledger["spec"], "revision": rev + 2, "log": [*ledger["spec"]["log"], bad]}
+        await a.client.put(path, ledger)
+        with pytest.raises(StateError, match=f"change set {rev + 2} is unreadable"):
+            await b.changes_since(rev + 1)
     finally:
         await a.close()
         await b.close()

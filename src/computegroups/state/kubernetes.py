@@ -7,9 +7,13 @@ whose update *is* the commit and which carries the last change sets inline, and 
 behind (``kubectl get cg -l 'computegroups.dev/state notin (released,deleted)'``)::
 
     ComputeGroupLedger <name>   spec.revision = N
-                                spec.log      = [{revision, upserts: [records], deletes: [ids]}, ...]
+                                spec.log      = [{revision, changes: '{"upserts": [records], "deletes": [ids]}'}, ...]
                                                 the change sets of the last revisions up to N, oldest
-                                                first (at most LOG_ENTRIES and about LOG_BYTES)
+                                                first (at most LOG_ENTRIES and about LOG_BYTES), each
+                                                one JSON string (the API server decodes, validates and
+                                                stores a string for a fraction of the cost of the same
+                                                records as objects; a ledger of the older format, with
+                                                ``upserts`` and ``deletes`` as fields, is read as well)
                                 spec.mirrored = every change set up to this one is in the group objects
                                 (an entry's ``done``: its writer wrote it there in full)
                                 spec.cordons  = {node: {revision, reason}}: nodes an operator cordoned
@@ -370,7 +374,8 @@ class KubernetesStateStore:
         # on its next commit), so no other writer has to check them.
         mine = self._mirrored
         log = [{**e, "done": True} if not e.get("done") and int(e["revision"]) in mine else e for e in _log_of(spec)]
-        entry: Obj = {"revision": rev, "upserts": [r.to_json() for r in upserts], "deletes": list(deletes)}
+        changes = {"upserts": [r.to_json() for r in upserts], "deletes": list(deletes)}
+        entry: Obj = {"revision": rev, "changes": json.dumps(changes, separators=(",", ":"))}
         kept = _trim([*log, entry])
         keep_from = int(kept[0]["revision"])
         # Everything older than the log must be in the group objects: write the change sets that leave
@@ -566,11 +571,12 @@ def _net(changes: Sequence[Obj], probe: bool = False) -> dict[str, tuple[GroupRe
     net: dict[str, tuple[GroupRecord | None, int, bool]] = {}
     for change in changes:
         rev = int(change.get("revision", 0))
-        for raw in change.get("upserts") or []:
+        ups, dels = _changes_of(change)
+        for raw in ups:
             rec = _decode(raw)
             first = net.get(rec.id)
             net[rec.id] = (rec, rev, probe or rec.state in _MOST_LIKELY_THERE if first is None else first[2])
-        for gid in change.get("deletes") or []:
+        for gid in dels:
             net[str(gid)] = (None, rev, True)
     return net
 
@@ -614,7 +620,8 @@ def _trim(log: list[Obj]) -> list[Obj]:
     kept: list[Obj] = []
     size = 0
     for entry in reversed(log[-LOG_ENTRIES:]):
-        size += len(json.dumps(entry, separators=(",", ":")))
+        changes = entry.get("changes")
+        size += len(changes) if isinstance(changes, str) else len(json.dumps(entry, separators=(",", ":")))
         if kept and size > LOG_BYTES:
             break
         kept.append(entry)
@@ -626,12 +633,31 @@ def _fold(entries: Any) -> tuple[dict[str, GroupRecord | None], list[str]]:
     """The net effect of change sets in order: id -> last record written (None: deleted), and the deleted ids."""
     out: dict[str, GroupRecord | None] = {}
     for entry in entries:
-        for raw in entry.get("upserts") or []:
+        ups, dels = _changes_of(entry)
+        for raw in ups:
             rec = _decode(raw)
             out[rec.id] = rec
-        for gid in entry.get("deletes") or []:
+        for gid in dels:
             out[str(gid)] = None
     return out, [g for g, r in out.items() if r is None]
+
+
+def _changes_of(entry: Obj) -> tuple[list[Any], list[Any]]:
+    """A log entry's upserts (records as JSON) and deleted ids: from its ``changes`` string, or from the
+    fields of the older format."""
+    changes = entry.get("changes")
+    if changes is None:
+        return list(entry.get("upserts") or []), list(entry.get("deletes") or [])
+    try:
+        parsed = json.loads(changes) if isinstance(changes, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("upserts", []), list):
+        raise StateError(f"state: ledger change set {entry.get('revision')} is unreadable")
+    deletes = parsed.get("deletes", [])
+    if not isinstance(deletes, list):
+        raise StateError(f"state: ledger change set {entry.get('revision')} is unreadable")
+    return list(parsed.get("upserts") or []), deletes
 
 
 def _decode(raw: Any) -> GroupRecord:
