@@ -17,7 +17,7 @@ import pytest
 
 from computegroups.errors import StateError
 from computegroups.events import Event
-from computegroups.kube.client import RETRY_MAX_S, KubeClient, KubeError
+from computegroups.kube.client import RETRY_MAX_S, KubeClient, KubeError, env_proxy
 from computegroups.state.k8s_events import (
     DETAIL_ANN,
     MESSAGE_LIMIT,
@@ -125,6 +125,33 @@ async def test_the_retries_are_bounded(api: tuple[Path, type[_Api]], waits: list
         await client.close()
     assert err.value.status == 429 and err.value.transient and err.value.retry_after_s == 0.0
     assert len(handler.seen) == 12 and len(waits) == 11
+
+
+async def test_the_environments_proxy_is_read_once_and_used(
+    api: tuple[Path, type[_Api]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HTTP_PROXY`` is honoured (read when the client is made, not on every request), ``NO_PROXY`` too."""
+    kubeconfig, handler = api
+    port = json.loads(kubeconfig.read_text())["clusters"][0]["cluster"]["server"].rsplit(":", 1)[1]
+    config = json.loads(kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = "http://api.example.invalid:6443"
+    proxied = tmp_path / "proxied"
+    proxied.write_text(json.dumps(config))
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert env_proxy("http://api.example.invalid:6443") == f"http://127.0.0.1:{port}"
+    client = await KubeClient.create(proxied)
+    try:
+        monkeypatch.delenv("HTTP_PROXY")  # already read
+        assert (await client.get("/api/v1/namespaces/x"))["kind"] == "Thing"
+        assert handler.seen == ["GET http://api.example.invalid:6443/api/v1/namespaces/x"]  # the proxy's form
+    finally:
+        await client.close()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "example.invalid")
+    assert env_proxy("http://api.example.invalid:6443") is None
+    assert env_proxy("") is None
 
 
 def test_reasons_and_types() -> None:
