@@ -74,6 +74,42 @@ async def test_an_informer_follows_adds_changes_and_deletes_without_listing_agai
     assert not informer.running
 
 
+async def test_the_readers_own_objects_are_kept_without_signalling(
+    k8s_cluster: ControlPlane, k8s_namespace: str
+) -> None:
+    """``quiet`` objects (a manager's own pods and claims) are followed but do not move ``version`` or
+    set ``changed``: the manager knows of them from its records, so they cause no sample of their own;
+    anyone else's still do, and so does one of its own turning into someone else's."""
+    api = k8s_cluster.client()
+    pods = f"/api/v1/namespaces/{k8s_namespace}/pods"
+    client = await KubeClient.create(k8s_cluster.kubeconfig)
+    informer = Informer(client, pods, quiet=lambda o: (o["metadata"].get("labels") or {}).get("mine") == "yes")
+    try:
+        await informer.start()
+        informer.changed.clear()
+        version = informer.version
+        api.post(pods, _pod("own", k8s_namespace, mine="yes"))
+        await _until(lambda: f"{k8s_namespace}/own" in informer.items, "the own pod")
+        api.patch(f"{pods}/own", {"metadata": {"labels": {"colour": "blue"}}})
+        await _until(
+            lambda: informer.items[f"{k8s_namespace}/own"]["metadata"]["labels"].get("colour") == "blue", "the label"
+        )
+        api.request("DELETE", f"{pods}/own", {"gracePeriodSeconds": 0})
+        await _until(lambda: f"{k8s_namespace}/own" not in informer.items, "the deletion")
+        assert informer.version == version and not informer.changed.is_set()
+        api.post(pods, _pod("theirs", k8s_namespace))
+        await _until(lambda: informer.changed.is_set(), "a signal for someone else's pod")
+        informer.changed.clear()
+        api.post(pods, _pod("given", k8s_namespace, mine="yes"))
+        await _until(lambda: f"{k8s_namespace}/given" in informer.items, "the second own pod")
+        assert not informer.changed.is_set()
+        api.patch(f"{pods}/given", {"metadata": {"labels": {"mine": "no"}}})
+        await _until(lambda: informer.changed.is_set(), "a signal once it is not ours")
+    finally:
+        await informer.close()
+        await client.close()
+
+
 async def test_follow_watches_again_from_where_it_was_without_listing(
     k8s_cluster: ControlPlane, k8s_namespace: str
 ) -> None:

@@ -111,7 +111,8 @@ class Informer:
     complete or refused) and then follows it in a background task. ``version`` moves on with every
     change taken in, and ``changed`` (set on each; the reader clears it) is shared by the informers
     a reader follows together. With ``relevant`` (what the reader reads of an object), a change that
-    leaves it equal (a status heartbeat) is kept without moving either.
+    leaves it equal (a status heartbeat) is kept without moving either; with ``quiet`` (objects the
+    reader made itself, whose changes it knows of already), so are their adds, changes and deletions.
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class Informer:
         params: Mapping[str, str | None] | None = None,
         changed: asyncio.Event | None = None,
         relevant: Callable[[Obj], object] | None = None,
+        quiet: Callable[[Obj], bool] | None = None,
     ) -> None:
         self.client = client
         self.path = path
@@ -130,6 +132,7 @@ class Informer:
         self.version = 0
         self.changed = changed if changed is not None else asyncio.Event()
         self.relevant = relevant
+        self.quiet = quiet
         self.lists = 0  # how many times the collection was listed (1 + one per resync)
         self._task: asyncio.Task[None] | None = None
 
@@ -159,14 +162,19 @@ class Informer:
         return str((page.get("metadata") or {}).get("resourceVersion") or "")
 
     def _take(self, kind: str, obj: Obj) -> None:
+        quiet = self.quiet
         if kind in ("ADDED", "MODIFIED"):
             key = key_of(obj)
             held = self.items.get(key)
             self.items[key] = obj
             if held is not None and self.relevant is not None and self.relevant(held) == self.relevant(obj):
                 return  # kept, but nothing a reader derives from it moved
+            if quiet is not None and quiet(obj) and (held is None or quiet(held)):
+                return  # the reader's own
         elif kind == "DELETED":
-            self.items.pop(key_of(obj), None)
+            held = self.items.pop(key_of(obj), None)
+            if quiet is not None and quiet(obj) and (held is None or quiet(held)):
+                return
         else:
             return  # BOOKMARK: only the resourceVersion moved
         self._moved()

@@ -312,13 +312,23 @@ class KubernetesComputeResourceProvider(ComputeResourceProvider):
         """
         if self._informers is None:
             client = await self._connect()
+            store = self._store_key
+
+            def ours(obj: Obj) -> bool:  # made by this store (any manager of it): held by its records already
+                return is_ours(obj, store)
+
             nodes, pods, slices, claims = (
-                Informer(client, path, params=params, changed=self._changed, relevant=relevant)
-                for path, params, relevant in (
-                    ("/api/v1/nodes", {"labelSelector": self.node_selector}, node_view),  # not heartbeats
-                    ("/api/v1/pods", {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}, None),
-                    ("/apis/resource.k8s.io/v1/resourceslices", {"fieldSelector": f"spec.driver={DRA_DRIVER}"}, None),
-                    ("/apis/resource.k8s.io/v1/resourceclaims", {}, None),
+                Informer(client, path, params=params, changed=self._changed, relevant=relevant, quiet=quiet)
+                for path, params, relevant, quiet in (
+                    ("/api/v1/nodes", {"labelSelector": self.node_selector}, node_view, None),  # not heartbeats
+                    ("/api/v1/pods", {"fieldSelector": "status.phase!=Succeeded,status.phase!=Failed"}, None, ours),
+                    (
+                        "/apis/resource.k8s.io/v1/resourceslices",
+                        {"fieldSelector": f"spec.driver={DRA_DRIVER}"},
+                        None,
+                        None,
+                    ),
+                    ("/apis/resource.k8s.io/v1/resourceclaims", {}, None, ours),
                 )
             )
             try:
