@@ -649,15 +649,13 @@ def _changes_of(entry: Obj) -> tuple[list[Any], list[Any]]:
     if changes is None:
         return list(entry.get("upserts") or []), list(entry.get("deletes") or [])
     try:
-        parsed = json.loads(changes) if isinstance(changes, str) else None
-    except ValueError:
+        parsed = json.loads(changes)
+    except (TypeError, ValueError):
         parsed = None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("upserts", []), list):
+    ups, dels = (parsed.get("upserts", []), parsed.get("deletes", [])) if isinstance(parsed, dict) else (None, None)
+    if not isinstance(ups, list) or not isinstance(dels, list):
         raise StateError(f"state: ledger change set {entry.get('revision')} is unreadable")
-    deletes = parsed.get("deletes", [])
-    if not isinstance(deletes, list):
-        raise StateError(f"state: ledger change set {entry.get('revision')} is unreadable")
-    return list(parsed.get("upserts") or []), deletes
+    return ups, dels
 
 
 def _decode(raw: Any) -> GroupRecord:
